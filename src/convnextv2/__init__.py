@@ -1,0 +1,17 @@
+"""ConvNeXt V2 and FCMAE pretraining with a truly sparse encoder, in plain PyTorch."""
+from .grn import GRN, grn
+from .model import Block, ConvNeXtV2, FeatureExtractor
+from .registry import VARIANTS, create_model, list_models, model_config, resolve_name
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Heavier parts load on first use so that `import convnextv2` stays quick.
+    if name in ("load_checkpoint", "save_checkpoint", "convert_state_dict", "detect_layout"):
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    if name == "FCMAE":
+        from .fcmae import FCMAE
+        return FCMAE
+    raise AttributeError(f"module 'convnextv2' has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""The ``convnextv2`` command. Each subcommand lives in its own module of this package with
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module under convnextv2.cli; modules import lazily so --help stays fast.
+COMMANDS = {
+    "info": "info",
+    "convert": "convert",
+    "pretrain": "pretrain",
+}
+
+EPILOG = """examples:
+  convnextv2 info --model convnextv2_atto --img-size 224
+  convnextv2 convert convnextv2_atto_1k_224_ema.pt atto.safetensors --to native
+  convnextv2 pretrain --model convnextv2_atto --data ./images --output runs/fcmae
+run `convnextv2 COMMAND --help` for the options of each command."""
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def _load(name: str):
+    return importlib.import_module(f"convnextv2.cli.{COMMANDS[name]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convnextv2", description="ConvNeXt V2 models and FCMAE pretraining.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = _load(name)
+        except ModuleNotFoundError as e:  # a command whose module is not written yet
+            if e.name and e.name.startswith("convnextv2.cli"):
+                continue
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           epilog=getattr(module, "EPILOG", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (CLIError, FileNotFoundError, ValueError, PermissionError) as e:
+        print(f"convnextv2 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convnextv2 {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The dense ConvNeXt V2 network (and the ConvNeXt V1 block for ablations).
+
+Activations flow between blocks as NCHW tensors; each block works channels-last internally
+(LayerNorm, the two Linear layers and GRN act on the last axis), which is how the paper writes
+it and what makes the Linear layers plain matrix multiplies.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath
+
+from .grn import GRN
+
+LN_EPS = 1e-6
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an NCHW tensor."""
+
+    def __init__(self, num_channels: int, eps: float = LN_EPS):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Block(nn.Module):
+    """dwconv 7x7 -> LN -> Linear(d, 4d) -> GELU -> GRN -> Linear(4d, d) -> residual.
+
+    With ``use_grn=False`` and a ``layer_scale_init_value`` it is the ConvNeXt V1 block:
+    no GRN, and a per-channel scale on the MLP output.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, use_grn: bool = True,
+                 layer_scale_init_value: float | None = None):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim) if use_grn else None
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        if layer_scale_init_value:
+            self.layer_scale = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
+        else:
+            self.layer_scale = None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything after the depthwise conv, on a channels-last tensor (..., C)."""
+        x = self.norm(x)
+        x = self.act(self.pwconv1(x))
+        if self.grn is not None:
+            x = self.grn(x)
+        x = self.pwconv2(x)
+        if self.layer_scale is not None:
+            x = x * self.layer_scale
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.mlp(y).permute(0, 3, 1, 2)
+        return x + self.drop_path(y)
+
+
+class Stem(nn.Module):
+    """Patchify convolution (kernel = stride) followed by a channel LayerNorm."""
+
+    def __init__(self, in_chans: int, dim: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
+        self.norm = LayerNorm2d(dim)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class Downsample(nn.Module):
+    """Channel LayerNorm then a 2x2 stride-2 convolution between stages."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = LayerNorm2d(in_dim)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2)
+
+    def forward(self, x):
+        return self.conv(self.norm(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: Sequence[float],
+                 downsample: bool, use_grn: bool, layer_scale_init_value: float | None):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            Block(dim, drop_paths[i], use_grn, layer_scale_init_value) for i in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class Head(nn.Module):
+    """Global average pool, LayerNorm, Linear."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.fc(x)
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt V2 image classifier.
+
+    Args:
+        in_chans: input channels (any count).
+        num_classes: classifier outputs; 0 keeps the pooled, normalised features.
+        depths, dims: blocks and widths of the four stages.
+        drop_path_rate: stochastic depth, rising linearly across all blocks.
+        head_init_scale: multiplies the initial head weight and bias (0.001 for fine-tuning).
+        stem_stride: stem kernel = stride (4 as in the paper; 1 or 2 suit 28-32 px images).
+        use_grn, layer_scale_init_value: ``False, 1e-6`` gives the ConvNeXt V1 block.
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000,
+                 depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
+                 drop_path_rate: float = 0.0, head_init_scale: float = 1.0, stem_stride: int = 4,
+                 use_grn: bool = True, layer_scale_init_value: float | None = None):
+        super().__init__()
+        depths, dims = [int(d) for d in depths], [int(d) for d in dims]
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"depths and dims need 4 entries each, got {depths} and {dims}")
+        if in_chans < 1 or stem_stride < 1:
+            raise ValueError(f"in_chans and stem_stride must be >= 1, got {in_chans}, {stem_stride}")
+        self.config = dict(in_chans=in_chans, num_classes=num_classes, depths=depths, dims=dims,
+                           drop_path_rate=drop_path_rate, head_init_scale=head_init_scale,
+                           stem_stride=stem_stride, use_grn=use_grn,
+                           layer_scale_init_value=layer_scale_init_value)
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.stem = Stem(in_chans, dims[0], stem_stride)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        start = 0
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            self.stages.append(Stage(dims[max(i - 1, 0)], dim, depth, rates[start:start + depth],
+                                     downsample=i > 0, use_grn=use_grn,
+                                     layer_scale_init_value=layer_scale_init_value))
+            start += depth
+        self.head = Head(dims[-1], num_classes)
+        self.feature_info = [
+            dict(num_chs=dim, reduction=stem_stride * 2 ** i, module=f"stages.{i}")
+            for i, dim in enumerate(dims)]
+        self.apply(init_weights)
+        if isinstance(self.head.fc, nn.Linear):
+            with torch.no_grad():
+                self.head.fc.weight.mul_(head_init_scale)
+                self.head.fc.bias.mul_(head_init_scale)
+
+    @property
+    def total_stride(self) -> int:
+        """Input pixels per cell of the final feature map (32 for the standard stem)."""
+        return self.config["stem_stride"] * 8
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] = (0, 1, 2, 3)
+                              ) -> list[torch.Tensor]:
+        """Output maps of the requested stages (strides ``feature_info[i]['reduction']``)."""
+        wanted = {i % 4 for i in indices}
+        out = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in wanted:
+                out.append(x)
+            if i >= max(wanted):
+                break
+        return out
+
+    def reset_classifier(self, num_classes: int, std: float = 0.02) -> None:
+        """Replace the head's Linear (fine-tuning on a new label set)."""
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        if num_classes > 0:
+            self.head.fc = nn.Linear(self.num_features, num_classes)
+            nn.init.trunc_normal_(self.head.fc.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(self.head.fc.bias)
+        else:
+            self.head.fc = nn.Identity()
+
+
+class FeatureExtractor(nn.Module):
+    """Backbone for detection and segmentation: returns the maps of ``out_indices``."""
+
+    def __init__(self, model: ConvNeXtV2, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        self.out_indices = tuple(i % 4 for i in out_indices)
+        self.stem, self.stages = model.stem, model.stages[:max(self.out_indices) + 1]
+        self.config = model.config
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    @property
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self.feature_info]
+
+    @property
+    def reductions(self) -> list[int]:
+        return [f["reduction"] for f in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out.append(x)
+        return out
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated normal (std 0.02, cut at +-2 absolute as in the reference) and zero bias."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -148,7 +148,8 @@ class ConvNeXtV2(nn.Module):
         self.num_classes = num_classes
         self.num_features = dims[-1]
         self.stem = Stem(in_chans, dims[0], stem_stride)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)  # python floats, so models can be built on the meta device
+        rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.stages = nn.ModuleList()
         start = 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):

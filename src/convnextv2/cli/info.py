@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from ..registry import list_models, resolve_name
+
+HELP = "Show a model's layout, parameter count and multiply-accumulates (GMACs)."
+EPILOG = """examples:
+  convnextv2 info                                # table of all variants at 224 px
+  convnextv2 info --model convnextv2_tiny --img-size 384
+  convnextv2 info --model atto --img-size 32 --stem-stride 1 --in-chans 1 --num-classes 10"""
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="variant name (default: all of them): " + ", ".join(list_models()))
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="N",
+                   help="input size: N for square, or H W (default 224)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier outputs (default 1000)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default 3)")
+    p.add_argument("--stem-stride", type=int, default=None, help="stem kernel = stride (default 4)")
+
+
+def run(args) -> int:
+    from ..stats import model_stats
+
+    if len(args.img_size) not in (1, 2):
+        raise ValueError(f"--img-size takes N or H W, got {args.img_size}")
+    size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    overrides = dict(num_classes=args.num_classes, in_chans=args.in_chans,
+                     stem_stride=args.stem_stride)
+    names = [resolve_name(args.model)] if args.model else list_models()
+    stride = (args.stem_stride or 4) * 8
+    for s in (size if isinstance(size, tuple) else (size,)):
+        if s < stride or s % stride:
+            print(f"note: {s} px is not a multiple of the total stride {stride}; "
+                  f"the last stage map is {s // stride} px wide")
+    print(f"{'model':<18} {'depths':<12} {'dims':<22} {'params':>10} {'GMACs':>9}")
+    for name in names:
+        st = model_stats(name, size, **overrides)
+        cfg = st["config"]
+        print(f"{name:<18} {','.join(map(str, cfg['depths'])):<12} "
+              f"{','.join(map(str, cfg['dims'])):<22} {st['params'] / 1e6:>9.2f}M "
+              f"{st['macs'] / 1e9:>9.3f}")
+    if len(names) == 1:
+        feats = ", ".join(f"{f['module']}: {f['num_chs']} ch / stride {f['reduction']}"
+                          for f in st["feature_info"])
+        print(f"input {size} px; feature maps: {feats}")
+    return 0

@@ -11,6 +11,13 @@ COMMANDS = {
     "info": "info",
     "convert": "convert",
     "pretrain": "pretrain",
+    "finetune": "finetune",
+    "eval": "eval",
+    "predict": "predict",
+    "export": "export",
+    "demo": "demo",
+    "analyze": "analyze",
+    "reconstruct": "reconstruct",
 }
 
 EPILOG = """examples:

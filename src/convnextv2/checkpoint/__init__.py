@@ -1,0 +1,16 @@
+"""Checkpoints in every layout: native, official dense, official FCMAE, timm, HF transformers.
+
+``load_checkpoint`` reads any of them into a model, ``save_checkpoint`` writes any of them,
+``convert_state_dict`` goes between two of them through the native layout, ``load_model``
+builds the network from a checkpoint alone, ``load_pretrained`` also accepts hub ids.
+"""
+from .errors import CheckpointError, CheckpointNotFoundError
+from .hub import load_pretrained
+from .io import read_metadata
+from .layouts import LAYOUTS, convert_state_dict, detect_layout
+from .loading import infer_config, load_checkpoint, load_model, load_state
+from .saving import save_checkpoint
+
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "LAYOUTS", "convert_state_dict", "detect_layout", "infer_config",
+           "load_checkpoint", "load_model", "load_pretrained", "load_state", "read_metadata",
+           "save_checkpoint"]

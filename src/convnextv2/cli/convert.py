@@ -1,0 +1,59 @@
+"""``convnextv2 convert``: rewrite a checkpoint in another layout."""
+from __future__ import annotations
+
+HELP = "Convert a checkpoint between the native, timm, HF transformers and official layouts."
+EPILOG = """examples:
+  convnextv2 convert convnextv2_atto_1k_224_ema.pt atto.safetensors            # official -> native
+  convnextv2 convert fcmae_pretrain.pt encoder.safetensors --to timm --model atto
+  convnextv2 convert atto.safetensors hf_atto/ --to hf                         # a folder
+  convnextv2 convert hf_atto/ atto_official.pt --to official
+Input layouts are detected: native, official dense, official FCMAE (MinkowskiEngine names,
+decoder dropped), timm, HF transformers. Without --model the architecture is read off the
+tensor shapes (native files store it)."""
+
+TARGETS = ("native", "timm", "hf", "official")
+
+
+def add_arguments(p):
+    p.add_argument("input", help="checkpoint file (.pt .pth .bin .safetensors) or HF folder")
+    p.add_argument("output", help="file to write (a folder for --to hf)")
+    p.add_argument("--to", default="native", choices=TARGETS, help="output layout (default native)")
+    p.add_argument("--model", help="variant the checkpoint must match (default: inferred)")
+    p.add_argument("--key", help="entry of a training checkpoint holding the weights "
+                                 "(default: model, else model_ema, else state_dict)")
+
+
+def _describe(config: dict) -> str:
+    from ..registry import VARIANTS
+    name = next((n for n, v in VARIANTS.items() if list(v["depths"]) == list(config["depths"])
+                 and list(v["dims"]) == list(config["dims"])), "custom")
+    return (f"{name}: depths {list(config['depths'])}, dims {list(config['dims'])}, "
+            f"{config['num_classes']} classes, {config['in_chans']} input channels")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..checkpoint import load_state, save_checkpoint
+    from ..checkpoint.io import read_state_dict
+    from ..checkpoint.loading import _config_of, _materialise
+    from ..model import ConvNeXtV2
+
+    state_dict, metadata, source = read_state_dict(args.input, args.key)
+    config = _config_of(state_dict, metadata)
+    if args.model:
+        from ..registry import model_config
+        config = model_config(args.model, num_classes=config["num_classes"],
+                              in_chans=config["in_chans"], stem_stride=config["stem_stride"])
+    with torch.device("meta"):
+        model = ConvNeXtV2(**config)
+    report = load_state(model, state_dict, strict=True, drop_head=None, source=source,
+                        metadata=metadata)
+    _materialise(model)
+    ignored = f", ignored {len(report['ignored'])} FCMAE decoder keys" if report["ignored"] else ""
+    head = "" if report["head"] == "loaded" else "; no classifier head (encoder only)"
+    print(f"read {source}: {report['layout']} layout, {report['loaded']} tensors{ignored}{head}")
+    extra = {k: v for k, v in metadata.items() if k not in ("format", "config")}
+    out = save_checkpoint(model, args.output, layout=args.to, metadata=extra)
+    print(f"wrote {out}: {args.to} layout ({_describe(model.config)})")
+    return 0

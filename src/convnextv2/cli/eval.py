@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+HELP = "Evaluate a classifier: top-1, top-5, per-class accuracy and a confusion matrix."
+EPILOG = """examples:
+  convnextv2 eval --checkpoint runs/ft/best.safetensors --data builtin
+  convnextv2 eval --model convnextv2_atto --checkpoint atto_1k.pt --data ~/imagenet --json
+  convnextv2 eval --checkpoint best.safetensors --data ./images --output runs/eval
+
+The image size and channels default to those stored in a checkpoint written by `finetune`
+(else 224 px). The confusion matrix PNG goes to --output (default: next to the checkpoint)."""
+
+
+def add_arguments(p):
+    p.add_argument("--key", help="entry of a training checkpoint to use: model_ema (official "
+                                 "files), ema (finetune's checkpoint-*.pt run states)")
+    p.add_argument("--model", help="variant name (optional for native checkpoints; checked "
+                                   "against the checkpoint's architecture)")
+    p.add_argument("--checkpoint", required=True, help="weights in any supported layout")
+    p.add_argument("--data", required=True, help="'builtin', IDX folder or ImageFolder tree")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--crop-pct", type=float, help="eval resize/crop ratio (default: recipe)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
+    p.add_argument("--output", help="folder for confusion_matrix.png and eval.json")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..data import build_dataset, eval_transform
+    from ..evaluate import class_names, evaluate, load_classifier, plot_confusion
+    from ..finetune import _default_img_size
+
+    model, info = load_classifier(args.checkpoint, args.model, key=args.key)
+    in_chans = model.config["in_chans"]
+    img_size = args.img_size or info.get("img_size") or _default_img_size(args.data)
+    ds = build_dataset(args.data, args.split, eval_transform(int(img_size), in_chans,
+                                                             args.crop_pct), labelled=True)
+    num_classes = model.config["num_classes"]
+    if len(ds.classes) != num_classes:
+        raise ValueError(f"{args.data} has {len(ds.classes)} classes but the model has "
+                         f"{num_classes} outputs")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    res = evaluate(model, loader, num_classes, device, args.amp,
+                   progress=not args.json)
+    names = class_names(num_classes, info.get("class_names") or ds.classes)
+    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_confusion(res["confusion"], names, out / "confusion_matrix.png",
+                         title=f"{Path(args.checkpoint).name} on {args.data} ({args.split})")
+    report = dict(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split,
+                  img_size=int(img_size), count=res["count"], loss=res["loss"],
+                  top1=res["top1"], top5=res["top5"],
+                  per_class_top1=dict(zip(names, res["per_class_top1"])),
+                  confusion=res["confusion"], classes=names, confusion_png=str(png),
+                  skipped_images=getattr(ds, "num_skipped", 0))
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{res['count']} images: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+          f"loss {res['loss']:.4f}")
+    width = max(len(n) for n in names)
+    for name, acc in zip(names[:50], res["per_class_top1"][:50]):
+        print(f"  {name:<{width}}  {'-' if acc is None else f'{acc:6.2f}%'}")
+    if len(names) > 50:
+        print(f"  ... {len(names) - 50} more classes in {out / 'eval.json'}")
+    print(f"confusion matrix: {png}")
+    return 0

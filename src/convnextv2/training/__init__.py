@@ -1,0 +1,34 @@
+"""The generic training engine shared by ``convnextv2 pretrain`` and ``convnextv2 finetune``.
+
+- ``schedule``: warmup + half-cosine lr per iteration, ``param_groups`` without decay on
+  biases / 1-D / GRN parameters, the ``blr * batch / 256`` rule;
+- ``runstate``: atomic checkpoints holding everything for an exact resume, keep-last-K,
+  ``--resume auto|PATH``;
+- ``metrics``: ``metrics.jsonl`` (cut back to the resumed step on resume) and curve PNGs;
+- ``distributed``: torchrun / world-of-one setup, samplers, effective batch;
+- ``step``: bf16/fp16 autocast and gradient accumulation;
+- ``data_order``: sample order and augmentation keyed by (seed, epoch, index).
+"""
+from .data_order import KeyedAugmentDataset, ResumableSampler, sample_key
+from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, build_sampler,
+                          cleanup_distributed, effective_batch, init_distributed, wrap_ddp)
+from .metrics import MetricsLog, Throughput, plot_curves, read_metrics, truncate_after
+from .runstate import (apply_run_state, atomic_torch_save, build_run_state, capture_rng_state,
+                       checkpoint_path, latest_checkpoint, list_checkpoints, load_run_state,
+                       resolve_resume, restore_rng_state, save_run_state)
+from .schedule import (WarmupCosineSchedule, clip_warmup_epochs, param_groups, scaled_lr,
+                       set_lr, skips_weight_decay, warmup_cosine_lr)
+from .step import AMP_MODES, AccumulatingStep, autocast, check_amp
+
+__all__ = [
+    "KeyedAugmentDataset", "ResumableSampler", "sample_key",
+    "DistInfo", "all_reduce_mean", "barrier", "broadcast_object", "build_sampler",
+    "cleanup_distributed", "effective_batch", "init_distributed", "wrap_ddp",
+    "MetricsLog", "Throughput", "plot_curves", "read_metrics", "truncate_after",
+    "apply_run_state", "atomic_torch_save", "build_run_state", "capture_rng_state",
+    "checkpoint_path", "latest_checkpoint", "list_checkpoints", "load_run_state",
+    "resolve_resume", "restore_rng_state", "save_run_state",
+    "WarmupCosineSchedule", "clip_warmup_epochs", "param_groups", "scaled_lr", "set_lr",
+    "skips_weight_decay", "warmup_cosine_lr",
+    "AMP_MODES", "AccumulatingStep", "autocast", "check_amp",
+]

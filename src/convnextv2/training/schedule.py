@@ -1,0 +1,103 @@
+"""Learning-rate schedule and optimizer parameter groups, shared by pretraining and fine-tuning.
+
+The schedule is a pure function of the iteration (optimizer step), so a resumed run recomputes
+exactly the rate the uninterrupted run used; ``set_lr`` writes it into every parameter group,
+multiplied by the group's ``lr_scale`` (1 when absent; layer-wise decay sets it per group).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+from torch import nn
+
+NO_DECAY_LEAVES = ("bias", "gamma", "beta", "mask_token")
+
+
+def warmup_cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0,
+                     min_lr: float = 0.0, start_lr: float = 0.0) -> float:
+    """Linear warmup from ``start_lr`` to ``base_lr`` over ``warmup_steps``, then half a cosine
+    from ``base_lr`` down to ``min_lr`` at ``total_steps`` (held there afterwards).
+
+    Step 0 gives ``start_lr``; step ``warmup_steps`` gives ``base_lr``.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
+    if step < warmup_steps:
+        return start_lr + (base_lr - start_lr) * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosineSchedule:
+    """Per-iteration schedule bound to an optimizer: ``schedule.step(it)`` sets and returns lr.
+
+    ``steps_per_epoch`` converts the epoch-based recipe values (``epochs``, ``warmup_epochs``)
+    into optimizer steps.
+    """
+
+    def __init__(self, optimizer, *, base_lr: float, epochs: int, steps_per_epoch: int,
+                 warmup_epochs: float = 0.0, min_lr: float = 0.0):
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        self.optimizer = optimizer
+        self.base_lr, self.min_lr = float(base_lr), float(min_lr)
+        self.total_steps = int(epochs * steps_per_epoch)
+        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine_lr(step, base_lr=self.base_lr, total_steps=self.total_steps,
+                                warmup_steps=self.warmup_steps, min_lr=self.min_lr)
+
+    def step(self, step: int) -> float:
+        lr = self.lr_at(step)
+        set_lr(self.optimizer, lr)
+        return lr
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """``group["lr"] = lr * group.get("lr_scale", 1)`` for every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def clip_warmup_epochs(warmup_epochs: float, epochs: int) -> float:
+    """The recipe's warmup (40 epochs) would swallow a short run whole; cap it at a quarter
+    of the run so the cosine part still happens (a 800-epoch run keeps its 40)."""
+    return min(float(warmup_epochs), epochs / 4.0)
+
+
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """The linear scaling rule of the recipes: ``lr = blr * effective_batch / 256``."""
+    return blr * effective_batch / 256
+
+
+def skips_weight_decay(name: str, param) -> bool:
+    """Biases, every 1-D tensor (norm weights, layer scale) and GRN gamma/beta / mask tokens
+    whatever their shape: decaying them only pulls normalisation statistics toward zero."""
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim <= 1 or leaf in NO_DECAY_LEAVES or ".grn." in f".{name}."
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = (),
+                 no_decay: Callable[[str, nn.Parameter], bool] = skips_weight_decay) -> list[dict]:
+    """Two AdamW groups: ``weight_decay`` for weight matrices / kernels, 0 for the rest.
+
+    ``skip`` names (exact parameter names) are forced into the no-decay group; ``no_decay``
+    decides for the others. Frozen parameters are left out. Each group carries ``lr_scale``
+    1.0 and its parameter ``names``, so callers can split groups further (layer decay).
+    """
+    skip = set(skip)
+    decay = dict(params=[], names=[], weight_decay=float(weight_decay), lr_scale=1.0)
+    plain = dict(params=[], names=[], weight_decay=0.0, lr_scale=1.0)
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = plain if name in skip or no_decay(name, param) else decay
+        group["params"].append(param)
+        group["names"].append(name)
+    return [g for g in (decay, plain) if g["params"]]

@@ -1,0 +1,189 @@
+"""Fine-tuning: layer-wise lr decay ids and scales (SPEC 3), weight-decay exemptions, head
+re-initialisation, EMA, linear probe, schedule and resume."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from convnextv2 import create_model
+from convnextv2.finetune import (FinetuneConfig, LinearProbe, build_finetune_model, finetune,
+                                 resolve, resolve_recipe)
+from convnextv2.layer_decay import layer_id, layer_scale, param_groups_layer_decay
+
+ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
+TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1, in_chans=1)
+
+# hand-written from SPEC 3's rules; "single": num_layers = sum(depths)
+ATTO_SINGLE = {
+    "stem.conv.weight": 1, "stem.norm.bias": 1,
+    "stages.0.blocks.0.dwconv.weight": 1, "stages.0.blocks.1.pwconv1.weight": 2,
+    "stages.1.downsample.norm.weight": 3, "stages.1.blocks.0.grn.gamma": 3,
+    "stages.1.blocks.1.grn.beta": 4, "stages.2.downsample.conv.weight": 5,
+    "stages.2.blocks.5.pwconv2.bias": 10, "stages.3.downsample.conv.bias": 11,
+    "stages.3.blocks.1.norm.weight": 12, "head.norm.weight": 13, "head.fc.weight": 13,
+}
+TINY_SINGLE = {
+    "stem.conv.weight": 1, "stages.0.blocks.2.dwconv.bias": 3,
+    "stages.1.downsample.conv.weight": 4, "stages.1.blocks.2.pwconv1.bias": 6,
+    "stages.2.downsample.norm.bias": 7, "stages.2.blocks.8.pwconv2.weight": 15,
+    "stages.3.downsample.conv.weight": 16, "stages.3.blocks.2.grn.gamma": 18,
+    "head.fc.bias": 19,
+}
+BASE_GROUP = {
+    "stem.conv.weight": 0, "stages.0.blocks.2.pwconv1.weight": 1,
+    "stages.1.downsample.conv.weight": 2, "stages.1.blocks.0.dwconv.weight": 2,
+    "stages.2.downsample.norm.weight": 3, "stages.2.blocks.0.grn.beta": 3,
+    "stages.2.blocks.5.pwconv1.weight": 4, "stages.2.blocks.26.pwconv2.weight": 11,
+    "stages.3.downsample.conv.weight": 12, "stages.3.blocks.2.norm.bias": 12,
+    "head.norm.bias": 13, "head.fc.weight": 13,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process
+    run these small models up to 10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("depths, mode, expected, top", [
+    (ATTO, "single", ATTO_SINGLE, 12), (TINY, "single", TINY_SINGLE, 18),
+    (BASE, "group", BASE_GROUP, 12)])
+def test_layer_ids_and_scales_follow_spec(depths, mode, expected, top):
+    for name, lid in expected.items():
+        assert layer_id(name, depths, mode) == lid, name
+        assert layer_scale(name, depths, 0.7, mode) == pytest.approx(0.7 ** (top + 1 - lid))
+    assert layer_scale("head.fc.weight", depths, 0.7, mode) == 1.0
+
+
+def _named(model):
+    return dict(model.named_parameters())
+
+
+@pytest.mark.parametrize("variant, mode, decay, table", [
+    ("convnextv2_atto", "single", 0.9, ATTO_SINGLE), ("convnextv2_base", "group", 0.6, BASE_GROUP)])
+def test_param_groups_scale_and_exempt_from_weight_decay(variant, mode, decay, table):
+    with torch.device("meta"):
+        model = create_model(variant, num_classes=10)
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=decay, mode=mode)
+    seen = {}
+    for g in groups:
+        for name, p in zip(g["names"], g["params"]):
+            assert name not in seen
+            seen[name] = g
+    named = _named(model)
+    assert set(seen) == set(named)
+    top = 13 if mode == "group" else sum(model.config["depths"]) + 1
+    for name, lid in table.items():
+        assert seen[name]["lr_scale"] == pytest.approx(decay ** (top - lid)), name
+    for name, g in seen.items():
+        no_decay = name.endswith(".bias") or ".grn." in name or named[name].ndim == 1
+        assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert seen["stages.2.blocks.1.grn.gamma"]["weight_decay"] == 0.0
+    assert seen["stages.2.blocks.1.pwconv1.weight"]["weight_decay"] == 0.05
+    assert seen["head.fc.bias"]["weight_decay"] == 0.0
+
+
+def test_recipes_and_overrides():
+    atto = resolve_recipe("convnextv2_femto")
+    assert (atto["recipe"], atto["blr"], atto["weight_decay"], atto["mixup"]) == (
+        "atto", 2e-4, 0.3, 0)
+    base = resolve_recipe("convnextv2_large")
+    assert (base["layer_decay"], base["layer_decay_mode"], base["blr"]) == (0.6, "group", 6.25e-4)
+    hp = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=300, blr=1e-3, mixup=0.0))
+    assert (hp["blr"], hp["mixup"], hp["cutmix"], hp["warmup_epochs"]) == (1e-3, 0.0, 1.0, 40)
+    short = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=10))
+    assert short["warmup_epochs"] == 2.5  # the recipe's 40, capped at a quarter of the run
+    assert resolve(FinetuneConfig(model="tiny", epochs=10, warmup_epochs=8))["warmup_epochs"] == 8
+
+
+def test_linear_probe_freezes_encoder_and_folds_bn():
+    torch.manual_seed(0)
+    model = create_model("atto", num_classes=3, **TOY)
+    probe = LinearProbe(model, 5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["head.fc.1.weight", "head.fc.1.bias"]
+    probe.train_mode()
+    x = torch.randn(16, 1, 32, 32)
+    model(x * 3 + 1)  # updates the BN running statistics
+    model.eval()
+    folded = LinearProbe.folded(model)
+    assert isinstance(folded.head.fc, nn.Linear)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def _save_native(model, path):
+    ckpt = pytest.importorskip("convnextv2.checkpoint")  # written by the checkpoint owner
+    ckpt.save_checkpoint(model, path)
+
+
+def test_head_reinitialised_from_encoder_only_and_wrong_size_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    src = create_model("atto", num_classes=5, **TOY)
+    with torch.no_grad():
+        src.head.fc.weight.fill_(1.0)
+    _save_native(src, tmp_path / "with_head.safetensors")
+    encoder = create_model("atto", num_classes=0, **TOY)
+    encoder.load_state_dict({k: v for k, v in src.state_dict().items()
+                             if not k.startswith("head.fc")})
+    _save_native(encoder, tmp_path / "encoder.safetensors")
+    for ckpt in ("with_head.safetensors", "encoder.safetensors"):
+        model, _ = build_finetune_model(None, 10, str(tmp_path / ckpt))
+        assert model.head.fc.weight.shape == (10, 32)
+        assert 0 < model.head.fc.weight.std() < 1e-4  # std 2e-5, not the checkpoint's ones
+        assert (model.head.fc.bias == 0).all()
+        torch.testing.assert_close(model.stages[3].blocks[0].pwconv1.weight,
+                                   src.stages[3].blocks[0].pwconv1.weight)
+        assert model.config["stem_stride"] == 1 and model.config["in_chans"] == 1
+
+
+def _tiny_run(tmp_path, **kw):
+    cfg = dict(model=None, model_kwargs=dict(TOY), data="builtin", output=str(tmp_path / "run"),
+               epochs=2, batch_size=16, max_steps_per_epoch=6, train_subset=400, val_subset=300,
+               recipe="tiny",
+               lr=2e-3, model_ema_decay=0.5, progress=False, img_size=32)
+    cfg.update(kw)
+    return finetune(FinetuneConfig(**cfg))
+
+
+def test_finetune_ema_is_evaluated_and_saved(tmp_path):
+    pytest.importorskip("convnextv2.checkpoint")
+    from torch.utils.data import DataLoader
+
+    from convnextv2.data import build_dataset, eval_transform
+    from convnextv2.evaluate import evaluate, load_classifier
+
+    s = _tiny_run(tmp_path)
+    model, ema = s["model"], s["ema"]
+    diffs = [(a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
+                                                         ema.state_dict().values())
+             if a.is_floating_point()]
+    assert max(diffs) > 1e-4  # EMA weights differ from the model's
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and {"val_top1", "ema_val_top1", "ema_val_top5"} <= set(lines[-1])
+    val = build_dataset("builtin", "val", eval_transform(32, 1))
+    keep = torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:300].sort().values
+    val = torch.utils.data.Subset(val, keep.tolist())  # the run's val_subset=300, seed 0 + 1
+    scores = evaluate(ema, DataLoader(val, batch_size=100), 10)
+    assert scores["top1"] == pytest.approx(lines[-1]["ema_val_top1"])
+    assert scores["loss"] == pytest.approx(lines[-1]["ema_val_loss"], rel=1e-5)
+    saved, info = load_classifier(tmp_path / "run" / "last_ema.safetensors")
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[k], v)
+    assert info["class_names"][0] == "T-shirt/top" and info["weights"] == "ema"
+    from_state, _ = load_classifier(tmp_path / "run" / "checkpoint-00000012.pt", key="ema")
+    for k, v in ema.state_dict().items():  # the run state carries the EMA weights too
+        torch.testing.assert_close(from_state.state_dict()[k], v)
+    for name in ("accuracy.png", "loss.png", "best.safetensors", "summary.json",
+                 "checkpoint-00000012.pt"):
+        assert (tmp_path / "run" / name).is_file()
+
+    # resume auto continues after epoch 2 and appends epoch 3 only
+    s3 = _tiny_run(tmp_path, epochs=3, resume="auto")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+    assert s3["final"]["epoch"] == 3

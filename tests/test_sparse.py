@@ -1,0 +1,261 @@
+"""The sparse FCMAE encoder against masked dense convolution (SPEC section 2) and the dense model."""
+import copy
+
+import pytest
+import torch
+
+import convnextv2
+from convnextv2.fcmae import FCMAE
+from convnextv2.masked_dense import masked_dense_forward_features
+from convnextv2.masking import random_mask
+from convnextv2.sparse import SparseLayout, morton_offsets, sparse_forward_features
+
+TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+SMALL = dict(depths=(2, 1, 2, 1), dims=(8, 16, 24, 32))
+
+
+def randomise_norms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero GRN gamma/beta, random LayerNorm affine and layer scale: nothing is an identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gamma", "beta") or (p.dim() == 1 and "norm" in name and leaf == "bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.dim() == 1 and "norm" in name and leaf == "weight":
+                p.copy_(1 + torch.randn(p.shape, generator=gen) * 0.3)
+            elif leaf == "layer_scale":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif leaf == "bias":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.dim() > 1:
+                p.mul_(10)  # std 0.2 weights keep activations of a deep stack away from zero
+
+
+def make_pair(in_chans=3, stem_stride=4, decoder_dim=16, seed=0, **kw):
+    torch.manual_seed(seed)
+    enc = convnextv2.create_model("atto", num_classes=0, in_chans=in_chans,
+                                  stem_stride=stem_stride, **{**TINY, **kw})
+    sparse = FCMAE(enc, decoder_embed_dim=decoder_dim, backend="sparse")
+    randomise_norms(sparse, seed)
+    dense = copy.deepcopy(sparse).set_backend("dense")
+    return sparse, dense
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_morton_offsets_are_recursive_2x2_groups():
+    dy, dx = morton_offsets(2)
+    assert dy.tolist() == [0, 0, 1, 1] and dx.tolist() == [0, 1, 0, 1]
+    dy, dx = morton_offsets(4)
+    assert sorted(zip(dy.tolist(), dx.tolist())) == [(y, x) for y in range(4) for x in range(4)]
+    # each group of four is a 2x2 square in (0,0), (0,1), (1,0), (1,1) order, and the groups
+    # themselves are in the order of the 2x2 grid one level up
+    for g in range(4):
+        ys, xs = dy[4 * g:4 * g + 4], dx[4 * g:4 * g + 4]
+        assert (ys - ys[0]).tolist() == [0, 0, 1, 1] and (xs - xs[0]).tolist() == [0, 1, 0, 1]
+        assert (ys[0] // 2, xs[0] // 2) == (g // 2, g % 2)
+
+
+def test_layout_stage_order_merges_groups_of_four():
+    mask = random_mask(3, (2, 3), 0.5, generator=torch.Generator().manual_seed(0))
+    layout = SparseLayout.from_mask(mask, (2, 3))
+    assert layout.num_visible == 3
+    for k in range(3):
+        (h, w), (h2, w2) = layout.stage_hw[k], layout.stage_hw[k + 1]
+        fine = layout.flat_index[k].view(3, -1)
+        n = torch.arange(3).view(3, 1)
+        local = fine - n * h * w
+        parent = (local // w // 2) * w2 + (local % w) // 2 + n * h2 * w2
+        groups = parent.view(3, -1, 4)
+        assert (groups == groups[..., :1]).all()
+        assert torch.equal(groups[..., 0].reshape(-1), layout.flat_index[k + 1])
+    # patch level: the visible cells themselves, ascending
+    expect = torch.stack([row.eq(0).nonzero()[:, 0] for row in mask])
+    assert torch.equal(layout.visible, expect)
+
+
+PARITY_CASES = [
+    # (batch, in_chans, stem_stride, (H, W))
+    (2, 3, 4, (64, 64)),
+    (2, 3, 4, (64, 96)),    # non-square
+    (1, 3, 4, (96, 64)),    # batch 1
+    (2, 1, 2, (32, 48)),    # in_chans 1, patch 16
+    (3, 4, 1, (16, 24)),    # in_chans 4, patch 8
+]
+
+
+@pytest.mark.parametrize("batch,in_chans,stem_stride,size", PARITY_CASES)
+def test_sparse_matches_masked_dense(batch, in_chans, stem_stride, size):
+    sparse, dense = make_pair(in_chans, stem_stride, seed=batch + in_chans)
+    torch.manual_seed(1)
+    imgs = torch.randn(batch, in_chans, *size)
+    mask = sparse.random_mask(imgs)
+    assert 0 < mask.sum() < mask.numel()
+
+    feats_s, feats_d = sparse.forward_encoder(imgs, mask), dense.forward_encoder(imgs, mask)
+    assert feats_s.shape == (batch, 32, size[0] // sparse.patch_size, size[1] // sparse.patch_size)
+    assert feats_d.abs().max() > 0.1  # the comparison is not between zeros
+    assert (feats_s - feats_d).abs().max() <= 1e-5
+
+    loss_s, pred_s, _ = sparse(imgs, mask)
+    loss_d, pred_d, _ = dense(imgs, mask)
+    assert abs(loss_s.item() - loss_d.item()) <= 1e-5 * abs(loss_d.item())
+    loss_s.backward()
+    loss_d.backward()
+    for (name, ps), (_, pd) in zip(sparse.named_parameters(), dense.named_parameters()):
+        if name.startswith("encoder.head"):
+            assert ps.grad is None and pd.grad is None
+            continue
+        assert pd.grad is not None and pd.grad.norm() > 0, name
+        assert rel(ps.grad, pd.grad) <= 1e-4, name
+
+
+def test_masking_changes_the_features_at_visible_cells():
+    """Guards the parity test: masked neighbours must matter, or both backends could be wrong alike."""
+    sparse, _ = make_pair()
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[0., 1., 1., 0.], [1., 0., 0., 1.]])
+    masked = sparse.forward_encoder(imgs, mask)
+    full = sparse.encoder.forward_features(imgs)
+    visible = (1 - mask).view(2, 1, 2, 2).bool().expand_as(full)
+    assert (masked[visible] - full[visible]).abs().max() > 1e-2
+
+
+def test_all_visible_equals_the_dense_model():
+    sparse, dense = make_pair(seed=3)
+    imgs = torch.randn(2, 3, 64, 96)
+    mask = torch.zeros(2, 6)
+    expect = sparse.encoder.forward_features(imgs)
+    for model in (sparse, dense):
+        assert (model.forward_encoder(imgs, mask) - expect).abs().max() <= 1e-5
+
+
+def test_masked_cells_are_exactly_zero():
+    sparse, dense = make_pair(seed=4)
+    imgs = torch.randn(3, 3, 96, 96)
+    mask = sparse.random_mask(imgs)
+    for model in (sparse, dense):
+        feats = model.forward_encoder(imgs, mask)
+        cells = feats.permute(0, 2, 3, 1).reshape(3, 9, -1)
+        assert torch.all(cells[mask.bool()] == 0)
+        assert torch.all(cells[~mask.bool()].abs().sum(-1) > 0)
+
+
+def test_grn_is_per_sample_not_per_batch():
+    """Official issue #86: a sample's features must not depend on the rest of the batch."""
+    sparse, _ = make_pair(seed=5)
+    imgs = torch.randn(3, 3, 64, 64)
+    mask = sparse.random_mask(imgs)
+    together = sparse.forward_encoder(imgs, mask)
+    alone = sparse.forward_encoder(imgs[1:2], mask[1:2])
+    assert (together[1:2] - alone).abs().max() <= 1e-5
+
+
+def test_v1_style_encoder():
+    sparse, dense = make_pair(seed=6, use_grn=False, layer_scale_init_value=1e-6)
+    assert sparse.encoder.stages[0].blocks[0].grn is None
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = sparse.random_mask(imgs)
+    loss_s, _, _ = sparse(imgs, mask)
+    loss_d, _, _ = dense(imgs, mask)
+    assert abs(loss_s.item() - loss_d.item()) <= 1e-5 * abs(loss_d.item())
+    loss_s.backward()
+    loss_d.backward()
+    ls_s = sparse.encoder.stages[1].blocks[0].layer_scale
+    ls_d = dense.encoder.stages[1].blocks[0].layer_scale
+    assert rel(ls_s.grad, ls_d.grad) <= 1e-4
+
+
+def test_drop_path_draws_per_sample_like_the_dense_backend():
+    sparse, dense = make_pair(seed=7, drop_path_rate=0.5, depths=(2, 2, 2, 2))
+    sparse.train()
+    dense.train()
+    imgs = torch.randn(4, 3, 64, 64)
+    mask = sparse.random_mask(imgs)
+    torch.manual_seed(11)
+    out_s = sparse.forward_encoder(imgs, mask)
+    torch.manual_seed(11)
+    out_d = dense.forward_encoder(imgs, mask)
+    tol = 1e-5 * out_d.abs().max().item()  # four blocks deep, activations of order 10
+    assert (out_s - out_d).abs().max() <= tol  # same random draws, same per-sample drops
+    torch.manual_seed(12)
+    assert (sparse.forward_encoder(imgs, mask) - out_s).abs().max() > 1e-3  # it does drop
+    sparse.eval()
+    dense.eval()
+    assert (sparse.forward_encoder(imgs, mask) - dense.forward_encoder(imgs, mask)).abs().max() <= tol
+
+
+def test_bf16_autocast_forward_backward_close_to_fp32():
+    sparse, _ = make_pair(seed=8, stem_stride=2)
+    imgs = torch.randn(2, 3, 32, 48)
+    mask = sparse.random_mask(imgs)
+    loss32, pred32, _ = sparse(imgs, mask)
+    loss32.backward()
+    grads32 = {n: p.grad.clone() for n, p in sparse.named_parameters() if p.grad is not None}
+    sparse.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, pred16, _ = sparse(imgs, mask)
+        feats16 = sparse.forward_encoder(imgs, mask)
+    loss16.backward()
+    assert torch.isfinite(loss16)
+    assert abs(loss16.item() - loss32.item()) <= 0.03 * loss32.item()
+    assert rel(pred16.float(), pred32) <= 0.05
+    assert rel(feats16.float(), sparse.forward_encoder(imgs, mask)) <= 0.05
+    for name, g in grads32.items():
+        p = dict(sparse.named_parameters())[name]
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert rel(sparse.pred.weight.grad, grads32["pred.weight"]) <= 0.1
+
+
+def test_functional_entry_points_agree():
+    sparse, _ = make_pair(seed=9)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = sparse.random_mask(imgs)
+    a = sparse_forward_features(sparse.encoder, imgs, mask)
+    b = masked_dense_forward_features(sparse.encoder, imgs, mask)
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_sparse_rejects_uneven_masks_and_dense_accepts_them():
+    sparse, dense = make_pair(seed=10)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[0., 1., 1., 1.], [0., 0., 1., 1.]])
+    with pytest.raises(ValueError, match="same number of visible cells"):
+        sparse.forward_encoder(imgs, mask)
+    assert dense.forward_encoder(imgs, mask).shape == (2, 32, 2, 2)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        sparse(imgs, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        sparse(torch.randn(2, 3, 48, 64))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 3, 4, 6)])
+def test_grn_linear_matches_grn_then_linear(shape):
+    """The fused GRN + Linear both backends use, against the model's own GRN and F.linear."""
+    from convnextv2.fused_grn import grn_linear
+    from convnextv2.grn import grn
+    torch.manual_seed(0)
+    d = torch.float64
+    x = torch.randn(*shape, dtype=d)
+    x[1, ..., 2] = 0  # a silent channel: zero norm, zero gradient through the norm
+    params = [torch.randn(shape[-1], dtype=d), torch.randn(shape[-1], dtype=d),
+              torch.randn(3, shape[-1], dtype=d), torch.randn(3, dtype=d)]
+    x.requires_grad_()
+    for p in params:
+        p.requires_grad_()
+    g = torch.randn(*shape[:-1], 3, dtype=d)
+
+    def reference(x, gamma, beta, w, b):
+        return torch.nn.functional.linear(grn(x, gamma, beta), w, b)
+
+    assert torch.allclose(grn_linear(x, *params), reference(x, *params), atol=1e-12)
+    ref = torch.autograd.grad(reference(x, *params), (x, *params), g)
+    out = torch.autograd.grad(grn_linear(x, *params), (x, *params), g)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-10)
+    x2 = torch.randn(shape, dtype=d, requires_grad=True)
+    assert torch.autograd.gradcheck(grn_linear, (x2, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: grn_linear(x, *p[:3], None), (x2, *params[:3]))

@@ -255,3 +255,18 @@ def test_cli_reconstruct_from_pretrain_output(tmp_path, capsys):
     assert "12 of 16 patches masked" in capsys.readouterr().out
     assert main(["reconstruct", "--checkpoint", str(ckpt), str(imgs[0]), "--img-size", "36"]) == 2
     assert "multiple of the patch size 8" in capsys.readouterr().err
+
+
+def test_load_fcmae_from_a_run_state_keeps_weights_and_recipe(tmp_path):
+    from convnextv2.analysis.reconstruction import load_fcmae
+    src = tiny_fcmae(norm_pix_loss=False)
+    path = tmp_path / "checkpoint-00000001.pt"
+    torch.save({"model": src.state_dict(), "args": {"mask_ratio": 0.75, "norm_pix_loss": False}},
+               path)
+    loaded = load_fcmae(path)
+    assert loaded.norm_pix_loss is False and loaded.mask_ratio == 0.75
+    assert loaded.encoder.config["stem_stride"] == 1 and loaded.patch_size == 8
+    imgs = torch.randn(1, 3, 32, 32)
+    mask = src.random_mask(imgs, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reconstruct(loaded, imgs, mask)["pasted"],
+                               reconstruct(src, imgs, mask)["pasted"])

@@ -20,6 +20,15 @@ from convnextv2.registry import create_model
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids the cost of syncing threads on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small(num_classes=5, **kw) -> ConvNeXtV2:
     return ConvNeXtV2(num_classes=num_classes, **{**SMALL, **kw}).eval()
 
@@ -318,7 +327,8 @@ def test_hub_offline_error_says_what_was_tried(monkeypatch):
 
 def test_hub_download_success_and_fallback(monkeypatch, tmp_path):
     import huggingface_hub
-    source = randomised(create_model("convnextv2_atto", num_classes=0))
+    shallow = dict(num_classes=0, **SMALL)
+    source = randomised(create_model("convnextv2_atto", **shallow))
     bin_path = tmp_path / "pytorch_model.bin"
     torch.save(convert_state_dict(source.state_dict(), dst="timm"), bin_path)
     calls = []
@@ -329,7 +339,7 @@ def test_hub_download_success_and_fallback(monkeypatch, tmp_path):
             raise _not_in_repo_error()
         return str(bin_path)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
-    model = create_model("convnextv2_atto", pretrained="convnextv2_atto.fcmae", num_classes=0)
+    model = create_model("convnextv2_atto", pretrained="convnextv2_atto.fcmae", **shallow)
     assert calls == [("timm/convnextv2_atto.fcmae", "model.safetensors"),
                      ("timm/convnextv2_atto.fcmae", "pytorch_model.bin")]
     assert same_weights(source, model)

@@ -248,8 +248,15 @@ def test_grn_linear_matches_grn_then_linear(shape):
         p.requires_grad_()
     g = torch.randn(*shape[:-1], 3, dtype=d)
 
-    def reference(x, gamma, beta, w, b):
-        return torch.nn.functional.linear(grn(x, gamma, beta), w, b)
+    def reference(x, gamma, beta, w, b):  # SPEC's GRN formula in float64, then the Linear
+        sites = tuple(range(1, x.dim() - 1))
+        gx = torch.linalg.vector_norm(x, dim=sites, keepdim=True)  # gradient 0 at a zero norm
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return torch.nn.functional.linear(gamma * (x * nx) + beta + x, w, b)
+
+    with torch.no_grad():  # the model's GRN (its norm in float32) agrees too
+        assert torch.allclose(reference(x, *params), torch.nn.functional.linear(
+            grn(x, *params[:2]), *params[2:]), atol=1e-5)
 
     assert torch.allclose(grn_linear(x, *params), reference(x, *params), atol=1e-12)
     ref = torch.autograd.grad(reference(x, *params), (x, *params), g)

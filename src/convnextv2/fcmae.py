@@ -131,12 +131,14 @@ class FCMAE(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-patch MSE against the (normalised) pixels, averaged over masked patches."""
-        target = self.patchify(imgs).float()
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + NORM_PIX_EPS).sqrt()
-        loss = (pred.float() - target).pow(2).mean(dim=-1)
+        with torch.no_grad():
+            target = self.patchify(imgs).float()
+            if self.norm_pix_loss:  # unbiased variance, as torch.var (written out: faster on CPU)
+                target = target - target.mean(dim=-1, keepdim=True)
+                var = (target * target).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+                target.mul_((var + NORM_PIX_EPS).rsqrt_())
+        diff = pred.float() - target
+        loss = (diff * diff).mean(dim=-1)
         mask = mask.to(loss.dtype)
         return (loss * mask).sum() / mask.sum()
 

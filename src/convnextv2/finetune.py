@@ -265,10 +265,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                            init_distributed, load_run_state, plot_curves, resolve_resume,
                            save_run_state, wrap_ddp)
 
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(f"output folder {out} is not writable")
+    from .pretrain import check_output_writable
+    out = check_output_writable(cfg.output)  # any OSError -> one clear PermissionError
     dist = init_distributed(cfg.device)
     device = dist.device
     amp = cfg.amp or "none"

@@ -92,6 +92,8 @@ class PretrainConfig:
     recon_every: int = 10
     max_steps: int | None = None         # stop after this many optimizer steps in total
     progress: bool = True
+    strict_data: bool = False            # unreadable images are fatal instead of skipped
+    fsdp: bool = False                   # shard with FSDP2 (fully_shard) instead of DDP
 
 
 # -- setup helpers ---------------------------------------------------------------------------
@@ -301,7 +303,8 @@ def build_loader(cfg: PretrainConfig, info: T.DistInfo):
 
     from .data import IndexedDataset, build_dataset, pretrain_transform
 
-    base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans))
+    base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
+                         strict=cfg.strict_data)
     keyed = T.KeyedAugmentDataset(base, cfg.seed)
     dataset = IndexedDataset(keyed)
     sampler = T.ResumableSampler(T.build_sampler(dataset, info, shuffle=True, seed=cfg.seed))
@@ -455,7 +458,8 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
                 last_loss = sum(step_losses) / len(step_losses)
                 step_losses = []
                 record = dict(step=global_step, epoch=epoch, loss=last_loss, lr=lr,
-                              img_per_s=throughput.rate(eff))
+                              img_per_s=throughput.rate(eff),
+                              skipped_images=getattr(base, "num_skipped", 0))
                 metrics.log(record)
                 if pbar is not None:
                     pbar.update(1)

@@ -105,18 +105,25 @@ class SparseLayout:
 
 
 def sparse_stem(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """Stem conv (kernel = stride) and its LayerNorm on the visible sites: (N, K0, d0)."""
+    """Stem conv (kernel = stride) and its LayerNorm on the visible sites: (N, K0, d0).
+
+    Only the visible p x p pixel patches are copied out of the image; the stem conv runs on
+    them (channels-last, so its output rows are sites), and the 8x8 stage-0 sites of each
+    patch are put in Z order.
+    """
     conv, norm = model.stem.conv, model.stem.norm
     n, c, h, w = imgs.shape
-    s = conv.stride[0]
     hp, wp = layout.grid_hw
-    # pixels -> (patch, Z-ordered stage-0 site, s x s pixels x channels), one copy of the image
-    x = imgs.reshape(n, c, hp, 2, 2, 2, s, wp, 2, 2, 2, s)
-    x = x.permute(0, 2, 7, 3, 8, 4, 9, 5, 10, 6, 11, 1).reshape(n * hp * wp, -1)
-    patch_index = (layout.visible + torch.arange(n, device=imgs.device).view(n, 1) * (hp * wp))
-    x = x.index_select(0, patch_index.reshape(-1)).view(n, -1, s * s * c)
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, s * s * c)
-    x = F.linear(x, weight, conv.bias)
+    p = h // hp
+    rows, cols = layout.visible // wp, layout.visible % wp
+    batch = torch.arange(n, device=imgs.device).view(n, 1)
+    patches = imgs.view(n, c, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5)[batch, rows, cols]
+    patches = patches.reshape(-1, c, p, p).contiguous(memory_format=torch.channels_last)
+    x = F.conv2d(patches, conv.weight, conv.bias, stride=conv.stride)   # (M, d0, 8, 8)
+    side = x.shape[-1]
+    dy, dx = morton_offsets(side, imgs.device)
+    x = x.permute(0, 2, 3, 1).reshape(x.shape[0], side * side, -1).index_select(1, dy * side + dx)
+    x = x.reshape(n, -1, x.shape[-1])
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 

@@ -156,8 +156,9 @@ def load_fcmae(path: str | Path, mask_ratio: float | None = None) -> FCMAE:
     """Build an ``FCMAE`` from a checkpoint holding ``encoder.*`` and the decoder
     (``proj``, ``mask_token``, ``decoder.*``, ``pred``): the ``fcmae.safetensors`` that
     ``convnextv2 pretrain`` writes (rebuilt from its metadata by ``pretrain.load_fcmae``), or any
-    other safetensors/torch file with those keys (also a run state with ``model``): then the
-    shapes give the configuration and norm_pix_loss is assumed on.
+    other safetensors/torch file with those keys (also a run state ``checkpoint-*.pt``, whose
+    ``args`` give mask_ratio and norm_pix_loss): then the shapes give the configuration and
+    norm_pix_loss is assumed on unless stated.
     """
     path = Path(path)
     state, meta = _read_state(path)
@@ -200,11 +201,14 @@ def _read_state(path: Path) -> tuple[dict, dict]:
             meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a pretraining run state
+        args = obj.get("args") if isinstance(obj.get("args"), dict) else {}
+        meta = {k: str(args[k]) for k in ("mask_ratio", "norm_pix_loss") if k in args}
         obj = obj["model"]
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state dict")
-    return obj, {}
+    return obj, meta
 
 
 def _build_encoder(encoder_sd: dict):

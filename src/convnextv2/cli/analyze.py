@@ -66,6 +66,9 @@ def parse_random_spec(spec: str) -> tuple[str, dict]:
     """``random:NAME[,key=value...]`` -> (NAME, overrides); values are Python literals."""
     # split at commas that start a new ``key=``, so tuple values such as (1,1,1,1) stay whole
     name, *pairs = re.split(r",(?=\s*\w+\s*=)", spec[len(RANDOM_PREFIX):])
+    if "," in name:
+        raise ValueError(f"{spec!r}: expected random:NAME,key=value,... (e.g. "
+                         f"random:convnextv2_atto,use_grn=False)")
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

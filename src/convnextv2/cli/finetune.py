@@ -86,7 +86,12 @@ def run(args) -> int:
             "epochs", "batch_size", "lr", "blr", "min_lr", "warmup_epochs", "weight_decay",
             "layer_decay", "layer_decay_mode", "drop_path", "smoothing", "mixup", "cutmix",
             "reprob", "auto_augment", "model_ema", "model_ema_decay", "clip_grad")})
-    summary = finetune(cfg)
+    try:
+        summary = finetune(cfg)
+    except FloatingPointError as e:  # non-finite loss: a training failure, not a usage error
+        import sys
+        print(f"convnextv2 finetune: stopped: {e}", file=sys.stderr)
+        return 1
     print(f"best top-1 {summary['best_top1']:.2f}% ({summary['best_source']} weights, epoch "
           f"{summary['best_epoch']}) in {summary['train_time_s']:.0f}s; wrote {summary['best']}, "
           f"{summary['last']}")

@@ -43,6 +43,8 @@ def add_arguments(p):
     g.add_argument("--img-size", type=int, default=d.img_size,
                    help="crop size, a multiple of the patch size (default 224)")
     g.add_argument("--workers", type=int, default=d.workers, help="data-loader workers (2)")
+    g.add_argument("--strict-data", action="store_true",
+                   help="unreadable images are fatal (default: skipped, counted in metrics)")
 
     g = p.add_argument_group("optimisation (SPEC section 3 defaults)")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")

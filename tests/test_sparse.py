@@ -232,7 +232,7 @@ def test_sparse_rejects_uneven_masks_and_dense_accepts_them():
         sparse(torch.randn(2, 3, 48, 64))
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 3, 4, 6)])
+@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 2, 2, 6), (2, 3, 4, 6), (2, 9, 6)])  # both routes
 def test_grn_linear_matches_grn_then_linear(shape):
     """The fused GRN + Linear both backends use, against the model's own GRN and F.linear."""
     from convnextv2.fused_grn import grn_linear

@@ -66,19 +66,51 @@ class _GRNLinear(torch.autograd.Function):
                 grad_weight.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None)
 
 
+class _GRN(torch.autograd.Function):
+    """GRN alone, x (N, K, D), with a hand-written backward (about 7 passes instead of ~12)."""
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta):
+        gx = _sum_of_squares(x, (1,)).sqrt_()
+        denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS
+        nx = gx / denom
+        ctx.save_for_backward(x, gamma, gx, denom, nx)
+        return torch.addcmul(beta.to(x.dtype), x, (1 + gamma.to(nx.dtype) * nx).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, gamma, gx, denom, nx = ctx.saved_tensors
+        g = g.contiguous()
+        acc = nx.dtype
+        sum_gx = (g * x).sum(dim=1, keepdim=True, dtype=acc)              # (N, 1, D)
+        grad_gamma = (sum_gx * nx).sum(dim=(0, 1))
+        grad_beta = g.sum(dim=(0, 1), dtype=acc)
+        grad_nx = sum_gx * gamma.to(acc)
+        grad_gx = grad_nx / denom - (grad_nx * gx).sum(-1, keepdim=True) / (denom * denom * gx.shape[-1])
+        coef = torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+        grad_x = torch.addcmul(g * (1 + gamma.to(acc) * nx).to(x.dtype), x, coef.to(x.dtype))
+        return grad_x, grad_gamma.to(gamma.dtype), grad_beta.to(gamma.dtype)
+
+
 def grn_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(grn(x, gamma, beta), weight, bias)`` for x (N, ..., D), GRN per sample."""
+    """``F.linear(grn(x, gamma, beta), weight, bias)`` for x (N, ..., D), GRN per sample.
+
+    The per-sample weight route pays N copies of the (C, D) weight; it wins where a sample
+    has more sites than the layer has outputs (early stages), else GRN runs on its own.
+    """
     shape = x.shape
     x3 = x.reshape(shape[0], -1, shape[-1])
     device = x.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        x3 = x3.to(dtype)
-        with torch.autocast(device, enabled=False):
+    autocast = torch.is_autocast_enabled(device)
+    if x3.shape[1] >= 2 * weight.shape[0]:
+        if autocast:
+            with torch.autocast(device, enabled=False):
+                y = _GRNLinear.apply(x3.to(torch.get_autocast_dtype(device)), gamma, beta, weight, bias)
+        else:
             y = _GRNLinear.apply(x3, gamma, beta, weight, bias)
     else:
-        y = _GRNLinear.apply(x3, gamma, beta, weight, bias)
+        y = F.linear(_GRN.apply(x3, gamma, beta), weight, bias)
     return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -18,7 +18,7 @@ results.json (every number, command, seed and wall-clock time) and results.md (t
 `convnextv2 pretrain` and `convnextv2 finetune` have no option for the V1 block (use_grn=False,
 layer_scale_init_value=1e-6). Fine-tuning takes it through ``FinetuneConfig.model_kwargs``;
 pretraining gets it by wrapping ``convnextv2.registry.create_model`` for the duration of the
-V1 run (``v1_encoder``). Everything else goes through the same code as the CLI commands that
+non-V2 runs (``encoder_block``). Everything else goes through the same code as the CLI commands that
 results.json lists.
 """
 from __future__ import annotations
@@ -40,7 +40,11 @@ from convnextv2.pretrain import PretrainConfig, pretrain
 ARCH = dict(model="atto", depths=(1, 1, 4, 1), dims=(16, 32, 64, 128), stem_stride=1, in_chans=1)
 IMG_SIZE = 32                      # patch size 8 -> a 4 x 4 mask grid
 BLOCKS = {"v1": dict(use_grn=False, layer_scale_init_value=1e-6),
-          "v2": dict(use_grn=True, layer_scale_init_value=None)}
+          "v2": dict(use_grn=True, layer_scale_init_value=None),
+          # optional control arm: neither GRN nor layer scale (separates the two differences)
+          "plain": dict(use_grn=False, layer_scale_init_value=None)}
+ARM_NAMES = {"v1": "V1-style (no GRN, layer scale 1e-6)", "v2": "V2 (GRN, no layer scale)",
+             "plain": "control (no GRN, no layer scale)"}
 
 FULL = dict(pretrain_epochs=2, finetune_epochs=2, train_subset=5000, collapse_images=64)
 QUICK = dict(pretrain_epochs=1, finetune_epochs=1, train_subset=256, collapse_images=8,
@@ -48,7 +52,7 @@ QUICK = dict(pretrain_epochs=1, finetune_epochs=1, train_subset=256, collapse_im
 
 
 @contextlib.contextmanager
-def v1_encoder(block: dict):
+def encoder_block(block: dict):
     """Make ``create_model`` (used by the pretraining code) build the given block kind."""
     import convnextv2.registry as registry
     original = registry.create_model
@@ -79,10 +83,10 @@ def run_pretrain(kind: str, out: Path, budget: dict, seed: int, lr: float) -> di
     command = (f"convnextv2 pretrain {arch_flags()} --data builtin --epochs {cfg.epochs} "
                f"--batch-size 128 --decoder-dim 128 --lr {lr} --warmup-epochs 0.25 --workers 0 "
                f"--recon-every 0 --seed {seed} --output {out}")
-    if kind == "v1":
-        command += "   # plus use_grn=False, layer_scale_init_value=1e-6 (no CLI flag yet)"
+    if kind != "v2":
+        command += f"   # plus {BLOCKS[kind]} (no CLI flag yet)"
     t0 = time.time()
-    with v1_encoder(BLOCKS[kind]) if kind == "v1" else contextlib.nullcontext():
+    with encoder_block(BLOCKS[kind]) if kind != "v2" else contextlib.nullcontext():
         summary = pretrain(cfg)
     return dict(command=command, seconds=time.time() - t0, last_loss=summary["last_loss"],
                 steps=summary["global_step"], fcmae=str(out / "fcmae.safetensors"),
@@ -112,8 +116,8 @@ def run_finetune(kind: str, out: Path, budget: dict, seed: int, lr: float,
                f"--layer-decay 1.0 --drop-path 0 --smoothing 0.1 --mixup 0 --cutmix 0 --reprob 0 "
                f"--aa none --crop-scale 0.6 1.0 --no-model-ema --train-subset {cfg.train_subset} "
                f"--seed {seed} --output {out}")
-    if kind == "v1" and not checkpoint:
-        command += "   # plus use_grn=False, layer_scale_init_value=1e-6 (no CLI flag yet)"
+    if kind != "v2" and not checkpoint:
+        command += f"   # plus {BLOCKS[kind]} (no CLI flag yet)"
     t0 = time.time()
     summary = finetune(cfg)
     final = summary["final"] or {}
@@ -160,7 +164,7 @@ def write_table(results: dict, path: Path) -> str:
     runs, col = results["runs"], results["collapse"]
     rows = ["| model | FCMAE loss (last step) | fine-tuned top-1 | from scratch top-1 |",
             "|---|---|---|---|"]
-    names = (("v1", "V1-style (no GRN, layer scale 1e-6)"), ("v2", "V2 (GRN)"))
+    names = [(kind, ARM_NAMES[kind]) for kind in results["arms"]]
     for kind, name in names:
         rows.append(f"| {name} | {runs[f'pretrain_{kind}']['last_loss']:.4f} | "
                     f"{runs[f'finetune_{kind}']['best_top1']:.2f}% | "
@@ -188,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: auto)")
     p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=2e-3)
+    p.add_argument("--arms", nargs="+", default=["v1", "v2"], choices=list(BLOCKS),
+                   help="block kinds to compare (default v1 v2; 'plain' = no GRN, no layer scale)")
     args = p.parse_args(argv)
 
     budget = QUICK if args.quick else FULL
@@ -195,27 +201,28 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    results = dict(arch=ARCH, img_size=IMG_SIZE, blocks=BLOCKS, budget=budget, seed=args.seed,
+    results = dict(arch=ARCH, img_size=IMG_SIZE, blocks=BLOCKS, arms=args.arms, budget=budget,
+                   seed=args.seed,
                    threads=threads, pretrain_lr=args.pretrain_lr, finetune_lr=args.finetune_lr,
                    torch=torch.__version__, runs={})
     t_start = time.time()
     runs = results["runs"]
-    for kind in ("v1", "v2"):
+    arms = args.arms
+    for kind in arms:
         print(f"== FCMAE pretraining, {kind}", flush=True)
         runs[f"pretrain_{kind}"] = run_pretrain(kind, out / f"pretrain_{kind}", budget,
                                                 args.seed, args.pretrain_lr)
-    for kind in ("v1", "v2"):
+    for kind in arms:
         print(f"== fine-tuning the FCMAE encoder, {kind}", flush=True)
         runs[f"finetune_{kind}"] = run_finetune(kind, out / f"finetune_{kind}", budget, args.seed,
                                                 args.finetune_lr, runs[f"pretrain_{kind}"]["encoder"])
         print(f"== training from scratch, {kind}", flush=True)
         runs[f"scratch_{kind}"] = run_finetune(kind, out / f"scratch_{kind}", budget, args.seed,
                                                args.finetune_lr, None)
-    pretrained = ([runs["pretrain_v1"]["fcmae"], runs["pretrain_v2"]["fcmae"], random_spec("v1"),
-                   random_spec("v2")], ["v1 FCMAE", "v2 FCMAE", "v1 random init", "v2 random init"])
-    trained = ([runs["finetune_v1"]["last"], runs["finetune_v2"]["last"], runs["scratch_v1"]["last"],
-                runs["scratch_v2"]["last"]], ["v1 fine-tuned", "v2 fine-tuned", "v1 scratch",
-                                              "v2 scratch"])
+    pretrained = ([runs[f"pretrain_{k}"]["fcmae"] for k in arms] + [random_spec(k) for k in arms],
+                  [f"{k} FCMAE" for k in arms] + [f"{k} random init" for k in arms])
+    trained = ([runs[f"finetune_{k}"]["last"] for k in arms] + [runs[f"scratch_{k}"]["last"] for k in arms],
+               [f"{k} fine-tuned" for k in arms] + [f"{k} scratch" for k in arms])
     results["collapse"] = {}
     for site in ("block", "expansion"):
         for group, (ckpts, labels) in (("pretrained", pretrained), ("trained", trained)):

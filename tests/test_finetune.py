@@ -187,3 +187,23 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
     assert s3["final"]["epoch"] == 3
+
+
+def test_linear_probe_run_keeps_encoder_and_saves_plain_model(tmp_path):
+    from convnextv2.evaluate import load_classifier
+
+    torch.manual_seed(0)
+    encoder = create_model("atto", num_classes=0, **TOY)
+    _save_native(encoder, tmp_path / "encoder.safetensors")
+    s = _tiny_run(tmp_path, linear_probe=True, finetune=str(tmp_path / "encoder.safetensors"),
+                  epochs=1, lr=1e-2)
+    assert s["ema"] is None  # the probe recipe has no EMA
+    saved, info = load_classifier(tmp_path / "run" / "last.safetensors")
+    assert isinstance(saved.head.fc, nn.Linear) and info["linear_probe"] is True
+    for k, v in encoder.state_dict().items():  # frozen: identical to the checkpoint
+        torch.testing.assert_close(saved.state_dict()[k], v)
+    x = torch.randn(4, 1, 32, 32)
+    s["model"].eval()
+    with torch.no_grad():  # the file holds the returned (BN-folded) classifier
+        torch.testing.assert_close(saved(x), s["model"](x), atol=1e-5, rtol=1e-4)
+    assert s["model"](x).std() > 0  # the probe head learned something non-constant

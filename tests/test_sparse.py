@@ -266,3 +266,16 @@ def test_grn_linear_matches_grn_then_linear(shape):
     x2 = torch.randn(shape, dtype=d, requires_grad=True)
     assert torch.autograd.gradcheck(grn_linear, (x2, *params))
     assert torch.autograd.gradcheck(lambda x, *p: grn_linear(x, *p[:3], None), (x2, *params[:3]))
+
+
+def test_fully_masked_and_fully_visible_batches_run():
+    sparse, dense = make_pair(seed=11)
+    imgs = torch.randn(2, 3, 64, 64)
+    for mask in (torch.ones(2, 4), torch.zeros(2, 4)):
+        loss_s, _, _ = sparse(imgs, mask)
+        loss_d, _, _ = dense(imgs, mask)
+        if mask.sum() > 0:
+            assert torch.isfinite(loss_s) and abs(loss_s.item() - loss_d.item()) <= 1e-5 * loss_d.item()
+            assert torch.all(sparse.forward_encoder(imgs, mask) == 0)
+        else:  # no masked patch: the loss has nothing to average (0/0), in both backends alike
+            assert torch.isnan(loss_s) and torch.isnan(loss_d)

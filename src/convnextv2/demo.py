@@ -62,6 +62,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     import torch
 
+    load_at_start = _load_average()
     threads = cfg.threads or _pick_threads()
     torch.set_num_threads(threads)
     out = Path(cfg.output)
@@ -111,6 +112,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         runs[name] = dict(summary=s, time_s=time.time() - t)
 
     results = _results(cfg, pre, pretrain_time, runs, time.time() - t0)
+    results["machine"] = dict(torch_threads=threads, load_average_at_start=load_at_start,
+                              device="cuda" if torch.cuda.is_available() else "cpu")
     _write_report(report, out, results, runs)
     table = format_table(results)
     (report / "table.md").write_text(table + "\n")
@@ -178,16 +181,20 @@ def _write_report(report: Path, out: Path, results: dict, runs: dict) -> None:
         if (out / src).is_file():
             shutil.copyfile(out / src, report / dst)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in runs.items():
+    for (name, r), color in zip(runs.items(), ("tab:blue", "tab:orange")):
         h = r["summary"]["history"]
         ep = [x["epoch"] for x in h]
-        axes[0].plot(ep, [x["val_top1"] for x in h], marker="o", label=f"{name}")
+        axes[0].plot(ep, [x["val_top1"] for x in h], marker="o", color=color, label=name)
         if "ema_val_top1" in h[0]:
-            axes[0].plot(ep, [x["ema_val_top1"] for x in h], ls="--", marker=".",
+            axes[0].plot(ep, [x["ema_val_top1"] for x in h], ls="--", marker=".", color=color,
                          label=f"{name} (EMA)")
-        axes[1].plot(ep, [x["train_loss"] for x in h], marker="o", label=f"{name} train")
-        axes[1].plot(ep, [x["val_loss"] for x in h], ls="--", marker=".", label=f"{name} val")
+        axes[1].plot(ep, [x["train_loss"] for x in h], marker="o", color=color,
+                     label=f"{name} train")
+        axes[1].plot(ep, [x["val_loss"] for x in h], ls="--", marker=".", color=color,
+                     label=f"{name} test")
     axes[0].set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[1].set(xlabel="epoch", ylabel="loss", title="loss")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -204,11 +211,17 @@ def _pick_threads() -> int:
     import os
 
     import torch
-    try:
-        busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except OSError:
-        busy = False
+    load = _load_average()
+    busy = load is not None and load >= (os.cpu_count() or 1)
     return 1 if busy else torch.get_num_threads()
+
+
+def _load_average() -> float | None:
+    import os
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _say(cfg: DemoConfig, msg: str) -> None:

@@ -86,7 +86,8 @@ class FCMAE(nn.Module):
         p = self.patch_size
         n, c = imgs.shape[:2]
         hp, wp = self.grid_size(imgs)
-        x = imgs.reshape(n, c, hp, p, wp, p).permute(0, 2, 4, 3, 5, 1)
+        x = imgs.permute(0, 2, 3, 1).contiguous()  # NHWC first: two cheap copies beat one slow
+        x = x.view(n, hp, p, wp, p, c).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(n, hp * wp, p * p * c)
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:

@@ -250,8 +250,8 @@ def _default_img_size(data: str) -> int:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run one fine-tuning job (see the module docstring for what it writes).
 
-    Launched by ``torchrun`` it trains data-parallel (each rank evaluates the full validation
-    set; rank 0 writes). A run state is saved after every epoch; ``resume="auto"`` continues
+    Launched by ``torchrun`` it trains data-parallel (each rank evaluates its share of the
+    validation set, every image counted once; rank 0 writes). A run state is saved after every epoch; ``resume="auto"`` continues
     after the newest one, restoring model, EMA, optimizer and RNG states.
     """
     from timm.data import Mixup
@@ -259,7 +259,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from .data import build_dataset, eval_transform, train_transform
-    from .evaluate import evaluate
+    from .training.dist_eval import evaluate_distributed as evaluate
+    from .training.dist_eval import sharded_loader
     from .training import (AccumulatingStep, MetricsLog, apply_run_state, build_run_state,
                            build_sampler, check_amp, cleanup_distributed, effective_batch,
                            init_distributed, load_run_state, plot_curves, resolve_resume,
@@ -311,7 +312,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler,
                               drop_last=mixup_active, num_workers=cfg.workers,
                               persistent_workers=cfg.workers > 0)
-    val_loader = DataLoader(val_ds, batch_size=max(2 * batch, 64), num_workers=cfg.workers)
+    # each rank scores an unpadded share of the validation set; evaluate() sums over ranks
+    val_loader = sharded_loader(val_ds, dist, batch_size=max(2 * batch, 64),
+                                num_workers=cfg.workers)
     mixup_fn = (Mixup(mixup_alpha=hp["mixup"], cutmix_alpha=hp["cutmix"],
                       label_smoothing=hp["smoothing"], num_classes=num_classes)
                 if mixup_active else None)

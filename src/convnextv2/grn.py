@@ -2,13 +2,54 @@
 
 GRN rescales each channel by how strong its global response is relative to the other channels
 of the same sample, which keeps channels from collapsing onto each other.
+
+Speed notes. GRN is a per-(sample, channel) scale ``s = 1 + gamma * Nx`` plus a shift ``beta``,
+so in front of a Linear layer it folds into that layer: ``Linear(x * s + beta) = x @ (W * s).T
++ (W @ beta + b)``, one batched matmul with a per-sample weight. ``grn_linear`` does exactly
+that, with a hand-written backward, so neither the GRN output nor its gradient is ever
+materialised (autograd's generic backward of the broadcasting multiply and the norm made the
+training step twice as slow as the matmuls themselves). Stand-alone ``grn`` has its own fused
+backward for the same reason.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 GRN_EPS = 1e-6
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: the autocast dtype when autocast is on, else x's."""
+    kind = x.device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 or an unknown device type
+        pass
+    return x.dtype
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the norm statistics: float32, or float64 for double inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def plain_math() -> bool:
+    """True while tracing, scripting or exporting to ONNX: then the literal formulas run, which
+    every exporter understands (custom autograd nodes and oneDNN ops are eager-only tricks)."""
+    try:
+        return bool(torch.jit.is_tracing() or torch.jit.is_scripting()
+                    or torch.onnx.is_in_onnx_export())
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The literal formula, differentiated by autograd: ``x * (1 + gamma * Nx) + beta``."""
+    nx = grn_scale(x)
+    return torch.addcmul(beta.to(x.dtype), x, 1 + gamma.to(x.dtype) * nx)
 
 
 def grn_scale(x: torch.Tensor) -> torch.Tensor:
@@ -18,15 +59,191 @@ def grn_scale(x: torch.Tensor) -> torch.Tensor:
     squares is taken in float32: in fp16 it overflows for ordinary activations.
     """
     dims = tuple(range(1, x.dim() - 1))
-    gx = torch.linalg.vector_norm(x.float(), ord=2, dim=dims, keepdim=True)
+    gx = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True, dtype=_acc(x))
     nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
     return nx.to(x.dtype)
 
 
+def _norm_stats(x3: torch.Tensor):
+    """(Gx, mean_c Gx + eps, Nx) in float32 for a (N, K, C) tensor; each (N, 1, C) or (N, 1, 1)."""
+    # (vector_norm allocates nothing the size of x3; x3 * x3 would: on CPU fresh large
+    # buffers cost page faults that make them slower than the arithmetic)
+    gx = torch.linalg.vector_norm(x3, ord=2, dim=1, keepdim=True, dtype=_acc(x3))
+    denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS
+    return gx, denom, gx / denom
+
+
+def _norm_backward(grad_nx: torch.Tensor, gx: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """dL/dx = x * t given dL/dNx (N, 1, C): returns t (N, 1, C), float32.
+
+    Nx_c = Gx_c / (mean(Gx) + eps) and dGx_c/dx = x / Gx_c (taken as 0 where Gx_c = 0).
+    """
+    num_ch = gx.shape[-1]
+    grad_gx = grad_nx / denom - (grad_nx * gx).sum(-1, keepdim=True) / (denom * denom * num_ch)
+    return torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+
+
+class _GRNFunction(torch.autograd.Function):
+    """out = x * (1 + gamma * Nx) + beta on a (N, K, C) tensor, with a fused backward."""
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta):
+        gx, denom, nx = _norm_stats(x3)
+        scale = torch.addcmul(torch.ones_like(nx), gamma.to(nx.dtype), nx)
+        ctx.save_for_backward(x3, gamma, gx, denom, nx, scale)
+        return torch.addcmul(beta.to(x3.dtype), x3, scale.to(x3.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, gamma, gx, denom, nx, scale = ctx.saved_tensors
+        # sum over sites of grad * x, per (sample, channel): feeds gamma's and Nx's gradients
+        acc = gx.dtype
+        gx_dot = (grad_out * x3).sum(dim=1, keepdim=True, dtype=acc)
+        grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
+        grad_beta = grad_out.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
+        t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
+        grad_x = grad_out * scale.to(grad_out.dtype)
+        grad_x.addcmul_(x3, t.to(x3.dtype))
+        return grad_x, grad_gamma, grad_beta
+
+
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """gamma * (x * Nx) + beta + x, written as one multiply-add: x * (1 + gamma * Nx) + beta."""
-    nx = grn_scale(x)
-    return torch.addcmul(beta.to(x.dtype), x, 1 + gamma.to(x.dtype) * nx)
+    if x.dim() < 3 or plain_math():  # no spatial axis, or exporting: the literal formula
+        return grn_reference(x, gamma, beta)
+    shape = x.shape
+    out = _GRNFunction.apply(x.reshape(shape[0], -1, shape[-1]), gamma, beta)
+    return out.view(shape)
+
+
+def _bias_through(w: torch.Tensor, beta: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W @ beta + b as a multiply and a sum: unlike gemv, the result does not depend on the
+    weights' memory alignment (weights loaded from safetensors are often unaligned), so two
+    copies of a model give bitwise equal outputs."""
+    return (w * beta).sum(-1) + b
+
+
+def _fold_scale_bias(gamma, beta, weight, bias, nx, dtype):
+    """GRN's scale 1 + gamma * Nx (N, 1, C_in) and the bias W @ beta + b (C_out,) it leaves."""
+    acc = nx.dtype
+    scale = torch.addcmul(torch.ones_like(nx), gamma.to(acc), nx).to(dtype)
+    w32 = weight.to(acc)
+    b32 = bias.to(acc) if bias is not None else w32.new_zeros(w32.shape[0])
+    return scale, _bias_through(w32, beta.to(acc), b32).to(dtype)
+
+
+def _fold(gamma, beta, weight, bias, nx, dtype):
+    """Per-sample weight W * (1 + gamma * Nx) (N, C_out, C_in) and bias W @ beta + b (C_out,)."""
+    acc = nx.dtype
+    w32 = weight.to(acc)
+    scale = torch.addcmul(torch.ones_like(nx), gamma.to(acc), nx)  # (N, 1, C_in)
+    w_n = (w32.unsqueeze(0) * scale).to(dtype)
+    b32 = bias.to(acc) if bias is not None else w32.new_zeros(w32.shape[0])
+    b_eff = _bias_through(w32, beta.to(acc), b32).to(dtype)
+    return scale, w_n, b_eff
+
+
+def _grn_linear_forward(x3, gamma, beta, weight, bias, residual):
+    gx, denom, nx = _norm_stats(x3)
+    scale, w_n, b_eff = _fold(gamma, beta, weight, bias, nx, x3.dtype)
+    if residual is None:
+        out = torch.baddbmm(b_eff.view(1, 1, -1), x3, w_n.transpose(1, 2))
+    else:  # add the bias in place: no temporary the size of the residual
+        out = torch.baddbmm(residual, x3, w_n.transpose(1, 2)).add_(b_eff)
+    return out, (gx, denom, nx, scale, w_n)
+
+
+class _GRNLinearFunction(torch.autograd.Function):
+    """Linear(GRN(x)) (+ residual) on a (N, K, C_in) tensor as one batched matmul.
+
+    With ``gelu=True`` the input is the pre-activation and GELU is applied first; its backward
+    then runs in place on the gradient buffer (one large allocation fewer per block).
+    """
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta, weight, bias, residual, gelu):
+        h = F.gelu(x3) if gelu else x3
+        out, (gx, denom, nx, scale, w_n) = _grn_linear_forward(
+            h, gamma, beta, weight, bias, residual)
+        ctx.has_bias, ctx.has_residual, ctx.gelu = bias is not None, residual is not None, gelu
+        ctx.save_for_backward(x3, h if gelu else None, gamma, beta, weight, gx, denom, nx,
+                              scale, w_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, h, gamma, beta, weight, gx, denom, nx, scale, w_n = ctx.saved_tensors
+        h = x3 if h is None else h
+        g = grad_out.to(h.dtype)
+        grad_h = torch.bmm(g, w_n)                                    # (N, K, C_in)
+        acc = gx.dtype
+        grad_wn = torch.bmm(g.transpose(1, 2), h).to(acc)             # (N, C_out, C_in)
+        grad_b = grad_out.sum(dim=(0, 1), dtype=acc)                  # (C_out,)
+        w32 = weight.to(acc)
+        grad_weight = (grad_wn * scale).sum(0) + torch.outer(grad_b, beta.to(acc))
+        grad_beta = w32.t() @ grad_b
+        grad_scale = (grad_wn * w32).sum(dim=1, keepdim=True)         # (N, 1, C_in)
+        grad_gamma = (grad_scale * nx).sum(dim=(0, 1))
+        t = _norm_backward(grad_scale * gamma.to(acc), gx, denom)
+        grad_h.addcmul_(h, t.to(grad_h.dtype))
+        if ctx.gelu:
+            torch.ops.aten.gelu_backward.grad_input(grad_h, x3, grad_input=grad_h)
+        return (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype),
+                grad_weight.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None,
+                grad_out if ctx.has_residual else None, None)
+
+
+def grn_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               gelu: bool = False) -> torch.Tensor:
+    """``F.linear(grn(x, gamma, beta), weight, bias) (+ residual)`` without materialising GRN.
+
+    ``x`` is channels-last (N, ..., C_in); ``residual``, if given, has the output's shape
+    (N, ..., C_out) and is added in the same matmul (the block's skip connection);
+    ``gelu=True`` applies exact GELU to ``x`` first. Equal to the unfused formula up to float
+    rounding; under autocast the matmul runs in the autocast dtype while the norm statistics
+    stay float32.
+    """
+    if plain_math():
+        out = F.linear(grn_reference(F.gelu(x) if gelu else x, gamma, beta), weight, bias)
+        return out if residual is None else residual + out
+    if x.dim() < 3 or (gelu and not torch.is_grad_enabled()):
+        x = F.gelu(x) if gelu else x
+        if x.dim() >= 3:
+            return grn_linear(x, gamma, beta, weight, bias, residual)
+        out = F.linear(grn(x, gamma, beta), weight, bias)
+        return out if residual is None else residual + out
+    dtype = _autocast_dtype(x)
+    shape = x.shape
+    x3 = x.reshape(shape[0], -1, shape[-1]).to(dtype)
+    res3 = None
+    if residual is not None and residual.dtype == dtype:
+        res3 = residual.reshape(shape[0], -1, weight.shape[0])
+    # Folding GRN into per-sample weights pays while a sample has more sites than the weight
+    # has rows; in late stages (7x7 maps, wide layers) scaling the activations is cheaper.
+    fold = x3.shape[1] >= weight.shape[0]
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x3, gamma, beta, weight, bias, res3))
+    with torch.autocast(x.device.type, enabled=False):
+        if fold and grad:
+            out = _GRNLinearFunction.apply(x3, gamma, beta, weight, bias, res3, gelu)
+        elif fold:
+            out = _grn_linear_forward(x3, gamma, beta, weight, bias, res3)[0]
+        elif grad:
+            x3 = F.gelu(x3) if gelu else x3
+            out = F.linear(_GRNFunction.apply(x3, gamma, beta), weight.to(dtype),
+                           None if bias is None else bias.to(dtype))
+            out = out if res3 is None else out + res3
+        else:
+            nx = _norm_stats(x3)[2]
+            scale, b_eff = _fold_scale_bias(gamma, beta, weight, bias, nx, dtype)
+            base = b_eff if res3 is None else res3 + b_eff
+            out = torch.addmm(base.reshape(-1, weight.shape[0]), (x3 * scale).flatten(0, 1),
+                              weight.to(dtype).t()).view(*x3.shape[:2], -1)
+    out = out.view(*shape[:-1], weight.shape[0])
+    if residual is not None and res3 is None:
+        out = residual + out
+    return out
 
 
 class GRN(nn.Module):

@@ -352,6 +352,9 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
 
     # model, optimizer, schedule (recipe: AdamW (0.9, 0.95), lr = blr * eff / 256, cosine)
     fcmae = build_fcmae(cfg).to(info.device)
+    if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
+        from .training import fsdp
+        fsdp.shard(fcmae, info)
     eff = T.effective_batch(cfg.batch_size, cfg.accum_steps, info.world_size)
     base_lr = cfg.lr if cfg.lr is not None else T.scaled_lr(cfg.blr, eff)
     optimizer = torch.optim.AdamW(T.param_groups(fcmae, cfg.weight_decay), lr=base_lr,
@@ -376,8 +379,8 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
             _log(info, f"warning: the checkpoint was written by {saved_world} process(es), this "
                        f"run has {info.world_size}; the effective batch and data split change")
         try:
-            pos = T.apply_run_state(state, model=fcmae, optimizer=optimizer,
-                                    scaler=stepper.scaler)
+            apply = fsdp.apply_run_state if cfg.fsdp else T.apply_run_state
+            pos = apply(state, model=fcmae, optimizer=optimizer, scaler=stepper.scaler)
         except RuntimeError as e:
             raise ValueError(f"--resume {resume_path}: its weights do not fit this model "
                              f"({str(e).splitlines()[0]}); resume with the same --model and "
@@ -389,7 +392,7 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     elif cfg.resume == "auto":
         _log(info, f"--resume auto: no checkpoint in {out}, starting fresh")
 
-    model = T.wrap_ddp(fcmae, info)
+    model = fcmae if cfg.fsdp else T.wrap_ddp(fcmae, info)
     metrics = T.MetricsLog(out / "metrics.jsonl", resume_step=global_step if resume_path else None,
                            enabled=info.is_main)
     recon_saver = _reconstruction_saver() if info.is_main else None
@@ -415,8 +418,10 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
 
     def save_state(ep: int, done: int) -> Path | None:
         nonlocal last_ckpt
+        src_model, src_optim = (fsdp.full_state_views(fcmae, optimizer) if cfg.fsdp
+                                else (fcmae, optimizer))  # FSDP: gathered on every rank
         if info.is_main:
-            state = T.build_run_state(model=fcmae, optimizer=optimizer, epoch=ep,
+            state = T.build_run_state(model=src_model, optimizer=src_optim, epoch=ep,
                                       batches_done=done, global_step=global_step, args=args,
                                       scaler=stepper.scaler,
                                       data_order=dict(seed=cfg.seed, kind="distributed-sampler"),
@@ -477,7 +482,8 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
                 save_state(epoch, 0)
                 if info.is_main:
                     _plot_loss(out)
-                    if recon_saver and cfg.recon_every and epoch % cfg.recon_every == 0:
+                    if recon_saver and cfg.recon_every and epoch % cfg.recon_every == 0 \
+                            and not cfg.fsdp:  # a sharded forward needs every rank
                         _save_recon(recon_saver, fcmae, recon_batch,
                                     out / f"reconstruction_ep{epoch:04d}.png", mean, std,
                                     f"epoch {epoch}, step {global_step}", info.device)
@@ -493,6 +499,8 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
             pbar.close()
     metrics.close()
 
+    if cfg.fsdp:  # the files and figures come from one full copy on rank 0
+        fcmae = fsdp.unsharded_copy(fcmae, lambda: build_fcmae(cfg), info.device, info.is_main)
     files = {}
     if info.is_main:
         files["loss_curve"] = _plot_loss(out)

@@ -5,9 +5,10 @@ number of patches, so K is the same for every sample at every stage. Sites are o
 visible patch (row-major over the patch grid), and inside a patch in recursive 2x2 (Z-order)
 order. Then each 2x2 group of children is contiguous, the 2x2/2 downsampling convolution is a
 reshape to (N, K/4, 4C) plus one matrix multiply, and stage k+1's order is stage k's order with
-groups of four merged. The stem is a gather of visible pixel patches plus a matrix multiply;
-LayerNorm, the Linear layers, GELU and GRN act on the (N, K, C) list as they are, so their cost
-scales with the visible fraction. Only the depthwise 7x7 needs neighbours: it scatters the
+groups of four merged. The stem is a gather of the visible pixel patches and the stem conv on
+them alone. LayerNorm, the Linear layers, GELU and GRN act on the (N, K, C) list as they are
+(GRN fused into the Linear after it, see ``fused_grn``), so their cost scales with the visible
+fraction. Only the depthwise 7x7 needs neighbours: it scatters the
 sites into a zero-filled channels-last grid, runs the dense depthwise convolution and gathers
 the visible outputs back (submanifold semantics: outputs only at visible sites, masked
 neighbours count as zero).
@@ -115,10 +116,12 @@ def sparse_stem(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> 
     n, c, h, w = imgs.shape
     hp, wp = layout.grid_hw
     p = h // hp
-    rows, cols = layout.visible // wp, layout.visible % wp
-    batch = torch.arange(n, device=imgs.device).view(n, 1)
-    patches = imgs.view(n, c, hp, p, wp, p).permute(0, 2, 4, 1, 3, 5)[batch, rows, cols]
-    patches = patches.reshape(-1, c, p, p).contiguous(memory_format=torch.channels_last)
+    # NHWC first (a cheap transpose), then whole patches are rows: an index_select of rows
+    # copies the visible ones out, already channels-last for the conv
+    patch_rows = (imgs.permute(0, 2, 3, 1).contiguous().view(n, hp, p, wp, p, c)
+                  .permute(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, p * p * c))
+    index = layout.visible + torch.arange(n, device=imgs.device).view(n, 1) * (hp * wp)
+    patches = patch_rows.index_select(0, index.reshape(-1)).view(-1, p, p, c).permute(0, 3, 1, 2)
     x = F.conv2d(patches, conv.weight, conv.bias, stride=conv.stride)   # (M, d0, 8, 8)
     side = x.shape[-1]
     dy, dx = morton_offsets(side, imgs.device)
@@ -255,4 +258,6 @@ def sparse_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.T
     """The encoder's (N, d3, H/p, W/p) map computed on visible cells; masked cells exactly 0."""
     grid_hw = check_input(model, imgs, mask)
     layout = SparseLayout.from_mask(mask, grid_hw)
+    if layout.num_visible == 0:  # everything masked (tiny grids): nothing to compute
+        return imgs.new_zeros(imgs.shape[0], model.num_features, *grid_hw)
     return scatter_to_grid(sparse_encode(model, imgs, layout), layout)

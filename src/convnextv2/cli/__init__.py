@@ -9,6 +9,7 @@ import sys
 # subcommand -> module under convnextv2.cli; modules import lazily so --help stays fast.
 COMMANDS = {
     "info": "info",
+    "bench": "bench",
     "convert": "convert",
     "pretrain": "pretrain",
     "finetune": "finetune",

@@ -32,11 +32,8 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    import torch
-    from torch.utils.data import DataLoader
-
     from ..data import build_dataset, eval_transform
-    from ..evaluate import class_names, evaluate, load_classifier, plot_confusion
+    from ..evaluate import class_names, load_classifier, plot_confusion
     from ..finetune import _default_img_size
 
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
@@ -48,11 +45,21 @@ def run(args) -> int:
     if len(ds.classes) != num_classes:
         raise ValueError(f"{args.data} has {len(ds.classes)} classes but the model has "
                          f"{num_classes} outputs")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # under torchrun each rank evaluates an unpadded share and the sums are all-reduced,
+    # so every image counts exactly once; rank 0 alone prints and writes
+    from ..training import cleanup_distributed, init_distributed
+    from ..training.dist_eval import evaluate_distributed, sharded_loader
+    world = init_distributed(args.device)
+    device = world.device
     model.to(device)
-    loader = DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
-    res = evaluate(model, loader, num_classes, device, args.amp,
-                   progress=not args.json)
+    loader = sharded_loader(ds, world, batch_size=args.batch_size, num_workers=args.workers)
+    try:
+        res = evaluate_distributed(model, loader, num_classes, device, args.amp,
+                                   progress=not args.json and world.is_main)
+    finally:
+        cleanup_distributed()
+    if not world.is_main:
+        return 0
     names = class_names(num_classes, info.get("class_names") or ds.classes)
     out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ def add_arguments(p):
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
                    help="mixed precision (bf16 works on CPU and GPU; fp16 GPU only)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state with "
+                        "FSDP2 instead of DDP (large/huge); checkpoints are still full files")
 
     g = p.add_argument_group("run control")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of order, crops and masks (0)")

@@ -424,11 +424,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
             candidates["ema"] = (ema_scores["top1"], ema.module)
         record["epoch_time_s"] = time.time() - t_epoch
         state["history"].append(record)
+        source = max(candidates, key=lambda k: candidates[k][0])
+        top1, weights = candidates[source]
+        improved = top1 > state["best_top1"]
+        if improved:
+            state.update(best_top1=top1, best_source=source, best_epoch=epoch + 1)
         if dist.is_main:
-            source = max(candidates, key=lambda k: candidates[k][0])
-            top1, weights = candidates[source]
-            if top1 > state["best_top1"]:
-                state.update(best_top1=top1, best_source=source, best_epoch=epoch + 1)
+            if improved:
                 _save_weights(weights, out / "best.safetensors",
                               dict(meta, epoch=epoch + 1, weights=source, top1=top1))
             _save_weights(model, out / "last.safetensors",
@@ -460,7 +462,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                    final=state["history"][-1] if state["history"] else None,
                    train_time_s=time.time() - t_start, classes=classes, output=str(out),
                    skipped_images=skipped, base_lr=base_lr, recipe=hp["recipe"],
-                   best=str(out / "best.safetensors"), last=str(out / "last.safetensors"))
+                   best=str(out / "best.safetensors"), last=str(out / "last.safetensors"),
+                   rank=dist.rank)
     if dist.is_main:
         _write_json(out / "summary.json", summary)
     summary["model"] = LinearProbe.folded(model) if probe_head else model

@@ -92,7 +92,8 @@ def run(args) -> int:
         import sys
         print(f"convnextv2 finetune: stopped: {e}", file=sys.stderr)
         return 1
-    print(f"best top-1 {summary['best_top1']:.2f}% ({summary['best_source']} weights, epoch "
-          f"{summary['best_epoch']}) in {summary['train_time_s']:.0f}s; wrote {summary['best']}, "
-          f"{summary['last']}")
+    if summary["rank"] == 0:  # one line per run, not per torchrun process
+        print(f"best top-1 {summary['best_top1']:.2f}% ({summary['best_source']} weights, "
+              f"epoch {summary['best_epoch']}) in {summary['train_time_s']:.0f}s; wrote "
+              f"{summary['best']}, {summary['last']}")
     return 0

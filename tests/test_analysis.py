@@ -46,6 +46,28 @@ def test_matches_hand_computation():
     assert float(feature_diversity(pair)) == pytest.approx(0.25)
 
 
+def test_matches_an_explicit_pairwise_loop_on_random_maps():
+    torch.manual_seed(0)
+    act = torch.randn(2, 5, 3, 4)
+    act[1, 2] = 0.0                                                    # one dead channel
+    per_image = []
+    for img in act:
+        flat = img.reshape(5, -1)
+        total = 0.0
+        for i in range(5):
+            for j in range(5):
+                a, b = flat[i].double(), flat[j].double()
+                if a.norm() == 0 and b.norm() == 0:
+                    cos = 1.0
+                elif a.norm() == 0 or b.norm() == 0:
+                    cos = 0.0
+                else:
+                    cos = float(a @ b / (a.norm() * b.norm()))
+                total += (1 - cos) / 2
+        per_image.append(total / 25)
+    assert float(feature_diversity(act)) == pytest.approx(sum(per_image) / 2, rel=1e-12)
+
+
 def test_zero_channels_follow_the_documented_convention():
     assert float(feature_diversity(torch.zeros(4, 3, 3))) == 0.0     # dead layer: collapsed
     one_dead = torch.tensor([[[0.0, 0.0]], [[1.0, 3.0]]])             # orthogonal pair

@@ -57,6 +57,16 @@ def broken_folder(tmp_path_factory):
     return root
 
 
+def _tiny_classifier(path):
+    from convnextv2.checkpoint import save_checkpoint
+    from convnextv2.registry import create_model
+
+    model = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                         stem_stride=1)
+    save_checkpoint(model, path, layout="native")
+    return path
+
+
 def _err(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -139,13 +149,15 @@ def test_empty_dataset_folder(tmp_path, capsys):
     assert "hold no images" in _err(capsys)
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval"])
 def test_unwritable_output_folder(good_folder, tmp_path, capsys, command):
     """A path below a regular file cannot be created, even by root (chmod would not stop
     root)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    argv = PRETRAIN if command == "pretrain" else FINETUNE
+    argv = dict(pretrain=PRETRAIN, finetune=FINETUNE)[command] if command != "eval" else [
+        "eval", "--checkpoint", str(_tiny_classifier(tmp_path / "clf.safetensors")),
+        "--device", "cpu", "--img-size", "32", "--json"]
     data = good_folder / "train" if command == "pretrain" else good_folder
     assert main([*argv, "--data", str(data), "--output", str(blocker / "run")]) == 2
     err = _err(capsys)
@@ -212,12 +224,7 @@ def test_resume_from_a_checkpoint_of_another_architecture(good_folder, tmp_path,
 
 
 def test_eval_with_a_checkpoint_of_another_architecture(good_folder, tmp_path, capsys):
-    from convnextv2.checkpoint import save_checkpoint
-    from convnextv2.registry import create_model
-
-    model = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                         stem_stride=1)
-    save_checkpoint(model, tmp_path / "tiny.safetensors", layout="native")
+    _tiny_classifier(tmp_path / "tiny.safetensors")
     rc = main(["eval", "--model", "convnextv2_atto", "--checkpoint",
                str(tmp_path / "tiny.safetensors"), "--data", str(good_folder), "--device", "cpu",
                "--output", str(tmp_path / "ev")])

@@ -295,30 +295,42 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         ceiling = matmul_ceiling(device, AMP_DTYPES[cfg.amp] if cfg.amp else torch.float32)
     log(format_results(results, ceiling, mem_method, precision))
     return {"results": results, "ceiling_gflops": ceiling, "memory_method": mem_method,
+            "ratios": speed_ratios(results[0], results[1]) if len(results) == 2 else None,
             "flops_per_image": flops_img * mult}
+
+
+def speed_ratios(ours: Result, ref: Result) -> dict[str, float]:
+    """How many times faster ours is. The median of the per-round ratios is the figure to
+    quote on a shared machine: both steps of a round see the same background load."""
+    paired = statistics.median(r / o for o, r in zip(ours.times, ref.times))
+    return {"median of per-round ratios": paired,
+            "of medians": ref.seconds / ours.seconds,
+            "of best steps": min(ref.times) / min(ours.times)}
 
 
 def format_results(results: list[Result], ceiling: float | None, mem_method: str | None,
                    precision: str = "fp32") -> str:
-    head = f"{'':<11}{'img/s':>9}{'ms/step':>10}{'min-max ms':>16}{'peak MB':>10}{'GFLOP/s':>10}"
+    head = (f"{'':<11}{'img/s':>9}{'best img/s':>12}{'ms/step':>10}{'min-max ms':>16}"
+            f"{'peak MB':>10}{'GFLOP/s':>10}")
     if ceiling:
         head += f"{'of ceiling':>12}"
     lines = [head]
     for r in results:
         spread = f"{min(r.times) * 1e3:.0f}-{max(r.times) * 1e3:.0f}"
         mem = f"{r.peak_bytes / 2 ** 20:.0f}" if r.peak_bytes is not None else "-"
-        line = (f"{r.name:<11}{r.img_per_s:>9.1f}{r.seconds * 1e3:>10.0f}{spread:>16}{mem:>10}"
-                f"{r.gflops:>10.1f}")
+        line = (f"{r.name:<11}{r.img_per_s:>9.1f}{r.batch / min(r.times):>12.1f}"
+                f"{r.seconds * 1e3:>10.0f}{spread:>16}{mem:>10}{r.gflops:>10.1f}")
         if ceiling:
             line += f"{100 * r.gflops / ceiling:>11.0f}%"
         lines.append(line)
     by_name = {r.name: r for r in results}
     if "ours" in by_name and "timm" in by_name:
-        lines.append(f"ours / timm speed: {by_name['timm'].seconds / by_name['ours'].seconds:.2f}x")
+        lines.append("ours / timm speed: " + ", ".join(
+            f"{v:.2f}x {k}" for k, v in speed_ratios(by_name["ours"], by_name["timm"]).items()))
     if ceiling:
         lines.append(f"ceiling: {precision} 2048x2048 matmul, {ceiling:.0f} GFLOP/s")
     if mem_method:
         lines.append(f"peak memory: {mem_method}, one step, above what was live before it")
     lines.append("GFLOP/s: convolution and matmul FLOPs (torch.utils.flop_counter) of the model,"
-                 " x3 for a training step")
+                 " x3 for a training step, at the median step time")
     return "\n".join(lines)

@@ -37,12 +37,13 @@ def feature_diversity(act: torch.Tensor, eps: float = ZERO_NORM_EPS) -> torch.Te
     n, c = act.shape[:2]
     x = act.detach().reshape(n, c, -1).double()
     norms = x.norm(dim=-1)                                        # (N, C)
-    unit = x / norms.clamp_min(eps).unsqueeze(-1)
-    cos = (unit @ unit.transpose(1, 2)).clamp(-1.0, 1.0)          # (N, C, C)
     zero = norms <= eps
-    both_zero = zero.unsqueeze(2) & zero.unsqueeze(1)
-    cos = torch.where(both_zero, torch.ones_like(cos), cos)
-    per_image = ((1.0 - cos) / 2.0).mean(dim=(1, 2))              # 1/C^2 * sum_ij
+    unit = torch.where(zero.unsqueeze(-1), torch.zeros_like(x),
+                       x / norms.clamp_min(eps).unsqueeze(-1))
+    # sum_ij cos(X_i, X_j) = |sum_i u_i|^2 for unit vectors u_i (zero channels: u = 0), which
+    # is O(C * HW) instead of a C x C Gram matrix; then the zero-zero pairs count as cosine 1.
+    cos_sum = unit.sum(dim=1).pow(2).sum(dim=-1) + zero.sum(dim=1).double() ** 2
+    per_image = (1.0 - cos_sum / (c * c)) / 2.0                   # 1/C^2 sum_ij (1 - cos) / 2
     return per_image.mean()
 
 

@@ -62,7 +62,8 @@ def run(args) -> int:
         return 0
     names = class_names(num_classes, info.get("class_names") or ds.classes)
     out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
-    out.mkdir(parents=True, exist_ok=True)
+    from ..pretrain import check_output_writable
+    check_output_writable(out)  # a clear error instead of an OSError traceback
     png = plot_confusion(res["confusion"], names, out / "confusion_matrix.png",
                          title=f"{Path(args.checkpoint).name} on {args.data} ({args.split})")
     report = dict(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split,

@@ -20,8 +20,6 @@ from PIL import Image
 
 from convnextv2 import training as T
 
-pytestmark = pytest.mark.slow  # five training processes; ~30 s of CPU
-
 DRIVER = r"""
 import io, os, signal, sys
 import torch

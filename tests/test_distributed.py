@@ -20,8 +20,6 @@ from PIL import Image
 from convnextv2 import training as T
 from convnextv2.cli import main
 
-pytestmark = pytest.mark.slow  # three 2-process launches; ~40 s of CPU
-
 ARCH = ["--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32",
         "--stem-stride", "1"]
 PRETRAIN = ["pretrain", *ARCH, "--img-size", "32", "--decoder-dim", "16", "--workers", "0",
@@ -78,7 +76,8 @@ def runs(tmp_path_factory):
       file into a sharded model), stopped after step 3 (a gathered checkpoint), then resumed
       in ONE process to step 4 (a sharded run's file into a plain model);
     - ``eval``: torchrun 2 x ``eval`` of a classifier on 7 images (odd: a padded split
-      would count one twice).
+      would count one twice);
+    - ``finetune``: torchrun 2 x ``finetune``, 1 epoch, validating on the same 7 images.
     """
     root = tmp_path_factory.mktemp("dist")
     data = _images(root / "images", 16)
@@ -92,6 +91,12 @@ def runs(tmp_path_factory):
     eval_args = ["eval", "--checkpoint", root / "clf.safetensors", "--data", val, "--img-size",
                  "32", "--device", "cpu", "--batch-size", "2", "--json"]
     procs = {"eval": _torchrun(*eval_args, "--output", root / "eval2")}
+    _images(root / "ft" / "train", 16, seed=4, classes=["a", "b"])
+    shutil.copytree(val, root / "ft" / "val")
+    procs["finetune"] = _torchrun(
+        "finetune", *ARCH, "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--aa",
+        "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema",
+        "--no-progress", "--device", "cpu", "--data", root / "ft", "--output", root / "ft-run")
 
     one, ddp, fsdp = root / "one", root / "ddp", root / "fsdp"
     assert main([*PRETRAIN, "--batch-size", "8", "--data", str(data), "--output", str(one)]) == 0
@@ -186,3 +191,21 @@ def test_sharded_split_has_no_padding_and_no_overlap():
             parts = [shard_indices(n, T.DistInfo(rank=r, world_size=world))
                      for r in range(world)]
             assert sorted(i for p in parts for i in p) == list(range(n))
+
+
+def test_finetune_under_torchrun_validates_each_image_once(runs, capsys):
+    """The per-epoch validation of a 2-process fine-tuning run equals a 1-process ``eval`` of
+    the weights it saved: 7 images, so a padded split (8) could not give the same top-1."""
+    run = runs["root"] / "ft-run"
+    out = runs["outs"]["finetune"]
+    assert out.count("best top-1") == 1  # rank 0 alone reports
+    final = json.loads((run / "summary.json").read_text())["final"]
+    assert main(["eval", "--checkpoint", str(run / "last.safetensors"), "--data",
+                 str(runs["root"] / "ft"), "--device", "cpu", "--json", "--output",
+                 str(runs["root"] / "ft-eval")]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert single["count"] == 7
+    assert final["val_top1"] == pytest.approx(single["top1"])
+    assert final["val_loss"] == pytest.approx(single["loss"], rel=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert config["world_size"] == 2 and config["effective_batch"] == 8

@@ -232,42 +232,6 @@ def test_sparse_rejects_uneven_masks_and_dense_accepts_them():
         sparse(torch.randn(2, 3, 48, 64))
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 6), (2, 2, 2, 6), (2, 3, 4, 6), (2, 9, 6)])  # both routes
-def test_grn_linear_matches_grn_then_linear(shape):
-    """The fused GRN + Linear both backends use, against the model's own GRN and F.linear."""
-    from convnextv2.fused_grn import grn_linear
-    from convnextv2.grn import grn
-    torch.manual_seed(0)
-    d = torch.float64
-    x = torch.randn(*shape, dtype=d)
-    x[1, ..., 2] = 0  # a silent channel: zero norm, zero gradient through the norm
-    params = [torch.randn(shape[-1], dtype=d), torch.randn(shape[-1], dtype=d),
-              torch.randn(3, shape[-1], dtype=d), torch.randn(3, dtype=d)]
-    x.requires_grad_()
-    for p in params:
-        p.requires_grad_()
-    g = torch.randn(*shape[:-1], 3, dtype=d)
-
-    def reference(x, gamma, beta, w, b):  # SPEC's GRN formula in float64, then the Linear
-        sites = tuple(range(1, x.dim() - 1))
-        gx = torch.linalg.vector_norm(x, dim=sites, keepdim=True)  # gradient 0 at a zero norm
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return torch.nn.functional.linear(gamma * (x * nx) + beta + x, w, b)
-
-    with torch.no_grad():  # the model's GRN (its norm in float32) agrees too
-        assert torch.allclose(reference(x, *params), torch.nn.functional.linear(
-            grn(x, *params[:2]), *params[2:]), atol=1e-5)
-
-    assert torch.allclose(grn_linear(x, *params), reference(x, *params), atol=1e-12)
-    ref = torch.autograd.grad(reference(x, *params), (x, *params), g)
-    out = torch.autograd.grad(grn_linear(x, *params), (x, *params), g)
-    for a, b in zip(out, ref):
-        assert torch.allclose(a, b, atol=1e-10)
-    x2 = torch.randn(shape, dtype=d, requires_grad=True)
-    assert torch.autograd.gradcheck(grn_linear, (x2, *params))
-    assert torch.autograd.gradcheck(lambda x, *p: grn_linear(x, *p[:3], None), (x2, *params[:3]))
-
-
 def test_fully_masked_and_fully_visible_batches_run():
     sparse, dense = make_pair(seed=11)
     imgs = torch.randn(2, 3, 64, 64)

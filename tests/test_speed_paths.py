@@ -202,3 +202,22 @@ def test_torch_compile_matches_plain_math_forward_and_backward():
     assert_all_close([out], [ref])
     params = list(m.parameters())
     assert_all_close(grads(out, [xa] + params), grads(ref, [xb] + params))
+
+
+def test_bench_times_ours_against_timm_with_the_same_weights():
+    """`convnextv2 bench --vs-timm` copies our weights into timm's model: same logits."""
+    from convnextv2.bench import BenchConfig, run_benchmark, timm_twin
+
+    m = randomised(create_model("atto", **TINY)).eval()
+    twin = timm_twin(m, "atto").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_all_close([m(x)], [twin(x)])
+    lines = []
+    out = run_benchmark(BenchConfig(model="atto", batch=1, img_size=32, vs_timm=True,
+                                    repeats=2, warmup=0), log=lines.append)
+    assert [r.name for r in out["results"]] == ["ours", "timm"]
+    assert all(r.peak_bytes > 0 and len(r.times) == 2 for r in out["results"])
+    assert out["flops_per_image"] == pytest.approx(2 * 0.55e9 * (32 / 224) ** 2, rel=0.05)
+    assert out["ratios"]["median of per-round ratios"] > 0
+    assert any("ours / timm speed" in line for line in lines)

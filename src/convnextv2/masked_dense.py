@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .fused_grn import grn_linear
+from torch import nn
+
+from .grn import grn_linear
 from .masking import upsample_mask
 from .model import Block, ConvNeXtV2
 from .sparse import LEVELS, check_input
@@ -21,21 +23,38 @@ def stage_keep_masks(mask: torch.Tensor, grid_hw, dtype) -> list[torch.Tensor]:
     return [upsample_mask(keep, grid_hw, 2 ** (LEVELS - k)).contiguous() for k in range(LEVELS + 1)]
 
 
+def _fusable(block: Block) -> bool:
+    return (block.grn is not None and block.layer_scale is None
+            and type(block.act) is nn.GELU and block.act.approximate == "none")
+
+
 def masked_block(block: Block, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep_last = keep.permute(0, 2, 3, 1)  # (N, H, W, 1) view for the channels-last part
     # In-place multiplies only on results that autograd does not keep for backward
-    # (conv, GELU and add outputs), so no extra activation copies are made.
+    # (conv, Linear and add outputs), so no extra activation copies are made.
     y = block.dwconv(x).mul_(keep).permute(0, 2, 3, 1)
     y = block.norm(y)
-    y = block.act(block.pwconv1(y))
-    if block.grn is not None:
-        y = grn_linear(y.mul_(keep_last), block.grn.gamma, block.grn.beta,
-                       block.pwconv2.weight, block.pwconv2.bias)
+    plain_skip = isinstance(block.drop_path, nn.Identity) or not block.training
+    if _fusable(block):
+        # zero the masked sites before GELU (GELU(0) = 0), so GRN's norm sees only visible
+        # sites; GELU, GRN, pwconv2 and the skip connection then run as one fused node
+        h = block.pwconv1(y).mul_(keep_last)
+        out = grn_linear(h, block.grn.gamma, block.grn.beta, block.pwconv2.weight,
+                         block.pwconv2.bias, residual=x.permute(0, 2, 3, 1) if plain_skip else None,
+                         gelu=True)
     else:
-        y = block.pwconv2(y)
-    if block.layer_scale is not None:
-        y = y * block.layer_scale
-    return (x + block.drop_path(y.permute(0, 3, 1, 2))).mul_(keep)
+        h = block.act(block.pwconv1(y))
+        if block.grn is not None:
+            h = block.grn(h.mul_(keep_last))
+        out = block.pwconv2(h)
+        if block.layer_scale is not None:
+            out = out * block.layer_scale
+        if plain_skip:
+            out = out + x.permute(0, 2, 3, 1)
+    out = out.permute(0, 3, 1, 2)
+    if plain_skip:
+        return out.mul_(keep)
+    return (x + block.drop_path(out)).mul_(keep)
 
 
 def masked_dense_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor
@@ -43,7 +62,7 @@ def masked_dense_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: t
     """The encoder's (N, d3, H/p, W/p) map with masked cells exactly 0, computed densely."""
     grid_hw = check_input(model, imgs, mask)
     keeps = stage_keep_masks(mask, grid_hw, imgs.dtype if imgs.is_floating_point() else torch.float32)
-    x = model.stem(imgs).mul_(keeps[0])
+    x = model.stem(imgs.contiguous(memory_format=torch.channels_last)).mul_(keeps[0])  # as the model
     for k, stage in enumerate(model.stages):
         if k > 0:
             x = stage.downsample(x).mul_(keeps[k])

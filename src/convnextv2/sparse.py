@@ -7,7 +7,7 @@ order. Then each 2x2 group of children is contiguous, the 2x2/2 downsampling con
 reshape to (N, K/4, 4C) plus one matrix multiply, and stage k+1's order is stage k's order with
 groups of four merged. The stem is a gather of the visible pixel patches and the stem conv on
 them alone. LayerNorm, the Linear layers, GELU and GRN act on the (N, K, C) list as they are
-(GRN fused into the Linear after it, see ``fused_grn``), so their cost scales with the visible
+(``Block.mlp``, with GRN fused into the Linear after it), so their cost scales with the visible
 fraction. Only the depthwise 7x7 needs neighbours: it scatters the
 sites into a zero-filled channels-last grid, runs the dense depthwise convolution and gathers
 the visible outputs back (submanifold semantics: outputs only at visible sites, masked
@@ -23,7 +23,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .fused_grn import block_mlp
+from torch import nn
+
 from .model import Block, ConvNeXtV2
 
 LEVELS = 3  # downsamplings between stage 0 and the patch grid (stage 3)
@@ -204,8 +205,11 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
 
 def sparse_block(block: Block, x: torch.Tensor, flat_index: torch.Tensor,
                  hw: tuple[int, int]) -> torch.Tensor:
+    """One block on the (N, K, C) sites; ``Block.mlp`` (fused GRN + Linear) works on them as is."""
     y = submanifold_dwconv(block.dwconv, x, flat_index, hw)
-    return x + block.drop_path(block_mlp(block, y))
+    if isinstance(block.drop_path, nn.Identity) or not block.training:
+        return block.mlp(y, residual=x)  # the skip connection is added inside the last matmul
+    return x + block.drop_path(block.mlp(y))
 
 
 def sparse_downsample(downsample, x: torch.Tensor) -> torch.Tensor:

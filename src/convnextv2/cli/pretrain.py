@@ -10,6 +10,7 @@ EPILOG = """examples:
       --epochs 10 --batch-size 64 --output runs/fmnist
   convnextv2 pretrain ... --resume auto            # continue the newest checkpoint in --output
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
+  torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...   # see docs/distributed.md
 
 --data: an ImageFolder tree (train/ is used), a class-folder root or a plain folder of images
 (labels are ignored), a Fashion-MNIST IDX folder, or 'builtin' (packaged Fashion-MNIST subset).

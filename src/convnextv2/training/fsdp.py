@@ -82,12 +82,11 @@ def full_optimizer_state(model: nn.Module, optimizer) -> dict:
     # ``optimizer.load_state_dict`` of a plain run) keys it by position in the groups
     names = _names_in_optimizer_order(model, optimizer)
     position = {name: i for i, name in enumerate(names)}
-    groups, start = [], 0
+    groups = []
     for group in by_name["param_groups"]:
         entry = {k: v for k, v in group.items() if k != "params"}
         entry["params"] = [position[n] for n in group["params"]]
         groups.append(entry)
-        start += len(group["params"])
     state = {position[n]: v for n, v in by_name["state"].items()}
     return dict(state=state, param_groups=groups)
 

@@ -243,3 +243,16 @@ def test_fully_masked_and_fully_visible_batches_run():
             assert torch.all(sparse.forward_encoder(imgs, mask) == 0)
         else:  # no masked patch: the loss has nothing to average (0/0), in both backends alike
             assert torch.isnan(loss_s) and torch.isnan(loss_d)
+
+
+def test_inference_without_grad_matches_dense():
+    """No-grad inference takes other fused paths in Block.mlp (oneDNN Linear+GELU)."""
+    sparse, dense = make_pair(seed=12)
+    sparse.eval()
+    dense.eval()
+    imgs = torch.randn(3, 3, 96, 64)
+    mask = sparse.random_mask(imgs)
+    with torch.no_grad():
+        out_s, out_d = sparse.forward_encoder(imgs, mask), dense.forward_encoder(imgs, mask)
+        assert (out_s - out_d).abs().max() <= 1e-5
+        assert abs(sparse(imgs, mask)[0].item() - dense(imgs, mask)[0].item()) <= 1e-5

@@ -69,6 +69,7 @@ class PretrainConfig:
     stem_stride: int | None = None       # None: the model's (4)
     depths: Sequence[int] | None = None  # custom encoder shape (tests, small studies)
     dims: Sequence[int] | None = None
+    v1_block: bool = False               # ConvNeXt V1 block (no GRN, layer scale) for ablations
     mask_ratio: float = RECIPE["mask_ratio"]
     norm_pix_loss: bool = RECIPE["norm_pix_loss"]
     decoder_depth: int = RECIPE["decoder_depth"]
@@ -135,13 +136,15 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_fcmae(cfg: PretrainConfig):
+    from .cli._common import block_kwargs
     from .fcmae import FCMAE
     from .registry import create_model
 
     encoder = create_model(cfg.model, num_classes=0, in_chans=cfg.in_chans,
                            stem_stride=cfg.stem_stride,
                            depths=tuple(cfg.depths) if cfg.depths else None,
-                           dims=tuple(cfg.dims) if cfg.dims else None)
+                           dims=tuple(cfg.dims) if cfg.dims else None,
+                           **block_kwargs(cfg.v1_block))
     fcmae = FCMAE(encoder, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
                   decoder_embed_dim=cfg.decoder_dim, norm_pix_loss=cfg.norm_pix_loss,
                   backend=cfg.backend)
@@ -185,20 +188,6 @@ def resolve_warmup(cfg: PretrainConfig) -> tuple[float, str | None]:
 
 
 # -- outputs ---------------------------------------------------------------------------------
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class _EncoderWeights:
     """The encoder as ``save_checkpoint`` sees it, minus the final norm/head: FCMAE never
     trains them (they stay at their initial values), and leaving them out makes the file an
@@ -216,15 +205,9 @@ class _EncoderWeights:
 def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
     """The encoder in the native layout through the checkpoint module (loads with
     ``create_model(name, pretrained=path)`` whatever the model's number of classes)."""
+    from .checkpoint import save_checkpoint
+
     weights = _EncoderWeights(encoder)
-    try:
-        from .checkpoint import save_checkpoint
-    except ImportError:  # checkpoint module not installed: same content, written here
-        from safetensors.torch import save
-        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.state_dict().items()}
-        meta = {"config": json.dumps(T.runstate.plain(weights.config)), **metadata}
-        _atomic_write_bytes(save(tensors, metadata=meta), path)
-        return path
     save_checkpoint(weights, path, layout="native", metadata=metadata)
     return path
 
@@ -232,9 +215,9 @@ def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
 def save_fcmae(fcmae, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Encoder + decoder as one safetensors file; the metadata holds what ``load_fcmae``
     needs to rebuild the module (encoder config and decoder shape)."""
-    from safetensors.torch import save
+    from .checkpoint.io import save_safetensors
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in fcmae.state_dict().items()}
+    tensors = fcmae.state_dict()
     meta = {"format": "convnextv2-fcmae",
             "config": json.dumps(T.runstate.plain(fcmae.encoder.config)),
             "fcmae": json.dumps(dict(mask_ratio=fcmae.mask_ratio,
@@ -243,7 +226,7 @@ def save_fcmae(fcmae, path: Path, metadata: dict[str, str] | None = None) -> Pat
                                      decoder_embed_dim=fcmae.proj.out_channels,
                                      patch_size=fcmae.patch_size)),
             **(metadata or {})}
-    _atomic_write_bytes(save(tensors, metadata=meta), path)
+    save_safetensors(tensors, path, metadata=meta)
     return path
 
 

@@ -10,12 +10,12 @@ import argparse
 import json
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from ..atomic import atomic_write_bytes  # noqa: F401  (re-exported for the checkpoint package)
 from .errors import CheckpointError, CheckpointNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -174,25 +174,6 @@ def string_metadata(metadata: Mapping | None) -> dict[str, str]:
     """safetensors metadata must be strings: other values are stored as JSON."""
     return {str(k): v if isinstance(v, str) else json.dumps(v)
             for k, v in (metadata or {}).items()}
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write to a temp file beside ``path``, fsync it, then rename over ``path``: readers see
-    either the old file or the complete new one, never a partial write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata=None) -> Path:

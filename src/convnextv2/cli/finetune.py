@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._common import add_v1_block_argument
+
 HELP = "Fine-tune a classifier (official ConvNeXt V2 recipe) or train a linear probe."
 EPILOG = """examples:
   convnextv2 finetune --model atto --data builtin --output runs/ft --stem-stride 1 --epochs 10
@@ -35,6 +37,7 @@ def add_arguments(p):
     g.add_argument("--stem-stride", type=int, help="stem kernel = stride (default 4)")
     g.add_argument("--depths", type=int, nargs=4, metavar="N")
     g.add_argument("--dims", type=int, nargs=4, metavar="D")
+    add_v1_block_argument(g)
     g = p.add_argument_group("recipe overrides (default: from --recipe)")
     for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("blr", float),
                        ("min-lr", float), ("warmup-epochs", float), ("weight-decay", float),
@@ -67,9 +70,11 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..finetune import FinetuneConfig, finetune
+    from ._common import block_kwargs
 
     model_kwargs = {k: getattr(args, k) for k in ("stem_stride", "depths", "dims")
                     if getattr(args, k) is not None}
+    model_kwargs.update(block_kwargs(args.v1_block))
     model = args.model
     if model is None and not args.finetune:
         model = "convnextv2_atto"

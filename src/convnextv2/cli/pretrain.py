@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from ._common import add_v1_block_argument
+
 HELP = "FCMAE masked-image pretraining of a ConvNeXt V2 encoder (official recipe by default)."
 EPILOG = """examples:
   convnextv2 pretrain --model convnextv2_atto --data ./images --output runs/fcmae
@@ -30,6 +32,7 @@ def add_arguments(p):
                    help="custom blocks per stage (overrides the variant's)")
     g.add_argument("--dims", type=int, nargs=4, default=None, metavar="C",
                    help="custom stage widths (overrides the variant's)")
+    add_v1_block_argument(g)
     g.add_argument("--decoder-dim", type=int, default=d.decoder_dim, help="decoder width (512)")
     g.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="decoder blocks (1)")
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="masked fraction (0.6)")

@@ -20,14 +20,6 @@ from convnextv2.registry import create_model
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids the cost of syncing threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small(num_classes=5, **kw) -> ConvNeXtV2:
     return ConvNeXtV2(num_classes=num_classes, **{**SMALL, **kw}).eval()

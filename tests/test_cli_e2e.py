@@ -14,15 +14,6 @@ CLASSES = ["Ankle boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", 
            "T-shirt_top", "Trouser"]  # folder names, sorted as ImageFolder sorts them
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process
-    run these small models up to 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _image_tree(root, per_class):
     """An ImageFolder tree (train/ and val/) of PNGs cut from the built-in data."""

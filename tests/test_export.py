@@ -11,15 +11,6 @@ from convnextv2.export import export_model, verify_export
 TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process
-    run these small models up to 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _random_model(**kw):
     """Non-trivial weights: GRN and head away from their zero/tiny initial values."""

@@ -40,15 +40,6 @@ BASE_GROUP = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per process
-    run these small models up to 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("depths, mode, expected, top", [
     (ATTO, "single", ATTO_SINGLE, 12), (TINY, "single", TINY_SINGLE, 18),

@@ -19,14 +19,6 @@ LAYOUT_OF = {"official_dense": "official", "official_fcmae_encoder": "official_f
              "timm": "timm", "hf_transformers": "hf"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids the cost of syncing threads on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _vectors_path() -> Path:
     for candidate in (VECTORS, Path("/work/shared/vectors/convnextv2_interop_small.pt")):

@@ -221,3 +221,12 @@ def test_bench_times_ours_against_timm_with_the_same_weights():
     assert out["flops_per_image"] == pytest.approx(2 * 0.55e9 * (32 / 224) ** 2, rel=0.05)
     assert out["ratios"]["median of per-round ratios"] > 0
     assert any("ours / timm speed" in line for line in lines)
+
+
+def test_bench_cli_rejects_bad_input_with_a_message(capsys):
+    from convnextv2.cli import main
+
+    assert main(["bench", "--model", "atto", "--img-size", "100"]) == 2
+    assert "multiple of the total stride 32" in capsys.readouterr().err
+    assert main(["bench", "--model", "atto", "--amp", "fp16", "--device", "cpu"]) == 2
+    assert "--amp bf16" in capsys.readouterr().err

@@ -27,12 +27,12 @@ class DemoConfig:
     depths: tuple = (1, 1, 2, 1)          # atto's shape, shallower and narrower for 2 CPU cores
     dims: tuple = (16, 32, 64, 128)
     img_size: int = 32
-    pretrain_epochs: int = 3
+    pretrain_epochs: int = 6
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-3
     decoder_dim: int = 128
     mask_ratio: float = 0.6
-    finetune_epochs: int = 3
+    finetune_epochs: int = 4
     finetune_lr: float = 2e-3
     batch_size: int = 64
     train_subset: int | None = 2500       # labelled images for fine-tuning

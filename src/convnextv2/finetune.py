@@ -4,12 +4,20 @@
 finetune`` is its command line. Every recipe value comes from a preset (``atto``, ``tiny``,
 ``base``; ``auto`` picks by model) unless the config sets it.
 
-Written under ``output``: ``metrics.jsonl`` (one line per epoch), ``accuracy.png`` and
-``loss.png``, ``best.safetensors`` (the weights, model or EMA, with the best validation top-1),
+Written under ``output``: ``metrics.jsonl`` (one line per epoch), ``steps.jsonl`` (one line
+per optimizer step: step, epoch, loss, lr), ``accuracy.png`` and ``loss.png``,
+``best.safetensors`` (the weights, model or EMA, with the best validation top-1),
 ``last.safetensors`` (model weights after the last epoch; ``last_ema.safetensors`` too when EMA
 is on), run states ``checkpoint-<step>.pt`` for ``resume="auto"`` (the training engine's format,
-plus the EMA weights) and ``summary.json``. The safetensors files are
-native checkpoints carrying the class names, image size and recipe in their metadata.
+plus the EMA weights; after every epoch and every ``save_every_steps`` steps, the newest
+``keep_last`` kept) and ``summary.json``. The safetensors files are native checkpoints carrying
+the class names, image size and recipe in their metadata.
+
+Reproducibility, as in pretraining: the sample order is a function of (seed, epoch), each
+image's augmentation of (seed, epoch, sample index) (``KeyedAugmentDataset``), and mixup/cutmix
+draws of (seed, optimizer step, micro-batch) (``keyed_mixup`` reseeds the global RNGs timm's
+``Mixup`` reads for the call and restores them after). A run resumed mid-epoch therefore
+repeats the uninterrupted run's per-step losses (bit for bit with ``deterministic`` on CPU).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +130,11 @@ class FinetuneConfig:
     val_subset: int | None = None          # evaluate on N random validation images only
     progress: bool = True
     strict_data: bool = False
+    deterministic: bool = False            # torch deterministic algorithms (bitwise resume)
+    max_steps: int | None = None           # stop after this many optimizer steps in total
+    save_every_steps: int = 0              # also save a run state every N steps in an epoch
+    keep_last: int = 2                     # run states kept (0: all)
+    fsdp: bool = False                     # shard with FSDP2 (fully_shard) instead of DDP
 
 
 def resolve(cfg: FinetuneConfig, depths=None) -> dict:
@@ -250,24 +264,83 @@ def finetune(cfg: FinetuneConfig) -> dict:
     """Run one fine-tuning job (see the module docstring for what it writes).
 
     Launched by ``torchrun`` it trains data-parallel (each rank evaluates its share of the
-    validation set, every image counted once; rank 0 writes). A run state is saved after every epoch; ``resume="auto"`` continues
-    after the newest one, restoring model, EMA, optimizer and RNG states.
+    validation set, every image counted once; rank 0 writes), or sharded with ``fsdp``. A run
+    state is saved after every epoch and every ``save_every_steps`` optimizer steps;
+    ``resume="auto"`` continues after the newest one, restoring model, EMA, optimizer, RNG
+    states and the position inside the epoch.
     """
+    from .pretrain import set_deterministic
+    from .training import cleanup_distributed, init_distributed
+
+    _check_run_options(cfg)
+    dist = init_distributed(cfg.device)
+    previous_det = set_deterministic(cfg.deterministic)
+    try:
+        return _finetune(cfg, dist)
+    finally:
+        set_deterministic(previous_det)
+        cleanup_distributed()
+
+
+def _check_run_options(cfg: FinetuneConfig) -> None:
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {cfg.max_steps}")
+    if cfg.save_every_steps < 0:
+        raise ValueError(f"--save-every-steps must be >= 0, got {cfg.save_every_steps}")
+    if cfg.keep_last < 0:
+        raise ValueError(f"--keep-last must be >= 0 (0 keeps every checkpoint), "
+                         f"got {cfg.keep_last}")
+    if cfg.fsdp and cfg.linear_probe:
+        raise ValueError("--fsdp with --linear-probe: a probe trains one Linear layer; "
+                         "drop --fsdp (DDP is used under torchrun)")
+
+
+@contextmanager
+def keyed_rng(key: int):
+    """Run the body with the global torch (CPU), numpy and python RNGs seeded by ``key``, then
+    put the previous states back, so the caller's random streams are untouched."""
+    import random
+
+    import numpy as np
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), \
+        random.getstate()
+    try:
+        torch.default_generator.manual_seed(key)
+        np.random.seed(key % 2 ** 32)
+        random.seed(key)
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def keyed_mixup(mixup_fn, x, y, seed: int, step: int, micro: int = 0):
+    """timm's ``Mixup`` with its draws (lambda, mixup-or-cutmix, box) keyed by (seed,
+    optimizer step, micro-batch): the global RNGs it reads are reseeded from that key for the
+    call and restored afterwards. Every rank draws the same lambda for a step, as one process
+    holding the whole global batch would."""
+    from .training import sample_key
+    with keyed_rng(sample_key(seed, step, micro, salt="mixup")):
+        return mixup_fn(x, y)
+
+
+def _finetune(cfg: FinetuneConfig, dist) -> dict:
     from timm.data import Mixup
     from timm.utils import ModelEmaV3
     from torch.utils.data import DataLoader, Subset
 
     from .data import build_dataset, eval_transform, train_transform
+    from .model import ConvNeXtV2
     from .training.dist_eval import evaluate_distributed as evaluate
     from .training.dist_eval import sharded_loader
-    from .training import (AccumulatingStep, MetricsLog, apply_run_state, build_run_state,
-                           build_sampler, check_amp, cleanup_distributed, effective_batch,
-                           init_distributed, load_run_state, plot_curves, resolve_resume,
-                           save_run_state, wrap_ddp)
+    from .training import (AccumulatingStep, KeyedAugmentDataset, MetricsLog, ResumableSampler,
+                           all_reduce_mean, apply_run_state, barrier, broadcast_object,
+                           build_run_state, build_sampler, check_amp, effective_batch,
+                           load_run_state, plot_curves, resolve_resume, save_run_state, wrap_ddp)
 
     from .pretrain import check_output_writable
     out = check_output_writable(cfg.output)  # any OSError -> one clear PermissionError
-    dist = init_distributed(cfg.device)
     device = dist.device
     amp = cfg.amp or "none"
     check_amp(amp, device)
@@ -280,9 +353,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model_kwargs = {**cfg.model_kwargs, **({"in_chans": cfg.in_chans} if cfg.in_chans else {})}
     arch = finetune_architecture(cfg.model, cfg.finetune, **model_kwargs)
     hp = resolve(cfg, None if cfg.model else arch["depths"])
+    if cfg.fsdp and hp["model_ema"]:
+        raise ValueError("--fsdp with model EMA: the EMA copy would not be sharded; add "
+                         "--no-model-ema")
     model, load_report = build_finetune_model(
         cfg.model, num_classes, cfg.finetune, drop_path=hp["drop_path"],
         head_init_std=cfg.head_init_std, **model_kwargs)
+    model_config = dict(model.config)
     in_chans = model.config["in_chans"]
     img_size = cfg.img_size or _default_img_size(cfg.data)
     train_ds.transform = train_transform(img_size, in_chans, auto_augment=hp["auto_augment"],
@@ -307,12 +384,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if mixup_active and len(train_ds) < batch * dist.world_size:
         raise ValueError(f"mixup/cutmix need full batches: {len(train_ds)} training images < "
                          f"--batch-size {batch} x {dist.world_size} processes")
-    sampler = build_sampler(train_ds, dist, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler,
+    # order keyed by (seed, epoch), each image's augmentation by (seed, epoch, index): the
+    # same whatever the number of processes or workers, and resumable mid-epoch
+    keyed = KeyedAugmentDataset(train_ds, cfg.seed)
+    sampler = ResumableSampler(build_sampler(keyed, dist, shuffle=True, seed=cfg.seed))
+    train_loader = DataLoader(keyed, batch_size=batch, sampler=sampler,
                               drop_last=mixup_active, num_workers=cfg.workers,
-                              persistent_workers=cfg.workers > 0)
-    # each rank scores an unpadded share of the validation set; evaluate() sums over ranks
+                              generator=torch.Generator().manual_seed(cfg.seed),
+                              persistent_workers=False)  # workers must see each set_epoch
+    # each rank scores an unpadded share of the validation set; evaluate() sums over ranks.
+    # Sharded (FSDP) weights are gathered into one copy that rank 0 scores on the whole set.
     val_loader = sharded_loader(val_ds, dist, batch_size=max(2 * batch, 64),
+                                num_workers=cfg.workers)
+    if cfg.fsdp and dist.distributed:
+        val_loader = DataLoader(val_ds, batch_size=max(2 * batch, 64), shuffle=False,
                                 num_workers=cfg.workers)
     mixup_fn = (Mixup(mixup_alpha=hp["mixup"], cutmix_alpha=hp["cutmix"],
                       label_smoothing=hp["smoothing"], num_classes=num_classes)
@@ -321,6 +406,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     probe_head = LinearProbe(model, num_classes) if cfg.linear_probe else None
     model.to(device)
+    if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
+        from .training import fsdp
+        fsdp.shard(model, dist)
     groups = param_groups_layer_decay(model, hp["weight_decay"], hp["layer_decay"],
                                       hp["layer_decay_mode"])
     eff_batch = effective_batch(batch, cfg.accum_iter, dist.world_size)
@@ -329,7 +417,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                    for g in groups], lr=base_lr, betas=tuple(hp["betas"]))
     ema = (ModelEmaV3(model, decay=hp["model_ema_decay"], use_warmup=cfg.model_ema_warmup)
            if hp["model_ema"] else None)
-    train_model = wrap_ddp(model, dist)
+    train_model = model if cfg.fsdp else wrap_ddp(model, dist)
     stepper = AccumulatingStep(train_model, optimizer, accum_steps=cfg.accum_iter, amp=amp,
                                device=device, clip_grad=hp["clip_grad"])
 
@@ -343,21 +431,38 @@ def finetune(cfg: FinetuneConfig) -> dict:
     batches_per_epoch = steps_per_epoch * cfg.accum_iter    # no half-accumulated step at the end
     total_steps = hp["epochs"] * steps_per_epoch
     warmup_steps = round(hp["warmup_epochs"] * steps_per_epoch)
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     state = dict(best_top1=-1.0, best_source=None, best_epoch=None, history=[])
-    start_epoch, global_step = 0, 0
-    resume_path = resolve_resume(cfg.resume, out)
+    epoch, batches_done, global_step = 0, 0, 0
+    loss_sum, seen = 0.0, 0  # this epoch's running train loss (carried across a resume)
+    resume_path = broadcast_object(resolve_resume(cfg.resume, out) if dist.is_main else None)
     if resume_path is not None:
         saved = load_run_state(resume_path)
-        pos = apply_run_state(saved, model=model, optimizer=optimizer)
+        apply = fsdp.apply_run_state if cfg.fsdp else apply_run_state
+        try:
+            pos = apply(saved, model=model, optimizer=optimizer, scaler=stepper.scaler)
+        except RuntimeError as e:
+            raise ValueError(f"--resume {resume_path}: its weights do not fit this model "
+                             f"({str(e).splitlines()[0]}); resume with the same --model and "
+                             f"shape options") from None
         if ema is not None and saved.get("ema") is not None:
             ema.module.load_state_dict(saved["ema"])
-        state = json.loads(saved["extra"]["finetune_state"])
-        start_epoch, global_step = pos["epoch"], pos["global_step"]
+        extra = saved["extra"]
+        state = json.loads(extra["finetune_state"])
+        epoch, batches_done, global_step = pos["epoch"], pos["batches_done"], pos["global_step"]
+        if batches_done >= batches_per_epoch:
+            epoch, batches_done = epoch + 1, 0
+        if batches_done:
+            loss_sum = float(extra.get("epoch_loss_sum", 0.0))
+            seen = int(extra.get("epoch_seen", 0))
         if dist.is_main:
-            print(f"resumed from {resume_path} after epoch {start_epoch}", flush=True)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=global_step if resume_path else None,
-                         enabled=dist.is_main)
+            where = f"epoch {epoch + 1}, batch {batches_done}" if batches_done else \
+                f"after epoch {epoch}"
+            print(f"resumed from {resume_path}: {where}, step {global_step}", flush=True)
+    resumed_step = global_step if resume_path else None
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=resumed_step, enabled=dist.is_main)
+    steps_log = MetricsLog(out / "steps.jsonl", resume_step=resumed_step, enabled=dist.is_main)
     meta = dict(class_names=classes, img_size=img_size, in_chans=in_chans, recipe=hp["recipe"],
                 data=str(cfg.data), linear_probe=cfg.linear_probe)
     if dist.is_main:
@@ -368,54 +473,102 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if dist.is_main and skipped:
         print(f"note: skipped {skipped} unreadable image(s) in {cfg.data} (listed by the "
               f"dataset's .skipped; --strict-data makes them fatal)", flush=True)
+
+    def save_state(ep: int, done: int) -> None:
+        """Run state at ``done`` micro-batches into epoch ``ep`` (0-based; ``done`` 0 with
+        ``ep`` = the next epoch after one ends). FSDP: gathered on every rank, rank 0 writes."""
+        src_model, src_optim = (fsdp.full_state_views(model, optimizer) if cfg.fsdp
+                                else (model, optimizer))
+        if dist.is_main:
+            run_state = build_run_state(
+                model=src_model, optimizer=src_optim, epoch=ep, batches_done=done,
+                global_step=global_step, args=dataclasses.asdict(cfg), scaler=stepper.scaler,
+                data_order=dict(seed=cfg.seed, kind="distributed-sampler"),
+                extra=dict(finetune_state=json.dumps(state), epoch_loss_sum=loss_sum,
+                           epoch_seen=seen, world_size=dist.world_size))
+            run_state["ema"] = ema.module.state_dict() if ema is not None else None
+            save_run_state(out, run_state, keep_last=cfg.keep_last)
+        barrier()
+
     t_start = time.time()
     lr = base_lr
-    for epoch in range(start_epoch, hp["epochs"]):
+    while epoch < hp["epochs"] and global_step < stop_at:
         t_epoch = time.time()
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, skip=batches_done * batch)
+        keyed.set_epoch(epoch)
+        if batches_done == 0:
+            loss_sum, seen = 0.0, 0
         if probe_head:
             probe_head.train_mode()
         else:
             model.train()
-        loss_sum, seen = 0.0, 0
         bar = None
         if cfg.progress and dist.is_main:
             from tqdm.auto import tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"finetune {epoch + 1}/{hp['epochs']}",
-                       dynamic_ncols=True, leave=False)
-        for it, (x, y) in enumerate(train_loader):
-            if it >= batches_per_epoch:
-                break
+            bar = tqdm(total=steps_per_epoch, initial=batches_done // cfg.accum_iter,
+                       desc=f"finetune {epoch + 1}/{hp['epochs']}", dynamic_ncols=True,
+                       leave=False)
+        batches = iter(train_loader)
+        step_losses = []
+        stopped = False
+        for b in range(batches_done, batches_per_epoch):
+            x, y = next(batches)
             if stepper.micro == 0:
                 lr = warmup_cosine_lr(global_step, base_lr=base_lr, total_steps=total_steps,
                                       warmup_steps=warmup_steps, min_lr=hp["min_lr"])
                 set_lr(optimizer, lr)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
+                x, y = keyed_mixup(mixup_fn, x, y, cfg.seed, global_step, stepper.micro)
             with stepper.micro_batch():
                 logits = train_model(x)
             loss = criterion(logits.float(), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, "
+            value = float(all_reduce_mean(loss.detach().float()))
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at epoch {epoch + 1}, "
                                          f"step {global_step}; no checkpoint written for it")
-            if stepper.backward(loss):
-                global_step += 1
-                if ema is not None:
-                    ema.update(model, step=global_step)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+            step_losses.append(value)
             loss_sum += loss.item() * len(x)
             seen += len(x)
+            if not stepper.backward(loss):
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
+            step_loss = sum(step_losses) / len(step_losses)
+            step_losses = []
+            steps_log.log(dict(step=global_step, epoch=epoch + 1, loss=step_loss, lr=lr))
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+            done = b + 1
+            if done < batches_per_epoch:  # an epoch's end is saved below, after validation
+                if global_step >= stop_at:
+                    save_state(epoch, done)
+                    stopped = True
+                    break
+                if cfg.save_every_steps and global_step % cfg.save_every_steps == 0:
+                    save_state(epoch, done)
         if bar:
             bar.close()
+        if stopped:  # by max_steps, inside the epoch; the run state is saved
+            break
+        batches_done = 0
         train_time = time.time() - t_epoch
         record = dict(step=global_step, epoch=epoch + 1, train_loss=loss_sum / max(seen, 1),
                       lr=lr, img_per_s=seen * dist.world_size / train_time)
-        scores = evaluate(model, val_loader, num_classes, device, amp)
+        if cfg.fsdp and dist.distributed:  # one gathered copy, scored and saved by rank 0
+            plain = fsdp.unsharded_copy(model, lambda: ConvNeXtV2(**model_config), device,
+                                        dist.is_main)
+            from .evaluate import evaluate as evaluate_one
+            scores = broadcast_object(evaluate_one(plain, val_loader, num_classes, device, amp)
+                                      if dist.is_main else None)
+            weights_model = plain
+        else:
+            scores = evaluate(model, val_loader, num_classes, device, amp)
+            weights_model = model
         record.update(val_loss=scores["loss"], val_top1=scores["top1"], val_top5=scores["top5"])
-        candidates = {"model": (scores["top1"], model)}
+        candidates = {"model": (scores["top1"], weights_model)}
         if ema is not None:
             ema_scores = evaluate(ema.module, val_loader, num_classes, device, amp)
             record.update(ema_val_loss=ema_scores["loss"], ema_val_top1=ema_scores["top1"],
@@ -428,44 +581,44 @@ def finetune(cfg: FinetuneConfig) -> dict:
         improved = top1 > state["best_top1"]
         if improved:
             state.update(best_top1=top1, best_source=source, best_epoch=epoch + 1)
+        epoch += 1
         if dist.is_main:
             if improved:
                 _save_weights(weights, out / "best.safetensors",
-                              dict(meta, epoch=epoch + 1, weights=source, top1=top1))
-            _save_weights(model, out / "last.safetensors",
-                          dict(meta, epoch=epoch + 1, weights="model", top1=scores["top1"]))
+                              dict(meta, epoch=epoch, weights=source, top1=top1))
+            _save_weights(weights_model, out / "last.safetensors",
+                          dict(meta, epoch=epoch, weights="model", top1=scores["top1"]))
             if ema is not None:
                 _save_weights(ema.module, out / "last_ema.safetensors",
-                              dict(meta, epoch=epoch + 1, weights="ema", top1=ema_scores["top1"]))
+                              dict(meta, epoch=epoch, weights="ema", top1=ema_scores["top1"]))
             metrics.log(record)
-            run_state = build_run_state(
-                model=model, optimizer=optimizer, epoch=epoch + 1, batches_done=0,
-                global_step=global_step, args=dataclasses.asdict(cfg),
-                data_order=dict(seed=cfg.seed), extra=dict(finetune_state=json.dumps(state)))
-            run_state["ema"] = ema.module.state_dict() if ema is not None else None
-            save_run_state(out, run_state, keep_last=2)
+        save_state(epoch, 0)
+        if dist.is_main:
             plot_curves(state["history"], out / "accuracy.png",
                         keys=("val_top1", "ema_val_top1"), x="epoch", title="validation top-1 (%)")
             plot_curves(state["history"], out / "loss.png",
                         keys=("train_loss", "val_loss", "ema_val_loss"), x="epoch", title="loss")
             if cfg.progress:
-                msg = (f"epoch {epoch + 1}/{hp['epochs']}: train loss {record['train_loss']:.4f}"
+                msg = (f"epoch {epoch}/{hp['epochs']}: train loss {record['train_loss']:.4f}"
                        f", val top-1 {scores['top1']:.2f}%")
                 if ema is not None:
                     msg += f", EMA top-1 {ema_scores['top1']:.2f}%"
                 print(msg, flush=True)
     metrics.close()
-    cleanup_distributed()
+    steps_log.close()
     summary = dict(best_top1=state["best_top1"], best_source=state["best_source"],
                    best_epoch=state["best_epoch"], epochs=hp["epochs"],
                    final=state["history"][-1] if state["history"] else None,
                    train_time_s=time.time() - t_start, classes=classes, output=str(out),
                    skipped_images=skipped, base_lr=base_lr, recipe=hp["recipe"],
                    best=str(out / "best.safetensors"), last=str(out / "last.safetensors"),
-                   rank=dist.rank)
+                   rank=dist.rank, global_step=global_step)
     if dist.is_main:
         _write_json(out / "summary.json", summary)
-    summary["model"] = LinearProbe.folded(model) if probe_head else model
+    if cfg.fsdp and dist.distributed:
+        model = fsdp.unsharded_copy(model, lambda: ConvNeXtV2(**model_config), device,
+                                    dist.is_main)
+    summary["model"] = LinearProbe.folded(model) if probe_head and model is not None else model
     summary["ema"] = ema.module if ema is not None else None
     summary["history"] = state["history"]
     return summary

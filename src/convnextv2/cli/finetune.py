@@ -10,13 +10,17 @@ EPILOG = """examples:
   convnextv2 finetune --data builtin --output runs/probe \\
       --finetune runs/fcmae/encoder.safetensors \\
       --linear-probe --epochs 5
-  convnextv2 finetune ... --resume auto          # continue after the last finished epoch
+  convnextv2 finetune ... --save-every-steps 500 --resume auto  # continue where it stopped
+  torchrun --nproc_per_node 8 -m convnextv2 finetune ... --fsdp --no-model-ema
 
 Every recipe value (--recipe atto|tiny|base|auto, SPEC section 3) can be overridden by its flag;
 lr = blr * batch * accum / 256 unless --lr is given. A recipe's warmup longer than 20% of a
 short run is capped at 20%. Writes metrics.jsonl, accuracy.png, loss.png, best.safetensors,
-last.safetensors (native, with the class names), checkpoint-<step>.pt run states and
-summary.json. Under torchrun it trains data-parallel."""
+last.safetensors (native, with the class names), steps.jsonl (per-step loss),
+checkpoint-<step>.pt run states and summary.json. Under torchrun it trains data-parallel
+(--fsdp: sharded; checkpoints are still plain single-process files). Augmentation is keyed
+by (seed, epoch, image) and mixup/cutmix by (seed, step): a run resumed mid-epoch repeats the
+uninterrupted run's losses (exactly with --deterministic on CPU)."""
 
 
 def add_arguments(p):
@@ -62,6 +66,16 @@ def add_arguments(p):
     g.add_argument("--device", help="cpu / cuda / auto (default: cuda when available)")
     g.add_argument("--resume", help="'auto' (newest run state in --output) or a checkpoint-*.pt")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (quick tests)")
+    g.add_argument("--max-steps", type=int,
+                   help="stop after N optimizer steps in total (saves a run state there)")
+    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                   help="also save a run state every N optimizer steps inside an epoch")
+    g.add_argument("--keep-last", type=int, default=2, metavar="K",
+                   help="keep the newest K run states (default 2; 0 keeps all)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic torch algorithms (bitwise-exact resume on CPU)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard with FSDP2 instead of DDP (needs --no-model-ema)")
     g.add_argument("--train-subset", type=int, help="train on N random images only")
     g.add_argument("--val-subset", type=int, help="evaluate on N random images only")
     g.add_argument("--strict-data", action="store_true", help="unreadable images are fatal")
@@ -86,6 +100,8 @@ def run(args) -> int:
         device=args.device, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
         train_subset=args.train_subset, val_subset=args.val_subset,
         strict_data=args.strict_data, progress=args.progress,
+        max_steps=args.max_steps, save_every_steps=args.save_every_steps,
+        keep_last=args.keep_last, deterministic=args.deterministic, fsdp=args.fsdp,
         model_ema_warmup=args.model_ema_warmup, crop_scale=tuple(args.crop_scale),
         **{k: getattr(args, k) for k in (
             "epochs", "batch_size", "lr", "blr", "min_lr", "warmup_epochs", "weight_decay",
@@ -97,7 +113,10 @@ def run(args) -> int:
         import sys
         print(f"convnextv2 finetune: stopped: {e}", file=sys.stderr)
         return 1
-    if summary["rank"] == 0:  # one line per run, not per torchrun process
+    if summary["rank"] == 0 and summary["best_epoch"] is None:  # --max-steps mid-epoch
+        print(f"stopped at step {summary['global_step']} before an epoch ended; "
+              f"--resume auto continues")
+    elif summary["rank"] == 0:  # one line per run, not per torchrun process
         print(f"best top-1 {summary['best_top1']:.2f}% ({summary['best_source']} weights, "
               f"epoch {summary['best_epoch']}) in {summary['train_time_s']:.0f}s; wrote "
               f"{summary['best']}, {summary['last']}")

@@ -57,7 +57,9 @@ class KeyedAugmentDataset(Dataset):
             random.setstate(py_state)
 
     def __getattr__(self, name):  # .classes, .num_skipped, ... of the wrapped dataset
-        if name == "dataset":
+        # never dunders: a forwarded Subset.__getitems__ would let the DataLoader fetch whole
+        # batches past __getitem__, i.e. without the keyed RNGs
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

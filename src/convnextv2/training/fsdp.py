@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .distributed import DistInfo
-from .runstate import restore_rng_state
+from .runstate import restore_position
 
 
 def fsdp_available() -> bool:
@@ -132,12 +132,7 @@ def apply_run_state(state: dict, *, model: nn.Module, optimizer=None, scaler=Non
                            "params": [names[int(i)] for i in g["params"]]}
                           for g in saved["param_groups"]])
         set_optimizer_state_dict(model, optimizer, by_name, options=_options())
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        restore_rng_state(state["rng"])
-    return dict(epoch=state["epoch"], batches_done=state["batches_done"],
-                global_step=state["global_step"])
+    return restore_position(state, scaler=scaler, restore_rng=restore_rng)
 
 
 def unsharded_copy(model: nn.Module, build, device: torch.device, is_main: bool):

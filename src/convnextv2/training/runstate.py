@@ -168,6 +168,12 @@ def apply_run_state(state: dict, *, model: torch.nn.Module, optimizer=None, scal
     getattr(model, "module", model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+    return restore_position(state, scaler=scaler, restore_rng=restore_rng)
+
+
+def restore_position(state: dict, *, scaler=None, restore_rng: bool = True) -> dict:
+    """The part of a resume shared by every way of loading weights: grad scaler, RNG states,
+    and the position ``{"epoch", "batches_done", "global_step"}`` that is returned."""
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     if restore_rng:

@@ -58,6 +58,14 @@ def _load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
     return tensors, meta
 
 
+def _unpickler_reason(text: str) -> str:
+    """The cause inside torch's weights-only error, without its advice to retry with
+    ``weights_only=False`` (wrong for a corrupt file, and unsafe for an untrusted one)."""
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return " ".join(text.split()) or "unreadable pickle"
+
+
 def _load_pickle(path: Path) -> object:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -74,8 +82,11 @@ def _load_pickle(path: Path) -> object:
                 "file can execute arbitrary code. If you trust the file, convert it once: "
                 f"sd = torch.load('{path}', weights_only=False); pick its state dict and save it "
                 "with safetensors.torch.save_file(sd, 'weights.safetensors')") from e
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt, or not "
-                              f"a PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(
+            f"cannot read {path}: torch.load(weights_only=True) could not unpickle it "
+            f"({_unpickler_reason(text)}). It is truncated or corrupt, not a PyTorch checkpoint, "
+            "or a pickle that needs more than tensors and plain containers; untrusted pickles "
+            "are never run with weights_only=False here") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
                               f"({type(e).__name__}: {e})") from e

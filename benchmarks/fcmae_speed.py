@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from convnextv2 import create_model
-from convnextv2.fcmae import FCMAE
-from convnextv2.masking import random_mask
+from convnextv2.fcmae.fcmae import FCMAE
+from convnextv2.fcmae.masking import random_mask
 
 
 def parse_args(argv=None):

@@ -17,7 +17,7 @@ results.json (every number, command, seed and wall-clock time) and results.md (t
 
 `convnextv2 pretrain` and `convnextv2 finetune` have no option for the V1 block (use_grn=False,
 layer_scale_init_value=1e-6). Fine-tuning takes it through ``FinetuneConfig.model_kwargs``;
-pretraining gets it by wrapping ``convnextv2.registry.create_model`` for the duration of the
+pretraining gets it by wrapping ``convnextv2.models.registry.create_model`` for the duration of the
 non-V2 runs (``encoder_block``). Everything else goes through the same code as the CLI commands that
 results.json lists.
 """
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from convnextv2.cli import main as cli_main
-from convnextv2.finetune import FinetuneConfig, finetune
-from convnextv2.pretrain import PretrainConfig, pretrain
+from convnextv2.recipes.finetune import FinetuneConfig, finetune
+from convnextv2.recipes.pretrain import PretrainConfig, pretrain
 
 ARCH = dict(model="atto", depths=(1, 1, 4, 1), dims=(16, 32, 64, 128), stem_stride=1, in_chans=1)
 IMG_SIZE = 32                      # patch size 8 -> a 4 x 4 mask grid
@@ -54,7 +54,7 @@ QUICK = dict(pretrain_epochs=1, finetune_epochs=1, train_subset=256, collapse_im
 @contextlib.contextmanager
 def encoder_block(block: dict):
     """Make ``create_model`` (used by the pretraining code) build the given block kind."""
-    import convnextv2.registry as registry
+    import convnextv2.models.registry as registry
     original = registry.create_model
 
     def create_model(name, *args, **kwargs):

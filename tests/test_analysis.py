@@ -12,7 +12,7 @@ from convnextv2 import create_model
 from convnextv2.analysis import (activation_grid, collapse_profile, feature_diversity,
                                  layer_activation, layer_names, reconstruct, undo_norm_pix)
 from convnextv2.cli import main
-from convnextv2.fcmae import FCMAE
+from convnextv2.fcmae.fcmae import FCMAE
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 TINY_SPEC = "depths=(1,1,1,1),dims=(8,16,24,32),stem_stride=1"
@@ -264,7 +264,7 @@ def test_cli_activations_writes_png_and_rejects_bad_layer(tmp_path, capsys):
 
 
 def test_cli_reconstruct_from_pretrain_output(tmp_path, capsys):
-    from convnextv2.pretrain import save_fcmae
+    from convnextv2.fcmae.io import save_fcmae
     ckpt = save_fcmae(tiny_fcmae(), tmp_path / "fcmae.safetensors")
     imgs = []
     for i in range(2):
@@ -280,7 +280,7 @@ def test_cli_reconstruct_from_pretrain_output(tmp_path, capsys):
 
 
 def test_load_fcmae_from_a_run_state_keeps_weights_and_recipe(tmp_path):
-    from convnextv2.analysis.reconstruction import load_fcmae
+    from convnextv2.fcmae.io import load_fcmae
     src = tiny_fcmae(norm_pix_loss=False)
     path = tmp_path / "checkpoint-00000001.pt"
     torch.save({"model": src.state_dict(), "args": {"mask_ratio": 0.75, "norm_pix_loss": False}},

@@ -14,8 +14,8 @@ from convnextv2.checkpoint import (CheckpointError, convert_state_dict, detect_l
                                    infer_config, load_checkpoint, load_model, load_pretrained,
                                    read_metadata, save_checkpoint)
 from convnextv2.cli import main as cli_main
-from convnextv2.model import ConvNeXtV2
-from convnextv2.registry import create_model
+from convnextv2.models.model import ConvNeXtV2
+from convnextv2.models.registry import create_model
 
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
@@ -218,7 +218,7 @@ def test_our_fcmae_training_checkpoint_loads_the_encoder():
 
 
 def test_real_fcmae_module_state_dict_loads():
-    fcmae_mod = pytest.importorskip("convnextv2.fcmae")
+    fcmae_mod = pytest.importorskip("convnextv2.fcmae.fcmae")
     fcmae = fcmae_mod.FCMAE(randomised(small(num_classes=0)), decoder_embed_dim=16, backend="dense")
     target = small(num_classes=0)
     report = load_checkpoint(target, fcmae.state_dict())

@@ -83,7 +83,7 @@ def runs(tmp_path_factory):
     data = _images(root / "images", 16)
     val = _images(root / "val", 7, seed=3, classes=["a", "b"])
     from convnextv2.checkpoint import save_checkpoint
-    from convnextv2.registry import create_model
+    from convnextv2.models.registry import create_model
     torch.manual_seed(0)
     classifier = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                               stem_stride=1)
@@ -144,7 +144,7 @@ def test_effective_batch_and_rank_zero_only_logging(runs):
 
 
 def test_fsdp_resumes_a_plain_checkpoint_and_writes_plain_checkpoints(runs):
-    from convnextv2.pretrain import PretrainConfig, build_fcmae
+    from convnextv2.recipes.pretrain import PretrainConfig, build_fcmae
 
     step3 = runs["fsdp_step3"]
     assert all(type(v) is torch.Tensor for v in step3.values())  # gathered, not DTensors

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from convnextv2 import create_model
-from convnextv2.evaluate import class_names, imagenet_class_names, predict
-from convnextv2.export import export_model, verify_export
+from convnextv2.recipes.evaluate import class_names, imagenet_class_names, predict
+from convnextv2.tools.export import export_model, verify_export
 
 TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
 

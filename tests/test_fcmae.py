@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import convnextv2
-from convnextv2.fcmae import FCMAE
-from convnextv2.masking import keyed_mask, random_mask
+from convnextv2.fcmae.fcmae import FCMAE
+from convnextv2.fcmae.masking import keyed_mask, random_mask
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 

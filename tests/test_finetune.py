@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from convnextv2 import create_model
-from convnextv2.finetune import (FinetuneConfig, LinearProbe, build_finetune_model, finetune,
+from convnextv2.recipes.finetune import (FinetuneConfig, LinearProbe, build_finetune_model, finetune,
                                  resolve, resolve_recipe)
-from convnextv2.layer_decay import layer_id, layer_scale, param_groups_layer_decay
+from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
 TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1, in_chans=1)
@@ -146,7 +146,7 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path):
     from torch.utils.data import DataLoader
 
     from convnextv2.data import build_dataset, eval_transform
-    from convnextv2.evaluate import evaluate, load_classifier
+    from convnextv2.recipes.evaluate import evaluate, load_classifier
 
     s = _tiny_run(tmp_path)
     model, ema = s["model"], s["ema"]
@@ -181,7 +181,7 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path):
 
 
 def test_linear_probe_run_keeps_encoder_and_saves_plain_model(tmp_path):
-    from convnextv2.evaluate import load_classifier
+    from convnextv2.recipes.evaluate import load_classifier
 
     torch.manual_seed(0)
     encoder = create_model("atto", num_classes=0, **TOY)

@@ -95,7 +95,7 @@ def test_save_every_steps_and_keep_last(runs):
 def test_keyed_mixup_depends_on_the_key_only_and_restores_the_rngs():
     from timm.data import Mixup
 
-    from convnextv2.finetune import keyed_mixup
+    from convnextv2.recipes.finetune import keyed_mixup
 
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3)
     x = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).view(4, 3, 8, 8)
@@ -134,7 +134,7 @@ FSDP_ARGS = ["finetune", "--data", "builtin", "--depths", "1", "1", "1", "1", "-
 def test_fsdp_two_processes_match_one_process_and_load_single_process(tmp_path):
     """2 gloo processes x 4 images, sharded, against 1 process x 8 images: same parameters
     (float summation order aside); the sharded run's files are plain single-process files."""
-    from convnextv2.evaluate import load_classifier
+    from convnextv2.recipes.evaluate import load_classifier
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import convnextv2
-from convnextv2.fcmae import FCMAE
-from convnextv2.masking import random_mask
+from convnextv2.fcmae.fcmae import FCMAE
+from convnextv2.fcmae.masking import random_mask
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

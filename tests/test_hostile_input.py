@@ -59,7 +59,7 @@ def broken_folder(tmp_path_factory):
 
 def _tiny_classifier(path):
     from convnextv2.checkpoint import save_checkpoint
-    from convnextv2.registry import create_model
+    from convnextv2.models.registry import create_model
 
     model = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                          stem_stride=1)
@@ -167,7 +167,7 @@ def test_unwritable_output_folder(good_folder, tmp_path, capsys, command):
 # -- non-finite loss ---------------------------------------------------------------------------
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
         good_folder, tmp_path, capsys, monkeypatch):
-    from convnextv2.fcmae import FCMAE
+    from convnextv2.fcmae.fcmae import FCMAE
 
     real, calls = FCMAE.forward_loss, []
 
@@ -191,7 +191,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_finetune_non_finite_loss_stops_with_the_step(good_folder, tmp_path, capsys,
                                                       monkeypatch):
-    import convnextv2.finetune as ft
+    import convnextv2.recipes.finetune as ft
 
     real = ft._criterion
 

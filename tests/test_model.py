@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import convnextv2
-from convnextv2.grn import grn, grn_scale
-from convnextv2.stats import model_stats
+from convnextv2.models.grn import grn, grn_scale
+from convnextv2.tools.stats import model_stats
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 

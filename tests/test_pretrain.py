@@ -8,7 +8,8 @@ from PIL import Image
 
 from convnextv2 import training as T
 from convnextv2.cli import main
-from convnextv2.pretrain import NonFiniteLossError, PretrainConfig, load_fcmae, pretrain
+from convnextv2.fcmae.io import load_fcmae
+from convnextv2.recipes.pretrain import NonFiniteLossError, PretrainConfig, pretrain
 
 TINY_ARGS = ["--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32",
              "--stem-stride", "1", "--img-size", "32", "--batch-size", "4", "--decoder-dim", "16",
@@ -51,7 +52,7 @@ def straight_run(image_folder, tmp_path_factory):
 
 def test_resume_reproduces_the_uninterrupted_losses(straight_run, image_folder, tmp_path,
                                                     monkeypatch):
-    import convnextv2.pretrain as pretrain_module
+    import convnextv2.recipes.pretrain as pretrain_module
 
     # figures are covered by the straight run; skipping them here keeps the test fast
     monkeypatch.setattr(pretrain_module, "_reconstruction_saver", lambda: None)
@@ -105,7 +106,7 @@ def test_encoder_loads_into_create_model(straight_run):
     ckpt = pytest.importorskip("convnextv2.checkpoint")
     if not hasattr(ckpt, "load_pretrained"):
         pytest.skip("convnextv2.checkpoint is not complete yet")
-    from convnextv2.registry import create_model
+    from convnextv2.models.registry import create_model
 
     fcmae = load_fcmae(straight_run / "fcmae.safetensors")
     # an encoder-only file: loads into a classifier of any size (head left as initialised)
@@ -121,7 +122,7 @@ def test_encoder_loads_into_create_model(straight_run):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path,
                                                                   monkeypatch):
-    from convnextv2.fcmae import FCMAE
+    from convnextv2.fcmae.fcmae import FCMAE
 
     real, calls = FCMAE.forward_loss, []
 

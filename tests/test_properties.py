@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convnextv2.masking import keyed_mask
+from convnextv2.fcmae.masking import keyed_mask
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -71,7 +71,7 @@ configs = st.fixed_dictionaries(dict(
 
 
 def _random_model(config, seed):
-    from convnextv2.model import ConvNeXtV2
+    from convnextv2.models.model import ConvNeXtV2
 
     model = ConvNeXtV2(**config)
     gen = torch.Generator().manual_seed(seed)

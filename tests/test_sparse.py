@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import convnextv2
-from convnextv2.fcmae import FCMAE
-from convnextv2.masked_dense import masked_dense_forward_features
-from convnextv2.masking import random_mask
-from convnextv2.sparse import SparseLayout, morton_offsets, sparse_forward_features
+from convnextv2.fcmae.fcmae import FCMAE
+from convnextv2.fcmae.masked_dense import masked_dense_forward_features
+from convnextv2.fcmae.masking import random_mask
+from convnextv2.fcmae.sparse import SparseLayout, morton_offsets, sparse_forward_features
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 SMALL = dict(depths=(2, 1, 2, 1), dims=(8, 16, 24, 32))

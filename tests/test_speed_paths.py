@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from convnextv2 import create_model
-from convnextv2.grn import grn, grn_linear
-from convnextv2.model import Block
+from convnextv2.models.grn import grn, grn_linear
+from convnextv2.models.model import Block
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
 
@@ -206,7 +206,7 @@ def test_torch_compile_matches_plain_math_forward_and_backward():
 
 def test_bench_times_ours_against_timm_with_the_same_weights():
     """`convnextv2 bench --vs-timm` copies our weights into timm's model: same logits."""
-    from convnextv2.bench import BenchConfig, run_benchmark, timm_twin
+    from convnextv2.tools.bench import BenchConfig, run_benchmark, timm_twin
 
     m = randomised(create_model("atto", **TINY)).eval()
     twin = timm_twin(m, "atto").eval()

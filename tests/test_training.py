@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from convnextv2 import training as T
-from convnextv2.registry import create_model
+from convnextv2.models.registry import create_model
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 

@@ -1,7 +1,7 @@
 """ConvNeXt V2 and FCMAE pretraining with a truly sparse encoder, in plain PyTorch."""
-from .grn import GRN, grn
-from .model import Block, ConvNeXtV2, FeatureExtractor
-from .registry import VARIANTS, create_model, list_models, model_config, resolve_name
+from .models.grn import GRN, grn
+from .models.model import Block, ConvNeXtV2, FeatureExtractor
+from .models.registry import VARIANTS, create_model, list_models, model_config, resolve_name
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,6 @@ def __getattr__(name):
         from . import checkpoint
         return getattr(checkpoint, name)
     if name == "FCMAE":
-        from .fcmae import FCMAE
+        from .fcmae.fcmae import FCMAE
         return FCMAE
     raise AttributeError(f"module 'convnextv2' has no attribute {name!r}")

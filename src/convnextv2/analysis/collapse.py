@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..model import Block
+from ..models.model import Block
 
 ZERO_NORM_EPS = 1e-12
 

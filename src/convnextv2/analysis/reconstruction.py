@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from ..fcmae import NORM_PIX_EPS, FCMAE
-from ..masking import upsample_mask
+from ..fcmae.fcmae import NORM_PIX_EPS, FCMAE
+from ..fcmae.masking import upsample_mask
 
 COLUMNS = ("original", "masked input", "reconstruction", "reconstruction + visible")
 
@@ -148,73 +148,3 @@ def _as_image(x: torch.Tensor) -> dict:
         return dict(X=x.permute(1, 2, 0).numpy())
     gray = x.mean(dim=0) if x.shape[0] != 1 else x[0]
     return dict(X=gray.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-
-
-# -- loading an FCMAE (encoder + decoder) checkpoint -------------------------------------------
-
-def load_fcmae(path: str | Path, mask_ratio: float | None = None) -> FCMAE:
-    """Build an ``FCMAE`` from a checkpoint holding ``encoder.*`` and the decoder
-    (``proj``, ``mask_token``, ``decoder.*``, ``pred``): the ``fcmae.safetensors`` that
-    ``convnextv2 pretrain`` writes (rebuilt from its metadata by ``pretrain.load_fcmae``), or any
-    other safetensors/torch file with those keys (also a run state ``checkpoint-*.pt``, whose
-    ``args`` give mask_ratio and norm_pix_loss): then the shapes give the configuration and
-    norm_pix_loss is assumed on unless stated.
-    """
-    path = Path(path)
-    state, meta = _read_state(path)
-    if meta.get("format") == "convnextv2-fcmae":  # written by `convnextv2 pretrain`
-        from ..pretrain import load_fcmae as load_pretrain_output
-        kwargs = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
-        return load_pretrain_output(path, **kwargs)
-    if not any(k.startswith("encoder.") for k in state) or "pred.weight" not in state:
-        raise ValueError(f"{path} is not an FCMAE checkpoint with a decoder (need encoder.*, "
-                         f"proj.*, mask_token, decoder.*, pred.*; saw e.g. {sorted(state)[:6]}); "
-                         f"encoder-only files cannot reconstruct images")
-    encoder_sd = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    encoder = _build_encoder(encoder_sd)
-    embed_dim = state["proj.weight"].shape[0]
-    depth = len({k.split(".")[1] for k in state if k.startswith("decoder.")})
-    norm_pix = str(meta.get("norm_pix_loss", "true")).lower() not in ("false", "0", "no")
-    if mask_ratio is None:
-        mask_ratio = float(meta.get("mask_ratio", 0.6))
-    fcmae = FCMAE(encoder, mask_ratio=mask_ratio, decoder_depth=depth,
-                  decoder_embed_dim=embed_dim, norm_pix_loss=norm_pix)
-    decoder_sd = {k: v for k, v in state.items() if not k.startswith("encoder.")}
-    missing, unexpected = fcmae.load_state_dict(decoder_sd, strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]
-    if missing or unexpected:
-        raise ValueError(f"{path}: decoder keys do not match (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
-    if fcmae.pred.weight.shape[0] != state["pred.weight"].shape[0]:
-        raise ValueError(f"{path}: decoder predicts {state['pred.weight'].shape[0]} values per "
-                         f"patch, the encoder's patch size needs {fcmae.pred.weight.shape[0]}")
-    return fcmae
-
-
-def _read_state(path: Path) -> tuple[dict, dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        return load_file(str(path)), meta
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    meta = {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a pretraining run state
-        args = obj.get("args") if isinstance(obj.get("args"), dict) else {}
-        meta = {k: str(args[k]) for k in ("mask_ratio", "norm_pix_loss") if k in args}
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return obj, meta
-
-
-def _build_encoder(encoder_sd: dict):
-    """A ConvNeXtV2 with the encoder weights, via the checkpoint package (any layout)."""
-    try:
-        from ..checkpoint import load_model
-    except ImportError as e:  # the checkpoint package is written by someone else
-        raise RuntimeError("convnextv2.checkpoint.load_model is not available yet") from e
-    return load_model(encoder_sd, num_classes=0)

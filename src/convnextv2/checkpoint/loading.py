@@ -29,7 +29,7 @@ def _variant_hint(native: Mapping[str, torch.Tensor]) -> str:
         cfg = layouts.infer_config(native)
     except CheckpointError:
         return ""
-    from ..registry import VARIANTS
+    from ..models.variants import VARIANTS
     name = next((n for n, v in VARIANTS.items()
                  if list(v["depths"]) == cfg["depths"] and list(v["dims"]) == cfg["dims"]), None)
     what = f"depths {cfg['depths']}, dims {cfg['dims']}, {cfg['num_classes']} classes"
@@ -145,7 +145,7 @@ def load_model(source, key: str | None = None, strict: bool = True,
     ``num_classes`` other than the checkpoint's re-initialises the head. The file's metadata is
     kept on ``model.checkpoint_metadata`` and its ``class_names`` (if any) on ``model.class_names``.
     """
-    from ..model import ConvNeXtV2
+    from ..models.model import ConvNeXtV2
 
     state_dict, metadata, description = read_state_dict(source, key)
     config = _config_of(state_dict, metadata)
@@ -169,7 +169,7 @@ def load_model(source, key: str | None = None, strict: bool = True,
 def _materialise(model: nn.Module) -> None:
     """Give parameters the checkpoint did not provide (a dropped head, absent final norm)
     real memory and their normal initial values."""
-    from ..model import init_weights
+    from ..models.model import init_weights
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if not own or not any(p.is_meta for p in own):

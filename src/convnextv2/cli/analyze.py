@@ -86,7 +86,7 @@ def load_encoder(spec: str, seed: int = 0):
     """A ConvNeXtV2 from a checkpoint path, an FCMAE file (its encoder) or ``random:NAME``."""
     import torch
 
-    from ..registry import create_model
+    from ..models.registry import create_model
     if spec.startswith(RANDOM_PREFIX):
         name, overrides = parse_random_spec(spec)
         torch.manual_seed(seed)
@@ -99,7 +99,7 @@ def load_encoder(spec: str, seed: int = 0):
         raise FileNotFoundError(f"checkpoint {path} does not exist (give a file, or "
                                 f"random:NAME for a randomly initialised model)")
     if _is_fcmae_file(path):
-        from ..analysis.reconstruction import load_fcmae
+        from ..fcmae.io import load_fcmae
         return load_fcmae(path).encoder
     from ..checkpoint import load_model
     return load_model(str(path))

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..registry import list_models
+from ..models.registry import list_models
 
 HELP = "Measure images/s, peak memory and GFLOP/s of a model, optionally against timm."
 EPILOG = """examples:
@@ -42,8 +42,8 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchConfig, run_benchmark
-    from ..registry import resolve_name
+    from ..tools.bench import BenchConfig, run_benchmark
+    from ..models.registry import resolve_name
     from . import CLIError
 
     model = resolve_name(args.model)

@@ -24,7 +24,7 @@ def add_arguments(p):
 
 
 def _describe(config: dict) -> str:
-    from ..registry import VARIANTS
+    from ..models.registry import VARIANTS
     name = next((n for n, v in VARIANTS.items() if list(v["depths"]) == list(config["depths"])
                  and list(v["dims"]) == list(config["dims"])), "custom")
     return (f"{name}: depths {list(config['depths'])}, dims {list(config['dims'])}, "
@@ -37,12 +37,12 @@ def run(args) -> int:
     from ..checkpoint import load_state, save_checkpoint
     from ..checkpoint.io import read_state_dict
     from ..checkpoint.loading import _config_of, _materialise
-    from ..model import ConvNeXtV2
+    from ..models.model import ConvNeXtV2
 
     state_dict, metadata, source = read_state_dict(args.input, args.key)
     config = _config_of(state_dict, metadata)
     if args.model:
-        from ..registry import model_config
+        from ..models.registry import model_config
         config = model_config(args.model, num_classes=config["num_classes"],
                               in_chans=config["in_chans"], stem_stride=config["stem_stride"])
     with torch.device("meta"):

@@ -23,7 +23,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..tools.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick_config(args.output) if args.quick else DemoConfig(output=args.output)
     cfg.seed, cfg.threads = args.seed, args.threads

@@ -33,8 +33,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..data import build_dataset, eval_transform
-    from ..evaluate import class_names, load_classifier, plot_confusion
-    from ..finetune import _default_img_size
+    from ..recipes.evaluate import class_names, load_classifier, plot_confusion
+    from ..recipes.finetune import _default_img_size
 
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
     in_chans = model.config["in_chans"]
@@ -62,7 +62,7 @@ def run(args) -> int:
         return 0
     names = class_names(num_classes, info.get("class_names") or ds.classes)
     out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
-    from ..pretrain import check_output_writable
+    from ..recipes.pretrain import check_output_writable
     check_output_writable(out)  # a clear error instead of an OSError traceback
     png = plot_confusion(res["confusion"], names, out / "confusion_matrix.png",
                          title=f"{Path(args.checkpoint).name} on {args.data} ({args.split})")

@@ -10,7 +10,7 @@ The export is run on two batch sizes right after writing and must match PyTorch 
 
 
 def add_arguments(p):
-    from ..export import FORMATS
+    from ..tools.export import FORMATS
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--key", help="entry of a training checkpoint to use: model_ema (official "
                                  "files), ema (finetune's checkpoint-*.pt run states)")
@@ -23,8 +23,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..evaluate import load_classifier
-    from ..export import export_model
+    from ..recipes.evaluate import load_classifier
+    from ..tools.export import export_model
 
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
     img_size = int(args.img_size or info.get("img_size") or 224)

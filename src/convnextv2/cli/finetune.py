@@ -24,7 +24,7 @@ uninterrupted run's losses (exactly with --deterministic on CPU)."""
 
 
 def add_arguments(p):
-    from ..finetune import RECIPES
+    from ..recipes.finetune import RECIPES
     p.add_argument("--model", default=None,
                    help="variant name (default: the --finetune checkpoint's stored config, "
                         "else convnextv2_atto)")
@@ -83,8 +83,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..finetune import FinetuneConfig, finetune
-    from ._common import block_kwargs
+    from ..recipes.finetune import FinetuneConfig, finetune
+    from ..models.registry import block_kwargs
 
     model_kwargs = {k: getattr(args, k) for k in ("stem_stride", "depths", "dims")
                     if getattr(args, k) is not None}

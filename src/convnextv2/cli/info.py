@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..registry import list_models, resolve_name
+from ..models.registry import list_models, resolve_name
 
 HELP = "Show a model's layout, parameter count and multiply-accumulates (GMACs)."
 EPILOG = """examples:
@@ -19,7 +19,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..stats import model_stats
+    from ..tools.stats import model_stats
 
     if len(args.img_size) not in (1, 2):
         raise ValueError(f"--img-size takes N or H W, got {args.img_size}")

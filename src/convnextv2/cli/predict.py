@@ -26,7 +26,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..data import eval_transform
-    from ..evaluate import class_names, load_classifier, predict
+    from ..recipes.evaluate import class_names, load_classifier, predict
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:

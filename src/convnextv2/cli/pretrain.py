@@ -20,7 +20,7 @@ lr = blr * batch * accum * processes / 256 unless --lr is given."""
 
 
 def add_arguments(p):
-    from ..pretrain import RECIPE, PretrainConfig
+    from ..recipes.pretrain import RECIPE, PretrainConfig
 
     d = PretrainConfig()
     g = p.add_argument_group("model")
@@ -90,7 +90,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..pretrain import NonFiniteLossError, PretrainConfig, pretrain
+    from ..recipes.pretrain import NonFiniteLossError, PretrainConfig, pretrain
 
     fields = PretrainConfig.__dataclass_fields__
     cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})

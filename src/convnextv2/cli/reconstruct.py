@@ -28,7 +28,8 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..analysis.reconstruction import load_fcmae, save_reconstruction_grid
+    from ..analysis.reconstruction import save_reconstruction_grid
+    from ..fcmae.io import load_fcmae
     from .analyze import load_image
 
     if args.mask_ratio is not None and not 0.0 <= args.mask_ratio < 1.0:

@@ -35,7 +35,7 @@ def evaluate_distributed(model, loader, num_classes: int | None = None,
                          progress: bool = False, desc: str = "eval") -> dict:
     """``evaluate.evaluate`` over this rank's ``loader``, combined over all ranks: the same
     dict as a single-process evaluation of the whole dataset (``count`` = dataset size)."""
-    from ..evaluate import evaluate
+    from ..recipes.evaluate import evaluate
 
     if _world() == 1:
         return evaluate(model, loader, num_classes, device, amp, progress, desc)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write
+from ..checkpoint.atomic import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 FORMAT = "convnextv2-runstate-1"

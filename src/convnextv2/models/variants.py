@@ -1,9 +1,15 @@
-"""Named variants and ``create_model``."""
+"""The named ConvNeXt V2 variants (atto to huge) and their constructor arguments: plain data,
+importable by the checkpoint readers without pulling in ``create_model``."""
 from __future__ import annotations
 
-from torch import nn
+# The ConvNeXt V1 block, for the GRN ablations: no GRN, layer scale initialised at 1e-6.
+V1_BLOCK = dict(use_grn=False, layer_scale_init_value=1e-6)
 
-from .model import ConvNeXtV2, FeatureExtractor
+
+def block_kwargs(v1_block: bool) -> dict:
+    """Constructor overrides for the block type (empty for the default V2 block)."""
+    return dict(V1_BLOCK) if v1_block else {}
+
 
 VARIANTS: dict[str, dict] = {
     "convnextv2_atto": dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
@@ -36,24 +42,3 @@ def model_config(name: str, **overrides) -> dict:
     cfg = dict(VARIANTS[resolve_name(name)])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
-
-
-def create_model(name: str, pretrained: str | None = None, features_only: bool = False,
-                 out_indices=(0, 1, 2, 3), drop_head: bool | None = None, **kwargs) -> nn.Module:
-    """Build a variant by name (``convnextv2_atto`` ... ``convnextv2_huge``).
-
-    ``kwargs`` override the constructor (``num_classes``, ``in_chans``, ``drop_path_rate``,
-    ``head_init_scale``, ``depths``, ``dims``, ``stem_stride``, ``use_grn``,
-    ``layer_scale_init_value``). ``pretrained`` is a checkpoint path in any known layout or a
-    hub id such as ``timm/convnextv2_atto.fcmae``. ``features_only=True`` returns the four
-    stage maps instead of logits. ``drop_head=True`` keeps a freshly initialised classifier
-    when the checkpoint's head has another size; by default (``None``) that is allowed only
-    for encoder-only checkpoints (FCMAE weights), which carry no head at all.
-    """
-    model = ConvNeXtV2(**model_config(name, **kwargs))
-    if pretrained:
-        from .checkpoint import load_pretrained
-        load_pretrained(model, pretrained, drop_head=drop_head)
-    if features_only:
-        return FeatureExtractor(model, out_indices)
-    return model

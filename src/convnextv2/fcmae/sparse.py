@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
-from .model import Block, ConvNeXtV2
+from ..models.model import Block, ConvNeXtV2
 
 LEVELS = 3  # downsamplings between stage 0 and the patch grid (stage 3)
 

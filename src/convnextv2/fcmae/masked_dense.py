@@ -11,9 +11,9 @@ import torch
 
 from torch import nn
 
-from .grn import grn_linear
+from ..models.grn import grn_linear
 from .masking import upsample_mask
-from .model import Block, ConvNeXtV2
+from ..models.model import Block, ConvNeXtV2
 from .sparse import LEVELS, check_input
 
 

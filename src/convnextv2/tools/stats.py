@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import create_model
+from ..models.registry import create_model
 
 
 def count_params(model: nn.Module) -> int:

@@ -13,8 +13,8 @@ from torch import nn
 
 from .masked_dense import masked_dense_forward_features
 from .masking import keyed_mask, random_mask  # noqa: F401  (public mask functions)
-from .model import Block, ConvNeXtV2, init_weights
-from .registry import create_model
+from ..models.model import Block, ConvNeXtV2, init_weights
+from ..models.registry import create_model
 from .sparse import check_input, sparse_forward_features
 
 BACKENDS = ("sparse", "dense")

@@ -57,8 +57,8 @@ def _arch(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Pretrain, fine-tune twice, compare; returns the results dict also written as JSON."""
-    from .finetune import FinetuneConfig, finetune
-    from .pretrain import PretrainConfig, pretrain
+    from ..recipes.finetune import FinetuneConfig, finetune
+    from ..recipes.pretrain import PretrainConfig, pretrain
 
     import torch
 

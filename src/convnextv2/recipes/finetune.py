@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .layer_decay import param_groups_layer_decay
-from .training.schedule import clip_warmup_epochs, scaled_lr, set_lr, warmup_cosine_lr
+from ..training.schedule import clip_warmup_epochs, scaled_lr, set_lr, warmup_cosine_lr
 
 # values shared by every preset; a preset overrides some of them. effective_batch is the
 # official runs' (informational: lr = blr * the actual effective batch / 256)
@@ -63,7 +63,7 @@ def auto_preset(model_name: str | None, depths=None) -> str:
     if depths is not None and model_name is None:
         n = sum(depths)
         return "atto" if n < 15 else ("tiny" if n < 30 else "base")
-    from .registry import resolve_name
+    from ..models.registry import resolve_name
     return _AUTO[resolve_name(model_name)]
 
 
@@ -170,7 +170,7 @@ def finetune_architecture(model_name: str | None, checkpoint: str | None = None,
     for depths and dims, then what the checkpoint stores or implies (its stem stride, input
     channels, GRN / layer scale; and depths and dims when no variant is named). A variant that
     does not match the checkpoint fails when loading, with the mis-shaped keys named."""
-    from .registry import model_config
+    from ..models.registry import model_config
 
     config = dict(model_config(model_name)) if model_name else {}
     if checkpoint:
@@ -191,14 +191,14 @@ def build_finetune_model(model_name: str | None, num_classes: int, checkpoint: s
     """The model to fine-tune: architecture from ``finetune_architecture``, weights from
     ``checkpoint`` in any layout. The checkpoint's head is dropped and re-initialised (std
     ``head_init_std``) since fine-tuning starts a new classifier; returns (model, load report)."""
-    from .model import ConvNeXtV2
+    from ..models.model import ConvNeXtV2
 
     config = finetune_architecture(model_name, checkpoint, **model_kwargs)
     config.update(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=0.001)
     model = ConvNeXtV2(**config)
     report: dict = {}
     if checkpoint:
-        from .checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         report = load_checkpoint(model, checkpoint, strict=True, drop_head=True)
         reinit_head(model, head_init_std)
     return model, report
@@ -206,7 +206,7 @@ def build_finetune_model(model_name: str | None, num_classes: int, checkpoint: s
 
 def _checkpoint_config(path: str) -> dict:
     """The architecture a checkpoint stores (native files) or implies by its tensor shapes."""
-    from .checkpoint import infer_config
+    from ..checkpoint import infer_config
     return dict(infer_config(path))
 
 
@@ -256,7 +256,7 @@ def _criterion(hp: dict, mixup_active: bool):
 
 
 def _default_img_size(data: str) -> int:
-    from .data import is_idx_folder
+    from ..data import is_idx_folder
     return 32 if str(data) == "builtin" or is_idx_folder(Path(data)) else 224
 
 
@@ -270,7 +270,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     states and the position inside the epoch.
     """
     from .pretrain import set_deterministic
-    from .training import cleanup_distributed, init_distributed
+    from ..training import cleanup_distributed, init_distributed
 
     _check_run_options(cfg)
     dist = init_distributed(cfg.device)
@@ -320,7 +320,7 @@ def keyed_mixup(mixup_fn, x, y, seed: int, step: int, micro: int = 0):
     optimizer step, micro-batch): the global RNGs it reads are reseeded from that key for the
     call and restored afterwards. Every rank draws the same lambda for a step, as one process
     holding the whole global batch would."""
-    from .training import sample_key
+    from ..training import sample_key
     with keyed_rng(sample_key(seed, step, micro, salt="mixup")):
         return mixup_fn(x, y)
 
@@ -330,11 +330,11 @@ def _finetune(cfg: FinetuneConfig, dist) -> dict:
     from timm.utils import ModelEmaV3
     from torch.utils.data import DataLoader, Subset
 
-    from .data import build_dataset, eval_transform, train_transform
-    from .model import ConvNeXtV2
-    from .training.dist_eval import evaluate_distributed as evaluate
-    from .training.dist_eval import sharded_loader
-    from .training import (AccumulatingStep, KeyedAugmentDataset, MetricsLog, ResumableSampler,
+    from ..data import build_dataset, eval_transform, train_transform
+    from ..models.model import ConvNeXtV2
+    from ..training.dist_eval import evaluate_distributed as evaluate
+    from ..training.dist_eval import sharded_loader
+    from ..training import (AccumulatingStep, KeyedAugmentDataset, MetricsLog, ResumableSampler,
                            all_reduce_mean, apply_run_state, barrier, broadcast_object,
                            build_run_state, build_sampler, check_amp, effective_batch,
                            load_run_state, plot_curves, resolve_resume, save_run_state, wrap_ddp)
@@ -407,7 +407,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> dict:
     probe_head = LinearProbe(model, num_classes) if cfg.linear_probe else None
     model.to(device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
-        from .training import fsdp
+        from ..training import fsdp
         fsdp.shard(model, dist)
     groups = param_groups_layer_decay(model, hp["weight_decay"], hp["layer_decay"],
                                       hp["layer_decay_mode"])
@@ -635,7 +635,7 @@ def _seed_everything(seed: int) -> None:
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     """Native safetensors with ``metadata``; a linear-probe head is folded to a Linear first."""
-    from .checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
     if isinstance(getattr(model.head, "fc", None), nn.Sequential):
         model = LinearProbe.folded(model)
     save_checkpoint(model, path, layout="native", metadata=_string_metadata(metadata))
@@ -647,5 +647,5 @@ def _string_metadata(metadata: dict) -> dict[str, str]:
 
 
 def _write_json(path: Path, obj) -> None:
-    from .training.runstate import plain
+    from ..training.runstate import plain
     path.write_text(json.dumps(plain(obj), indent=2))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import create_model, model_config, resolve_name
+from ..models.registry import create_model, model_config, resolve_name
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,7 +136,7 @@ def classifier_step(model: nn.Module, images: torch.Tensor, cfg: BenchConfig,
 def fcmae_step(images: torch.Tensor, cfg: BenchConfig):
     """(model, one sparse FCMAE pretraining step), or None when convnextv2.fcmae is absent."""
     try:
-        from .fcmae import FCMAE
+        from ..fcmae.fcmae import FCMAE
     except ImportError:
         return None
     torch.manual_seed(cfg.seed)

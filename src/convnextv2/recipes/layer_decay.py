@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .training.schedule import skips_weight_decay
+from ..training.schedule import skips_weight_decay
 
 MODES = ("single", "group")
 GROUP_NUM_LAYERS = 12

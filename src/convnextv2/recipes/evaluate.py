@@ -23,7 +23,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None,
     ``top5`` is top-min(5, classes). Batches may be ``(x, y)`` or ``(x, y, index)``.
     ``amp``: "none", "bf16" or "fp16" autocast (the training engine's modes).
     """
-    from .training.step import autocast
+    from ..training.step import autocast
 
     device = torch.device(device)
     was_training = model.training
@@ -140,7 +140,7 @@ def checkpoint_info(path: str | Path) -> dict:
     ``img_size``, ``in_chans`` (missing keys are absent; other layouts give ``{}``)."""
     import json
 
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
     try:
         meta = ckpt.read_metadata(path) or {}
     except Exception:
@@ -165,7 +165,7 @@ def load_classifier(checkpoint: str | Path, model_name: str | None = None, key: 
     architecture itself (native files do; other layouts are inferred from tensor shapes).
     ``key`` picks an entry of a training checkpoint: ``model_ema`` in the official ones,
     ``ema`` in the run states ``finetune`` writes."""
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     checkpoint = str(checkpoint)
     if not Path(checkpoint).exists():
@@ -173,7 +173,7 @@ def load_classifier(checkpoint: str | Path, model_name: str | None = None, key: 
     info = checkpoint_info(checkpoint)
     model = load_model(checkpoint, key=key, **{k: v for k, v in overrides.items() if v is not None})
     if model_name:
-        from .registry import model_config
+        from ..models.registry import model_config
         want = model_config(model_name)
         got = model.config
         if list(want["depths"]) != list(got["depths"]) or list(want["dims"]) != list(got["dims"]):

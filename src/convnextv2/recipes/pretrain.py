@@ -33,7 +33,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import training as T
+from .. import training as T
+from ..fcmae import io as fcmae_io
 
 # SPEC section 3 (pretraining)
 RECIPE = dict(blr=1.5e-4, min_lr=0.0, warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95),
@@ -136,9 +137,9 @@ def _worker_init(worker_id: int) -> None:
 
 
 def build_fcmae(cfg: PretrainConfig):
-    from .cli._common import block_kwargs
-    from .fcmae import FCMAE
-    from .registry import create_model
+    from ..models.registry import block_kwargs
+    from ..fcmae.fcmae import FCMAE
+    from ..models.registry import create_model
 
     encoder = create_model(cfg.model, num_classes=0, in_chans=cfg.in_chans,
                            stem_stride=cfg.stem_stride,
@@ -205,57 +206,17 @@ class _EncoderWeights:
 def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
     """The encoder in the native layout through the checkpoint module (loads with
     ``create_model(name, pretrained=path)`` whatever the model's number of classes)."""
-    from .checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     weights = _EncoderWeights(encoder)
     save_checkpoint(weights, path, layout="native", metadata=metadata)
     return path
 
 
-def save_fcmae(fcmae, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Encoder + decoder as one safetensors file; the metadata holds what ``load_fcmae``
-    needs to rebuild the module (encoder config and decoder shape)."""
-    from .checkpoint.io import save_safetensors
-
-    tensors = fcmae.state_dict()
-    meta = {"format": "convnextv2-fcmae",
-            "config": json.dumps(T.runstate.plain(fcmae.encoder.config)),
-            "fcmae": json.dumps(dict(mask_ratio=fcmae.mask_ratio,
-                                     norm_pix_loss=fcmae.norm_pix_loss,
-                                     decoder_depth=len(fcmae.decoder),
-                                     decoder_embed_dim=fcmae.proj.out_channels,
-                                     patch_size=fcmae.patch_size)),
-            **(metadata or {})}
-    save_safetensors(tensors, path, metadata=meta)
-    return path
-
-
-def load_fcmae(path: str | Path, backend: str = "sparse", **overrides):
-    """Rebuild an ``FCMAE`` (encoder + decoder) from a ``fcmae.safetensors`` file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from .fcmae import FCMAE
-    from .model import ConvNeXtV2
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != "convnextv2-fcmae":
-        raise ValueError(f"{path} is not an FCMAE file written by `convnextv2 pretrain` "
-                         f"(no 'convnextv2-fcmae' metadata)")
-    config, shape = json.loads(meta["config"]), json.loads(meta["fcmae"])
-    fcmae = FCMAE(ConvNeXtV2(**config), backend=backend,
-                  mask_ratio=overrides.get("mask_ratio", shape["mask_ratio"]),
-                  norm_pix_loss=shape["norm_pix_loss"], decoder_depth=shape["decoder_depth"],
-                  decoder_embed_dim=shape["decoder_embed_dim"])
-    fcmae.load_state_dict(load_file(str(path)))
-    return fcmae
-
-
 def _reconstruction_saver():
     """``save_reconstruction_grid`` from the analysis package, or None if not installed."""
     try:
-        from .analysis.reconstruction import save_reconstruction_grid
+        from ..analysis.reconstruction import save_reconstruction_grid
     except ImportError:
         return None
     return save_reconstruction_grid
@@ -264,8 +225,8 @@ def _reconstruction_saver():
 def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
     """The same first images (deterministic resize, no random crop) and the same mask for
     every reconstruction figure of a run."""
-    from .data import build_dataset, eval_transform
-    from .masking import keyed_mask
+    from ..data import build_dataset, eval_transform
+    from ..fcmae.masking import keyed_mask
 
     ds = build_dataset(cfg.data, "train", eval_transform(cfg.img_size, cfg.in_chans, crop_pct=1.0))
     n = min(RECON_IMAGES, len(ds))
@@ -284,7 +245,7 @@ def build_loader(cfg: PretrainConfig, info: T.DistInfo):
     """
     from torch.utils.data import DataLoader
 
-    from .data import IndexedDataset, build_dataset, pretrain_transform
+    from ..data import IndexedDataset, build_dataset, pretrain_transform
 
     base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
                          strict=cfg.strict_data)
@@ -321,8 +282,8 @@ def _log(info, *parts) -> None:
 
 
 def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
-    from .data import describe_source, mean_std
-    from .masking import keyed_mask
+    from ..data import describe_source, mean_std
+    from ..fcmae.masking import keyed_mask
 
     seed_everything(cfg.seed, info.rank)
     base, keyed, sampler, loader = build_loader(cfg, info)
@@ -336,7 +297,7 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     # model, optimizer, schedule (recipe: AdamW (0.9, 0.95), lr = blr * eff / 256, cosine)
     fcmae = build_fcmae(cfg).to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
-        from .training import fsdp
+        from ..training import fsdp
         fsdp.shard(fcmae, info)
     eff = T.effective_batch(cfg.batch_size, cfg.accum_steps, info.world_size)
     base_lr = cfg.lr if cfg.lr is not None else T.scaled_lr(cfg.blr, eff)
@@ -495,7 +456,7 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
                 "global_step": str(global_step), "data": describe_source(cfg.data),
                 "img_size": str(cfg.img_size)}
         files["encoder"] = save_encoder(fcmae.encoder, out / "encoder.safetensors", meta)
-        files["fcmae"] = save_fcmae(fcmae, out / "fcmae.safetensors", meta)
+        files["fcmae"] = fcmae_io.save_fcmae(fcmae, out / "fcmae.safetensors", meta)
         files["checkpoint"] = last_ckpt
         _log(info, f"done: {global_step} steps, last loss {last_loss:.4f}; wrote {out}")
     T.barrier()

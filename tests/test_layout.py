@@ -1,0 +1,102 @@
+"""The package's layout: every module imports on its own, the import graph (lazy imports
+included) has no cycle, and nothing outside ``cli/`` imports from the CLI."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "convnextv2"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["convnextv2", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Package-internal modules that ``name`` imports anywhere in its body (lazy ones too)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [f"{target}.{a.name}" for a in node.names] + [target]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        for c in candidates:
+            if c in MODULES and c != name:
+                found.add(c)
+                break
+    return found
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _is_package_init(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def test_import_graph_has_no_cycle():
+    # Package __init__ files only re-export; an edge "x -> package" stands for the package's
+    # submodules, so cycles are checked between real modules.
+    def edges(name):
+        for t in GRAPH[name]:
+            if _is_package_init(t) and not name.startswith(t + ".") and t != "convnextv2":
+                yield from (e for e in GRAPH[t] if e.startswith(t + "."))
+            elif not _is_package_init(t):
+                yield t
+
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in edges(n):
+            if state.get(m) == 1:
+                cycle = stack[stack.index(m):] + [m]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(MODULES):
+        if n not in state and not _is_package_init(n):
+            visit(n)
+
+
+def test_library_never_imports_the_cli():
+    offenders = {n: sorted(t for t in deps if t.startswith("convnextv2.cli"))
+                 for n, deps in GRAPH.items()
+                 if not n.startswith("convnextv2.cli") and n != "convnextv2.__main__"}
+    assert not {n: d for n, d in offenders.items() if d}
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n")
+    names = sorted(n for n in MODULES if n != "convnextv2.__main__")  # __main__ runs the CLI
+    r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_public_api_is_kept():
+    import convnextv2
+    for attr in ("create_model", "FCMAE", "load_checkpoint", "save_checkpoint", "ConvNeXtV2",
+                 "GRN", "list_models", "convert_state_dict", "load_model"):
+        assert getattr(convnextv2, attr) is not None

@@ -93,7 +93,8 @@ def test_profile_hooks_every_block_output():
             for block in stage.blocks:
                 x = block(x)
                 expected.append(np.mean([float(feature_diversity(x[i])) for i in range(3)]))
-    assert prof["scores"] == pytest.approx(expected, rel=1e-9)
+    # float32 activations, batched differently from the hand-run: rounding differs per CPU
+    assert prof["scores"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_expansion_site_scores_the_hidden_activation_entering_pwconv2():
@@ -112,7 +113,8 @@ def test_expansion_site_scores_the_hidden_activation_entering_pwconv2():
                                          for i in range(2)]))
                 x = block(x)
     assert prof["site"] == "expansion" and len(prof["scores"]) == 5
-    assert prof["scores"] == pytest.approx(expected, rel=1e-9)
+    # float32 activations, batched differently from the hand-run: rounding differs per CPU
+    assert prof["scores"] == pytest.approx(expected, rel=1e-6)
     assert prof["scores"] != pytest.approx(collapse_profile(model, imgs)["scores"], rel=1e-3)
     with pytest.raises(ValueError, match="expansion"):
         collapse_profile(model, imgs, site="mlp")

@@ -32,6 +32,13 @@ def vectors():
     return torch.load(_vectors_path(), map_location="cpu", weights_only=True)
 
 
+def _close(got: torch.Tensor, ref: torch.Tensor, k: float = 1e-5) -> None:
+    """Two float32 computations of the same network agree to k relative to the reference's
+    largest value: rounding errors grow with the activations' magnitude, and oneDNN picks other
+    kernels (other summation orders) on other CPUs, so a fixed absolute limit is chance."""
+    torch.testing.assert_close(got, ref, rtol=k, atol=k * max(1.0, ref.abs().max().item()))
+
+
 def _small(num_classes=5, **kw):
     return ConvNeXtV2(num_classes=num_classes, **SMALL, **kw).eval()
 
@@ -60,8 +67,8 @@ def test_vectors_logits_and_pooled_features(vectors, name):
         feats = model.forward_features(vectors["input"])
         logits = model.forward_head(feats)
         pooled = model.forward_head(feats, pre_logits=True)
-    assert (logits - vectors["logits"]).abs().max() <= 1e-5
-    assert (pooled - vectors["pooled_features"]).abs().max() <= 1e-5
+    _close(logits, vectors["logits"])
+    _close(pooled, vectors["pooled_features"])
 
 
 def test_vectors_official_fcmae_encoder(vectors):
@@ -77,9 +84,9 @@ def test_vectors_official_fcmae_encoder(vectors):
     encoder.head.norm.load_state_dict(dense.head.norm.state_dict())
     with torch.no_grad():
         feats = encoder.forward_features(vectors["input"])
-        assert torch.allclose(feats, dense.forward_features(vectors["input"]), atol=1e-6)
+        _close(feats, dense.forward_features(vectors["input"]))
         pooled = encoder.forward_head(feats, pre_logits=True)
-    assert (pooled - vectors["pooled_features"]).abs().max() <= 1e-5
+    _close(pooled, vectors["pooled_features"])
 
 
 def _fill_from_pools(model: torch.nn.Module, pools) -> None:
@@ -127,7 +134,7 @@ def test_timm_random_weights_all_variants(name, pools):
         expected = reference.eval()(x)
         got = ours.eval()(x)
     assert expected.abs().max() > 0.1  # a real signal, not a vanishing one
-    assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+    _close(got, expected)
     # and back: our timm layout is timm's own state dict, shapes included
     back = convert_state_dict(ours.state_dict(), "native", "timm", model_config=ours.config)
     assert set(back) == set(sd)
@@ -187,7 +194,7 @@ def test_hf_folder_loads_in_transformers(tmp_path):
     with torch.no_grad():
         expected = hf(pixel_values=x).logits
         got = model(x)
-    assert (got - expected).abs().max() <= 1e-5
+    _close(got, expected)
 
 
 def test_transformers_random_model_loads_into_ours():
@@ -204,7 +211,7 @@ def test_transformers_random_model_loads_into_ours():
     assert report["layout"] == "hf"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert (ours(x) - hf(pixel_values=x).logits).abs().max() <= 1e-5
+        _close(ours(x), hf(pixel_values=x).logits)
 
 
 @pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])
@@ -223,4 +230,4 @@ def test_timm_file_loads_with_timm_pretrained(tmp_path, name):
                                   pretrained_cfg_overlay=dict(file=str(path), num_classes=6))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert (reference.eval()(x) - model(x)).abs().max() <= 1e-5
+        _close(model(x), reference.eval()(x))

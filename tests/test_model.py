@@ -68,16 +68,17 @@ def test_pre_logits_is_normalised_pool_and_head_is_linear_of_it():
 
 def test_grn_matches_spec_formula_by_hand():
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 6)
-    gamma, beta = torch.randn(6), torch.randn(6)
+    # float64: the test is about the formula, so no float32 rounding may blur it
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    gamma, beta = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     gx = x.pow(2).sum(dim=(1, 2), keepdim=True).sqrt()
     nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
     expected = gamma * (x * nx) + beta + x
-    torch.testing.assert_close(grn(x, gamma, beta), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grn(x, gamma, beta), expected, atol=1e-12, rtol=1e-12)
     # per sample: changing sample 1 leaves sample 0 alone
     x2 = x.clone()
     x2[1] *= 10
-    torch.testing.assert_close(grn(x2, gamma, beta)[0], expected[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grn(x2, gamma, beta)[0], expected[0], atol=1e-12, rtol=1e-12)
 
 
 def test_grn_norm_is_float32_so_half_precision_does_not_overflow():

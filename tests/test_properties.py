@@ -123,4 +123,6 @@ def test_timm_layout_loads_into_timm_and_computes_the_same_logits(config, seed):
                                               model_config=config), strict=True)
     x = torch.randn(2, config["in_chans"], 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-3)
+        ref = theirs(x)  # random weights can give large logits: the limit scales with them
+        torch.testing.assert_close(ours(x), ref, rtol=1e-4,
+                                   atol=max(1e-3, 1e-4 * ref.abs().max().item()))

@@ -98,7 +98,7 @@ def test_sparse_matches_masked_dense(batch, in_chans, stem_stride, size):
     feats_s, feats_d = sparse.forward_encoder(imgs, mask), dense.forward_encoder(imgs, mask)
     assert feats_s.shape == (batch, 32, size[0] // sparse.patch_size, size[1] // sparse.patch_size)
     assert feats_d.abs().max() > 0.1  # the comparison is not between zeros
-    assert (feats_s - feats_d).abs().max() <= 1e-5
+    assert (feats_s - feats_d).abs().max() <= 1e-5 * feats_d.abs().max()  # scaled: CPUs round differently
 
     loss_s, pred_s, _ = sparse(imgs, mask)
     loss_d, pred_d, _ = dense(imgs, mask)
@@ -130,7 +130,7 @@ def test_all_visible_equals_the_dense_model():
     mask = torch.zeros(2, 6)
     expect = sparse.encoder.forward_features(imgs)
     for model in (sparse, dense):
-        assert (model.forward_encoder(imgs, mask) - expect).abs().max() <= 1e-5
+        assert (model.forward_encoder(imgs, mask) - expect).abs().max() <= 1e-5 * expect.abs().max()
 
 
 def test_masked_cells_are_exactly_zero():
@@ -151,7 +151,7 @@ def test_grn_is_per_sample_not_per_batch():
     mask = sparse.random_mask(imgs)
     together = sparse.forward_encoder(imgs, mask)
     alone = sparse.forward_encoder(imgs[1:2], mask[1:2])
-    assert (together[1:2] - alone).abs().max() <= 1e-5
+    assert (together[1:2] - alone).abs().max() <= 1e-5 * alone.abs().max()
 
 
 def test_v1_style_encoder():
@@ -216,7 +216,7 @@ def test_functional_entry_points_agree():
     mask = sparse.random_mask(imgs)
     a = sparse_forward_features(sparse.encoder, imgs, mask)
     b = masked_dense_forward_features(sparse.encoder, imgs, mask)
-    assert (a - b).abs().max() <= 1e-5
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_sparse_rejects_uneven_masks_and_dense_accepts_them():
@@ -254,5 +254,5 @@ def test_inference_without_grad_matches_dense():
     mask = sparse.random_mask(imgs)
     with torch.no_grad():
         out_s, out_d = sparse.forward_encoder(imgs, mask), dense.forward_encoder(imgs, mask)
-        assert (out_s - out_d).abs().max() <= 1e-5
+        assert (out_s - out_d).abs().max() <= 1e-5 * out_d.abs().max()
         assert abs(sparse(imgs, mask)[0].item() - dense(imgs, mask)[0].item()) <= 1e-5

@@ -99,9 +99,13 @@ def runs(tmp_path_factory):
     # snapshot what the crash left on disk before the resumes change it
     left = {name: sorted(p.name for p in dirs[name].iterdir()) for name in ("between", "in_save")}
     left_metrics = {name: _losses(dirs[name]) for name in ("between", "in_save")}
+    torn = root / "torn.tmp"  # a copy: the resume removes the orphaned temp file
+    for p in dirs["in_save"].glob(".checkpoint-*.tmp"):
+        torn.write_bytes(p.read_bytes())
     resumed = {name: _start(data, dirs[name], resume=True) for name in ("between", "in_save")}
     second = {name: _finish(p) for name, p in resumed.items()}
-    return dict(dirs=dirs, first=first, left=left, left_metrics=left_metrics, second=second)
+    return dict(dirs=dirs, first=first, left=left, left_metrics=left_metrics, second=second,
+                torn=torn)
 
 
 def test_reference_run_completes(runs):
@@ -132,7 +136,7 @@ def test_kill_during_a_checkpoint_write_then_resume_repeats_the_losses_exactly(r
     temps = [n for n in left if n.startswith(".checkpoint-00000004.pt") and n.endswith(".tmp")]
     assert len(temps) == 1, left
     assert "checkpoint-00000004.pt" not in left and "checkpoint-00000002.pt" in left
-    temp = runs["dirs"]["in_save"] / temps[0]
+    temp = runs["torn"]
     whole = runs["dirs"]["reference"] / "checkpoint-00000008.pt"
     assert 0 < temp.stat().st_size < whole.stat().st_size
     with pytest.raises(ValueError, match="cannot read run state"):
@@ -140,6 +144,9 @@ def test_kill_during_a_checkpoint_write_then_resume_repeats_the_losses_exactly(r
     rc, out, err = runs["second"]["in_save"]
     assert rc == 0, err[-2000:]
     assert "checkpoint-00000002.pt" in out  # fell back to the newest complete checkpoint
+    # the next start removed the orphaned temp file and said so
+    assert "removed 1 unfinished checkpoint write" in out
+    assert not list(runs["dirs"]["in_save"].glob(".checkpoint-*.tmp"))
     assert _losses(runs["dirs"]["in_save"]) == _losses(runs["dirs"]["reference"])
 
 

@@ -2,7 +2,9 @@
 
 The data goes to a hidden temp file beside the target (``.NAME.XXXX.tmp``, which resume logic
 ignores), is flushed and fsynced, then renamed over the target; the folder is fsynced so that
-the rename itself survives a power cut.
+the rename itself survives a power cut. The finished file gets the mode a plain ``open()``
+would give it (0644 under the usual umask 022), not the 0600 of the private temp file:
+weights are meant to be shared.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -29,6 +32,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:

@@ -1,9 +1,7 @@
 """``convnextv2 pretrain``: FCMAE self-supervised pretraining (see docs/pretraining.md)."""
 from __future__ import annotations
 
-import sys
-
-from ._common import add_v1_block_argument
+from ._common import add_architecture_arguments, add_run_arguments
 
 HELP = "FCMAE masked-image pretraining of a ConvNeXt V2 encoder (official recipe by default)."
 EPILOG = """examples:
@@ -25,17 +23,11 @@ def add_arguments(p):
     d = PretrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"encoder variant (default {d.model})")
-    g.add_argument("--in-chans", type=int, default=d.in_chans, help="input channels (default 3)")
-    g.add_argument("--stem-stride", type=int, default=None,
-                   help="stem kernel = stride (default 4; patch size = 8 x this)")
-    g.add_argument("--depths", type=int, nargs=4, default=None, metavar="N",
-                   help="custom blocks per stage (overrides the variant's)")
-    g.add_argument("--dims", type=int, nargs=4, default=None, metavar="C",
-                   help="custom stage widths (overrides the variant's)")
-    add_v1_block_argument(g)
+    add_architecture_arguments(g)
     g.add_argument("--decoder-dim", type=int, default=d.decoder_dim, help="decoder width (512)")
     g.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="decoder blocks (1)")
-    g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="masked fraction (0.6)")
+    g.add_argument("--mask-ratio", type=float, default=d.mask_ratio,
+                   help="masked fraction of the patches, in (0, 1) (default 0.6)")
     g.add_argument("--no-norm-pix-loss", dest="norm_pix_loss", action="store_false",
                    help="regress raw pixels instead of per-patch normalised ones")
     g.add_argument("--backend", choices=("sparse", "dense"), default=d.backend,
@@ -43,60 +35,45 @@ def add_arguments(p):
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=d.data, help="image folder, IDX folder or 'builtin'")
-    g.add_argument("--output", required=True, help="run folder (created; must be writable)")
+    g.add_argument("--output", required=True,
+                   help="run folder (created; one holding a run needs --resume or --overwrite)")
     g.add_argument("--img-size", type=int, default=d.img_size,
                    help="crop size, a multiple of the patch size (default 224)")
-    g.add_argument("--workers", type=int, default=d.workers, help="data-loader workers (2)")
-    g.add_argument("--strict-data", action="store_true",
-                   help="unreadable images are fatal (default: skipped, counted in metrics)")
+    g.add_argument("--recon-every", type=int, default=d.recon_every, metavar="EPOCHS",
+                   help="reconstruction figure every N epochs (default 10; 0: only at the end)")
 
-    g = p.add_argument_group("optimisation (SPEC section 3 defaults)")
+    g = p.add_argument_group("optimisation (the official recipe by default; docs/recipes.md)")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per process and micro-batch (default 64)")
     g.add_argument("--accum-steps", type=int, default=d.accum_steps,
-                   help="micro-batches per optimizer step (default 1)")
+                   help="micro-batches per optimizer step (gradient accumulation, default 1)")
     g.add_argument("--blr", type=float, default=d.blr, help="base lr per 256 images (1.5e-4)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine floor (0)")
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help=f"linear warmup (default {RECIPE['warmup_epochs']}, capped at a quarter "
                         f"of --epochs for short runs)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (0.05)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW decay, >= 0 (0.05)")
+    g.add_argument("--wd-exempt", choices=("official", "grn"), default=d.wd_exempt,
+                   help="parameters without weight decay: 'official' (default) biases and "
+                        "1-D tensors, so GRN and the mask token ARE decayed, as in the "
+                        "official code; 'grn' also exempts GRN gamma/beta and the mask token")
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
-                   help="mixed precision (bf16 works on CPU and GPU; fp16 GPU only)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard weights, gradients and optimizer state with "
-                        "FSDP2 instead of DDP (large/huge); checkpoints are still full files")
 
-    g = p.add_argument_group("run control")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of order, crops and masks (0)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="torch deterministic algorithms (a resumed run repeats the losses)")
-    g.add_argument("--resume", default=None, metavar="auto|PATH",
-                   help="'auto' = newest checkpoint in --output; or a checkpoint file")
-    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                   help="also checkpoint every N optimizer steps (default: epochs only)")
-    g.add_argument("--keep-last", type=int, default=d.keep_last,
-                   help="checkpoints kept (default 3; 0 keeps all)")
-    g.add_argument("--recon-every", type=int, default=d.recon_every, metavar="EPOCHS",
-                   help="reconstruction figure every N epochs (default 10; 0: only at the end)")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps in total (schedule unchanged)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    add_run_arguments(p.add_argument_group("run control"), d)
 
 
 def run(args) -> int:
-    from ..recipes.pretrain import NonFiniteLossError, PretrainConfig, pretrain
+    import sys
 
-    fields = PretrainConfig.__dataclass_fields__
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    from ..recipes.pretrain import PretrainConfig, pretrain
+    from ..training import NonFiniteLossError, config_from_args
+
     try:
-        pretrain(cfg)
-    except NonFiniteLossError as e:
-        print(f"convnextv2 pretrain: {e}", file=sys.stderr)
+        pretrain(config_from_args(PretrainConfig, args))
+    except NonFiniteLossError as e:  # a training failure, not a usage error: exit 1
+        print(f"convnextv2 pretrain: stopped: {e}", file=sys.stderr)
         return 1
     return 0

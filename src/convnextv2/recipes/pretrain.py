@@ -1,8 +1,9 @@
-"""FCMAE pretraining loop (official recipe of SPEC section 3 as defaults).
+"""FCMAE pretraining with the official recipe as defaults (docs/pretraining.md, docs/recipes.md).
 
 ``pretrain(PretrainConfig(...))`` runs the job and returns a summary; ``convnextv2 pretrain``
-is its command line. Everything generic (schedule, checkpoints, metrics, distributed setup,
-mixed precision) comes from ``convnextv2.training``; this module only wires FCMAE to it.
+is its command line. The loop, resume, checkpoints and logs are the training engine's
+(``training.loop.Trainer``); this module builds FCMAE, its data and optimizer, and says what a
+step computes.
 
 Written under ``output``:
   metrics.jsonl                one JSON line per optimizer step (step, epoch, loss, lr, img_per_s)
@@ -21,56 +22,38 @@ batches, masks and losses of the uninterrupted run (bit for bit with ``determini
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .. import training as T
 from ..fcmae import io as fcmae_io
+from ..training.config import RunConfig, check_writable
+from ..training.loop import NonFiniteLossError, seed_everything, set_deterministic  # noqa: F401
 
-# SPEC section 3 (pretraining)
+# the official pretraining recipe (docs/recipes.md)
 RECIPE = dict(blr=1.5e-4, min_lr=0.0, warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95),
               mask_ratio=0.6, epochs=800, norm_pix_loss=True, decoder_depth=1,
               decoder_embed_dim=512)
 RECON_IMAGES = 8
 RECON_EPOCH_KEY = -1  # the reconstruction mask's "epoch": fixed, unlike every training epoch
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: training stopped before the optimizer applied it."""
-
-    def __init__(self, step: int, epoch: int, value: float, checkpoint: Path | None):
-        self.step, self.epoch, self.value, self.checkpoint = step, epoch, value, checkpoint
-        kept = (f"the last good checkpoint is {checkpoint}" if checkpoint
-                else "no checkpoint had been written yet")
-        super().__init__(f"non-finite loss ({value}) at optimizer step {step} (epoch {epoch}); "
-                         f"stopped without applying it; {kept}. Lower --blr/--lr, lengthen "
-                         f"--warmup-epochs, or try --amp none.")
+# options that make a resumed run another run (refused), and ones that only change its course
+RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_block",
+                     "model_kwargs", "img_size", "data", "effective_batch", "seed", "mask_ratio",
+                     "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt")
+RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas",
+                     "clip_grad", "amp", "backend")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """Options of a pretraining run; ``None`` means "the recipe's value" where noted."""
-    model: str = "convnextv2_atto"
-    data: str = "builtin"
     output: str = "runs/fcmae"
     epochs: int = RECIPE["epochs"]
     batch_size: int = 64                 # per process and micro-batch
-    accum_steps: int = 1
     img_size: int = 224
-    in_chans: int = 3
-    stem_stride: int | None = None       # None: the model's (4)
-    depths: Sequence[int] | None = None  # custom encoder shape (tests, small studies)
-    dims: Sequence[int] | None = None
-    v1_block: bool = False               # ConvNeXt V1 block (no GRN, layer scale) for ablations
     mask_ratio: float = RECIPE["mask_ratio"]
     norm_pix_loss: bool = RECIPE["norm_pix_loss"]
     decoder_depth: int = RECIPE["decoder_depth"]
@@ -81,71 +64,49 @@ class PretrainConfig:
     min_lr: float = RECIPE["min_lr"]
     warmup_epochs: float | None = None   # None: the recipe's 40, capped at a quarter of the run
     weight_decay: float = RECIPE["weight_decay"]
+    wd_exempt: str = "official"          # "official": biases and 1-D tensors but not GRN;
+    #                                      "grn": also GRN gamma/beta and the mask token
     betas: Sequence[float] = RECIPE["betas"]
     clip_grad: float | None = None
-    amp: str = "none"
-    device: str | None = None            # None/"auto": GPU when there is one
-    workers: int = 2
-    seed: int = 0
-    deterministic: bool = False
-    resume: str | None = None            # "auto", a checkpoint file or a run folder
-    save_every_steps: int = 0
-    keep_last: int = 3
     recon_every: int = 10
-    max_steps: int | None = None         # stop after this many optimizer steps in total
-    progress: bool = True
-    strict_data: bool = False            # unreadable images are fatal instead of skipped
-    fsdp: bool = False                   # shard with FSDP2 (fully_shard) instead of DDP
+
+    def __post_init__(self):
+        self.in_chans = self.in_chans or 3
 
 
-# -- setup helpers ---------------------------------------------------------------------------
 def check_output_writable(output: str | Path) -> Path:
-    """Create ``output`` and prove a file can be written there, before any real work."""
-    out = Path(output).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--output {output}: cannot write there ({e.strerror or e}); "
-                              f"pick a folder you can write to") from None
-    return out
+    """Create ``output`` and prove a file can be written there (kept for other commands)."""
+    return check_writable(output, create=True)
 
 
-def seed_everything(seed: int, rank: int = 0) -> None:
-    torch.manual_seed(seed + rank)
-    np.random.seed((seed + rank) % 2 ** 32)
-    random.seed(seed + rank)
-
-
-def set_deterministic(enabled: bool) -> bool:
-    """Turn torch's deterministic algorithms on or off; returns the previous setting."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(enabled)
-    return previous
-
-
-def _worker_init(worker_id: int) -> None:
-    """Seed numpy/python in loader workers from torch's per-worker seed (itself derived from
-    the loader's seeded generator). Augmentation is keyed per sample on top of this."""
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
+def _check_config(cfg: PretrainConfig) -> None:
+    """Refuse values that cannot train, before anything is written."""
+    for name in ("epochs", "batch_size", "img_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ValueError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}: the loss is "
+                         f"computed on the masked patches only, so 0 leaves nothing to learn")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.wd_exempt not in T.PRETRAIN_NO_DECAY:
+        raise ValueError(f"--wd-exempt must be one of {', '.join(T.PRETRAIN_NO_DECAY)}, "
+                         f"got {cfg.wd_exempt!r}")
+    if cfg.backend not in ("sparse", "dense"):
+        raise ValueError(f"--backend must be sparse or dense, got {cfg.backend!r}")
+    if cfg.recon_every < 0:
+        raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
+    for name in ("blr", "min_lr", "lr", "warmup_epochs", "clip_grad"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 def build_fcmae(cfg: PretrainConfig):
-    from ..models.registry import block_kwargs
     from ..fcmae.fcmae import FCMAE
     from ..models.registry import create_model
 
-    encoder = create_model(cfg.model, num_classes=0, in_chans=cfg.in_chans,
-                           stem_stride=cfg.stem_stride,
-                           depths=tuple(cfg.depths) if cfg.depths else None,
-                           dims=tuple(cfg.dims) if cfg.dims else None,
-                           **block_kwargs(cfg.v1_block))
+    encoder = create_model(cfg.model, num_classes=0, **cfg.architecture())
     fcmae = FCMAE(encoder, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
                   decoder_embed_dim=cfg.decoder_dim, norm_pix_loss=cfg.norm_pix_loss,
                   backend=cfg.backend)
@@ -161,19 +122,9 @@ def build_fcmae(cfg: PretrainConfig):
     return fcmae
 
 
-def _check_config(cfg: PretrainConfig) -> None:
-    for name in ("epochs", "batch_size", "accum_steps", "img_size", "in_chans", "keep_last"):
-        if getattr(cfg, name) < (0 if name == "keep_last" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, "
-                             f"got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ValueError(f"--mask-ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.backend not in ("sparse", "dense"):
-        raise ValueError(f"--backend must be sparse or dense, got {cfg.backend!r}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {cfg.max_steps}")
-    if cfg.save_every_steps < 0 or cfg.recon_every < 0 or cfg.workers < 0:
-        raise ValueError("--save-every-steps, --recon-every and --workers must be >= 0")
+def pretrain_param_groups(fcmae, cfg: PretrainConfig) -> list[dict]:
+    """AdamW groups: decay on everything but what ``cfg.wd_exempt`` exempts (docs/recipes.md)."""
+    return T.param_groups(fcmae, cfg.weight_decay, no_decay=T.PRETRAIN_NO_DECAY[cfg.wd_exempt])
 
 
 def resolve_warmup(cfg: PretrainConfig) -> tuple[float, str | None]:
@@ -208,8 +159,7 @@ def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
     ``create_model(name, pretrained=path)`` whatever the model's number of classes)."""
     from ..checkpoint import save_checkpoint
 
-    weights = _EncoderWeights(encoder)
-    save_checkpoint(weights, path, layout="native", metadata=metadata)
+    save_checkpoint(_EncoderWeights(encoder), path, layout="native", metadata=metadata)
     return path
 
 
@@ -238,231 +188,158 @@ def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
 
 def build_loader(cfg: PretrainConfig, info: T.DistInfo):
     """The training data: order keyed by (seed, epoch), augmentation by (seed, epoch, index).
-
-    Returns ``(dataset, keyed, sampler, loader)``: call ``keyed.set_epoch`` and
-    ``sampler.set_epoch(epoch, skip)`` before iterating ``loader`` for an epoch; batches are
-    ``(images, targets, indices)``.
-    """
+    Returns ``(dataset, loader)``; batches are ``(images, targets, indices)``."""
     from torch.utils.data import DataLoader
 
     from ..data import IndexedDataset, build_dataset, pretrain_transform
 
     base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
                          strict=cfg.strict_data)
-    keyed = T.KeyedAugmentDataset(base, cfg.seed)
-    dataset = IndexedDataset(keyed)
+    dataset = IndexedDataset(T.KeyedAugmentDataset(base, cfg.seed))
     sampler = T.ResumableSampler(T.build_sampler(dataset, info, shuffle=True, seed=cfg.seed))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
                         num_workers=cfg.workers, drop_last=True,
-                        pin_memory=info.device.type == "cuda", worker_init_fn=_worker_init,
+                        pin_memory=info.device.type == "cuda", worker_init_fn=T.worker_init,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=False)  # workers must see each epoch's set_epoch
-    return base, keyed, sampler, loader
+    return base, loader
 
 
-# -- the loop --------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run FCMAE pretraining; returns a summary dict (steps, last loss, written files)."""
     _check_config(cfg)
-    info = T.init_distributed(cfg.device)
-    T.check_amp(cfg.amp, info.device)
-    out = check_output_writable(cfg.output) if info.is_main else Path(cfg.output)
-    T.barrier()
-    previous_det = set_deterministic(cfg.deterministic)
-    try:
+    with T.run_session(cfg) as (info, out):
         return _pretrain(cfg, info, out)
-    finally:
-        set_deterministic(previous_det)
-        T.cleanup_distributed()
-
-
-def _log(info, *parts) -> None:
-    if info.is_main:
-        print(*parts, flush=True)
 
 
 def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
-    from ..data import describe_source, mean_std
+    from ..data import describe_source
     from ..fcmae.masking import keyed_mask
 
-    seed_everything(cfg.seed, info.rank)
-    base, keyed, sampler, loader = build_loader(cfg, info)
+    base, loader = build_loader(cfg, info)
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"{describe_source(cfg.data)} has {len(base)} images: too few for one "
                          f"optimizer step of {cfg.batch_size} x {cfg.accum_steps} (accum) x "
                          f"{info.world_size} (processes); lower --batch-size or --accum-steps")
-    batches_per_epoch = steps_per_epoch * cfg.accum_steps  # a partial accumulation is dropped
-
-    # model, optimizer, schedule (recipe: AdamW (0.9, 0.95), lr = blr * eff / 256, cosine)
     fcmae = build_fcmae(cfg).to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
         from ..training import fsdp
         fsdp.shard(fcmae, info)
     eff = T.effective_batch(cfg.batch_size, cfg.accum_steps, info.world_size)
     base_lr = cfg.lr if cfg.lr is not None else T.scaled_lr(cfg.blr, eff)
-    optimizer = torch.optim.AdamW(T.param_groups(fcmae, cfg.weight_decay), lr=base_lr,
+    optimizer = torch.optim.AdamW(pretrain_param_groups(fcmae, cfg), lr=base_lr,
                                   betas=tuple(cfg.betas))
     warmup, warmup_note = resolve_warmup(cfg)
     schedule = T.WarmupCosineSchedule(optimizer, base_lr=base_lr, epochs=cfg.epochs,
                                       steps_per_epoch=steps_per_epoch, warmup_epochs=warmup,
                                       min_lr=cfg.min_lr)
-    stepper = T.AccumulatingStep(fcmae, optimizer, accum_steps=cfg.accum_steps, amp=cfg.amp,
-                                 device=info.device, clip_grad=cfg.clip_grad)
+    trainer = T.Trainer(loader=loader,
+        model=fcmae, optimizer=optimizer, schedule=schedule, cfg=cfg, info=info, out=out,
+        args=dict(dataclasses.asdict(cfg), effective_batch=eff), images_per_step=eff,
+        batches_per_epoch=steps_per_epoch * cfg.accum_steps,  # a partial accumulation is dropped
+        total_steps=cfg.epochs * steps_per_epoch, clip_grad=cfg.clip_grad, desc="pretrain",
+        step_fields=lambda: dict(skipped_images=getattr(base, "num_skipped", 0)))
+    trainer.resume(RESUME_MUST_MATCH, RESUME_MAY_CHANGE)
+    with trainer.open_log("metrics.jsonl") as log:
+        return _train(cfg, trainer, base, log, dict(effective_batch=eff, lr=base_lr,
+                                                    steps_per_epoch=steps_per_epoch,
+                                                    warmup_epochs=warmup), warmup_note)
 
-    # resume
-    args = dataclasses.asdict(cfg)
-    epoch, batches_done, global_step = 0, 0, 0
-    resume_path = T.broadcast_object(T.resolve_resume(cfg.resume, out) if info.is_main else None)
-    last_ckpt = resume_path
-    if resume_path is not None:
-        state = T.load_run_state(resume_path)
-        _warn_changed_args(info, state.get("args", {}), args)
-        saved_world = state.get("extra", {}).get("world_size", info.world_size)
-        if saved_world != info.world_size:
-            _log(info, f"warning: the checkpoint was written by {saved_world} process(es), this "
-                       f"run has {info.world_size}; the effective batch and data split change")
-        try:
-            apply = fsdp.apply_run_state if cfg.fsdp else T.apply_run_state
-            pos = apply(state, model=fcmae, optimizer=optimizer, scaler=stepper.scaler)
-        except RuntimeError as e:
-            raise ValueError(f"--resume {resume_path}: its weights do not fit this model "
-                             f"({str(e).splitlines()[0]}); resume with the same --model and "
-                             f"shape options") from None
-        epoch, batches_done, global_step = pos["epoch"], pos["batches_done"], pos["global_step"]
-        if batches_done >= batches_per_epoch:
-            epoch, batches_done = epoch + 1, 0
-        _log(info, f"resumed from {resume_path}: epoch {epoch}, step {global_step}")
-    elif cfg.resume == "auto":
-        _log(info, f"--resume auto: no checkpoint in {out}, starting fresh")
 
-    model = fcmae if cfg.fsdp else T.wrap_ddp(fcmae, info)
-    metrics = T.MetricsLog(out / "metrics.jsonl", resume_step=global_step if resume_path else None,
-                           enabled=info.is_main)
-    recon_saver = _reconstruction_saver() if info.is_main else None
-    recon_batch = fixed_recon_batch(cfg, fcmae.patch_size) if recon_saver else None
+def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: dict,
+           warmup_note: str | None) -> dict:
+    from ..data import describe_source
+    from ..fcmae.masking import keyed_mask
+
+    info, fcmae = trainer.info, trainer.model
     grid = (cfg.img_size // fcmae.patch_size,) * 2
-    mean, std = mean_std(cfg.in_chans)
+    figures = _Figures(cfg, fcmae, info, trainer.out, log)
 
-    total_steps = cfg.epochs * steps_per_epoch
-    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     n_params = sum(p.numel() for p in fcmae.encoder.parameters()) / 1e6
-    _log(info, f"FCMAE pretraining: {cfg.model} ({n_params:.2f}M encoder params, patch "
-               f"{fcmae.patch_size}, {cfg.backend} backend) on "
-               f"{describe_source(cfg.data)}: {len(base)} images, {steps_per_epoch} steps/epoch, "
-               f"effective batch {eff}, lr {base_lr:.3g}, device {info.device}"
-               + (f", {info.world_size} processes" if info.distributed else ""))
-    if warmup_note:
-        _log(info, warmup_note)
-    if getattr(base, "num_skipped", 0):
-        _log(info, f"skipped {base.num_skipped} unreadable image(s)")
-    if recon_saver is None and info.is_main:
-        _log(info, "note: convnextv2.analysis.reconstruction is not available; "
-                   "no reconstruction figures")
+    trainer.say(f"FCMAE pretraining: {cfg.model} ({n_params:.2f}M encoder params, patch "
+                f"{fcmae.patch_size}, {cfg.backend} backend) on {describe_source(cfg.data)}: "
+                f"{len(base)} images, {facts['steps_per_epoch']} steps/epoch, effective batch "
+                f"{facts['effective_batch']}, lr {facts['lr']:.3g}, device {info.device}"
+                + (f", {info.world_size} processes" if info.distributed else ""))
+    for note in (warmup_note, getattr(base, "num_skipped", 0)
+                 and f"skipped {base.num_skipped} unreadable image(s)", figures.missing_note):
+        if note:
+            trainer.say(note)
 
-    def save_state(ep: int, done: int) -> Path | None:
-        nonlocal last_ckpt
-        src_model, src_optim = (fsdp.full_state_views(fcmae, optimizer) if cfg.fsdp
-                                else (fcmae, optimizer))  # FSDP: gathered on every rank
-        if info.is_main:
-            state = T.build_run_state(model=src_model, optimizer=src_optim, epoch=ep,
-                                      batches_done=done, global_step=global_step, args=args,
-                                      scaler=stepper.scaler,
-                                      data_order=dict(seed=cfg.seed, kind="distributed-sampler"),
-                                      extra=dict(world_size=info.world_size))
-            last_ckpt = T.save_run_state(out, state, keep_last=cfg.keep_last)
-        T.barrier()
-        return last_ckpt
+    def forward(model, batch, key):
+        imgs, _, index = batch
+        imgs = imgs.to(info.device, non_blocking=True)
+        mask = keyed_mask(cfg.seed, key.epoch, index, grid, cfg.mask_ratio, device=info.device)
+        loss, _, _ = model(imgs, mask)
+        return loss, len(imgs)
 
-    pbar = None
-    if info.is_main and cfg.progress:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=stop_at, initial=min(global_step, stop_at), desc="pretrain",
-                    unit="step", dynamic_ncols=True)
-    last_loss = float("nan")
-    throughput = T.Throughput()
-    model.train()
-    try:
-        while epoch < cfg.epochs and global_step < stop_at:
-            sampler.set_epoch(epoch, skip=batches_done * cfg.batch_size)
-            keyed.set_epoch(epoch)
-            batches = iter(loader)
-            step_losses = []
-            throughput.reset()
-            for b in range(batches_done, batches_per_epoch):
-                imgs, _, index = next(batches)
-                imgs = imgs.to(info.device, non_blocking=True)
-                mask = keyed_mask(cfg.seed, epoch, index, grid, cfg.mask_ratio, device=info.device)
-                if stepper.micro == 0:
-                    lr = schedule.step(global_step)
-                with stepper.micro_batch():
-                    loss, _, _ = model(imgs, mask)
-                value = float(T.all_reduce_mean(loss.detach().float()))
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(global_step + 1, epoch, value, last_ckpt)
-                step_losses.append(value)
-                if not stepper.backward(loss):
-                    continue
-                global_step += 1
-                last_loss = sum(step_losses) / len(step_losses)
-                step_losses = []
-                record = dict(step=global_step, epoch=epoch, loss=last_loss, lr=lr,
-                              img_per_s=throughput.rate(eff),
-                              skipped_images=getattr(base, "num_skipped", 0))
-                metrics.log(record)
-                if pbar is not None:
-                    pbar.update(1)
-                    pbar.set_postfix(epoch=epoch, loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
-                                     img_s=f"{record['img_per_s']:.0f}")
-                done = b + 1
-                if global_step >= stop_at and done < batches_per_epoch:
-                    batches_done = done
-                    break
-                if cfg.save_every_steps and global_step % cfg.save_every_steps == 0 \
-                        and done < batches_per_epoch:
-                    save_state(epoch, done)
-            else:  # the epoch ran to its end
-                epoch, batches_done = epoch + 1, 0
-                save_state(epoch, 0)
-                if info.is_main:
-                    _plot_loss(out)
-                    if recon_saver and cfg.recon_every and epoch % cfg.recon_every == 0 \
-                            and not cfg.fsdp:  # a sharded forward needs every rank
-                        _save_recon(recon_saver, fcmae, recon_batch,
-                                    out / f"reconstruction_ep{epoch:04d}.png", mean, std,
-                                    f"epoch {epoch}, step {global_step}", info.device)
-                continue
-            save_state(epoch, batches_done)  # stopped by --max-steps inside the epoch
-            break
-    except NonFiniteLossError as e:
-        _log(info, f"stopping: {e}")
-        metrics.close()
-        raise
-    finally:
-        if pbar is not None:
-            pbar.close()
-    metrics.close()
+    def end_of_epoch(epoch: int) -> None:
+        figures.epoch_end(epoch, trainer.pos.global_step)
 
+    trainer.fit(cfg.epochs, forward, end_of_epoch)
+    return _finish(cfg, trainer, figures, facts)
+
+
+class _Figures:
+    """The loss curve and reconstruction grids (rank 0), also sent to TensorBoard."""
+
+    def __init__(self, cfg: PretrainConfig, fcmae, info, out: Path, log: T.RunLog):
+        from ..data import mean_std
+        self.cfg, self.fcmae, self.info, self.out, self.log = cfg, fcmae, info, out, log
+        self.saver = _reconstruction_saver() if info.is_main else None
+        self.batch = fixed_recon_batch(cfg, fcmae.patch_size) if self.saver else None
+        self.mean_std = mean_std(cfg.in_chans)
+        self.missing_note = (None if self.saver or not info.is_main else
+                             "note: convnextv2.analysis.reconstruction is not available; "
+                             "no reconstruction figures")
+
+    def epoch_end(self, epoch: int, step: int) -> None:
+        if not self.info.is_main:
+            return
+        _plot_loss(self.out)
+        every = self.cfg.recon_every
+        if every and epoch % every == 0 and not self.cfg.fsdp:  # sharded: needs every rank
+            self.reconstruction(self.fcmae, self.out / f"reconstruction_ep{epoch:04d}.png",
+                                f"epoch {epoch}, step {step}", step)
+
+    def reconstruction(self, fcmae, path: Path, caption: str, step: int) -> Path | None:
+        if self.saver is None:
+            return None
+        _save_recon(self.saver, fcmae, self.batch, path, *self.mean_std, caption,
+                    self.info.device)
+        self.log.image("reconstruction", path, step)
+        return path
+
+
+def _finish(cfg: PretrainConfig, trainer: T.Trainer, figures: _Figures, facts: dict) -> dict:
+    """The final files (loss curve, reconstruction, encoder and FCMAE weights) and the summary."""
+    from ..data import describe_source
+
+    info, out, fcmae, pos = trainer.info, trainer.out, trainer.model, trainer.pos
     if cfg.fsdp:  # the files and figures come from one full copy on rank 0
+        from ..training import fsdp
         fcmae = fsdp.unsharded_copy(fcmae, lambda: build_fcmae(cfg), info.device, info.is_main)
     files = {}
     if info.is_main:
         files["loss_curve"] = _plot_loss(out)
-        if recon_saver:
-            files["reconstruction"] = _save_recon(
-                recon_saver, fcmae, recon_batch, out / "reconstruction.png", mean, std,
-                f"end: epoch {epoch}, step {global_step}", info.device)
+        recon = figures.reconstruction(fcmae, out / "reconstruction.png",
+                                       f"end: epoch {pos.epoch}, step {pos.global_step}",
+                                       pos.global_step)
+        if recon:
+            files["reconstruction"] = recon
         meta = {"source": "convnextv2 pretrain (FCMAE)", "epochs": str(cfg.epochs),
-                "global_step": str(global_step), "data": describe_source(cfg.data),
-                "img_size": str(cfg.img_size)}
+                "global_step": str(pos.global_step), "data": describe_source(cfg.data),
+                "img_size": str(cfg.img_size), "wd_exempt": cfg.wd_exempt}
         files["encoder"] = save_encoder(fcmae.encoder, out / "encoder.safetensors", meta)
         files["fcmae"] = fcmae_io.save_fcmae(fcmae, out / "fcmae.safetensors", meta)
-        files["checkpoint"] = last_ckpt
-        _log(info, f"done: {global_step} steps, last loss {last_loss:.4f}; wrote {out}")
+        files["checkpoint"] = trainer.last_checkpoint
+        trainer.say(f"done: {pos.global_step} steps, last loss {trainer.last_loss:.4f}; "
+                    f"wrote {out}")
     T.barrier()
-    return dict(global_step=global_step, epoch=epoch, last_loss=last_loss, lr=base_lr,
-                effective_batch=eff, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup,
-                files=files, output=str(out))
+    return dict(global_step=pos.global_step, epoch=pos.epoch, last_loss=trainer.last_loss,
+                files=files, output=str(out), **facts)
 
 
 def _plot_loss(out: Path) -> Path | None:
@@ -482,17 +359,3 @@ def _save_recon(saver, fcmae, batch, path: Path, mean, std, caption: str, device
     finally:
         fcmae.train(was_training)
     return path
-
-
-_RESUME_MUST_MATCH = ("model", "img_size", "in_chans", "stem_stride", "depths", "dims",
-                      "batch_size", "accum_steps", "epochs", "seed", "mask_ratio", "data")
-
-
-def _warn_changed_args(info, saved: dict, now: dict) -> None:
-    """An exact continuation needs the same run shape; say which options changed."""
-    changed = [k for k in _RESUME_MUST_MATCH
-               if k in saved and T.runstate.plain(now.get(k)) != saved[k]]
-    if changed:
-        _log(info, "warning: resuming with changed " + ", ".join(
-            f"{k} ({saved[k]} -> {T.runstate.plain(now.get(k))})" for k in changed)
-            + "; the run will not match an uninterrupted one")

@@ -7,20 +7,32 @@
 - ``metrics``: ``metrics.jsonl`` (cut back to the resumed step on resume) and curve PNGs;
 - ``distributed``: torchrun / world-of-one setup, samplers, effective batch;
 - ``step``: bf16/fp16 autocast and gradient accumulation;
-- ``data_order``: sample order and augmentation keyed by (seed, epoch, index).
+- ``data_order``: sample order and augmentation keyed by (seed, epoch, index);
+- ``config``: the run options both recipes share and the checks of ``--output``;
+- ``loop``: the engine (``Trainer``: ``train_one_epoch``, ``resume``, ``save_state``).
 """
+from .config import RunConfig, check_output, check_run_config, config_from_args
 from .data_order import KeyedAugmentDataset, ResumableSampler, sample_key
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, build_sampler,
                           cleanup_distributed, effective_batch, init_distributed, wrap_ddp)
+from .loop import (NonFiniteLossError, Position, RunLog, StepKey, Trainer, run_session,
+                   seed_everything, set_deterministic, worker_init)
 from .metrics import MetricsLog, Throughput, plot_curves, read_metrics, truncate_after
 from .runstate import (apply_run_state, atomic_torch_save, build_run_state, capture_rng_state,
-                       checkpoint_path, latest_checkpoint, list_checkpoints, load_run_state,
-                       resolve_resume, restore_rng_state, save_run_state)
-from .schedule import (WarmupCosineSchedule, clip_warmup_epochs, param_groups, scaled_lr,
-                       set_lr, skips_weight_decay, warmup_cosine_lr)
+                       checkpoint_path, latest_checkpoint, list_checkpoints, load_resume_state,
+                       load_run_state, remove_orphaned_temps, resolve_resume,
+                       restore_rng_state, save_run_state)
+from .schedule import (PRETRAIN_NO_DECAY, WarmupCosineSchedule, clip_warmup_epochs,
+                       official_pretrain_exempt, param_groups, scaled_lr, set_lr,
+                       skips_weight_decay, warmup_cosine_lr)
 from .step import AMP_MODES, AccumulatingStep, autocast, check_amp
 
 __all__ = [
+    "RunConfig", "check_output", "check_run_config", "config_from_args",
+    "NonFiniteLossError", "Position", "RunLog", "StepKey", "Trainer", "run_session",
+    "seed_everything", "set_deterministic", "worker_init",
+    "load_resume_state", "remove_orphaned_temps", "PRETRAIN_NO_DECAY",
+    "official_pretrain_exempt",
     "KeyedAugmentDataset", "ResumableSampler", "sample_key",
     "DistInfo", "all_reduce_mean", "barrier", "broadcast_object", "build_sampler",
     "cleanup_distributed", "effective_batch", "init_distributed", "wrap_ddp",

@@ -62,8 +62,23 @@ def save_run_state(folder: str | Path, state: dict, keep_last: int = 3) -> Path:
     path = atomic_torch_save(state, checkpoint_path(folder, state["global_step"]))
     if keep_last and keep_last > 0:
         for old in list_checkpoints(folder)[:-keep_last]:
-            old.unlink(missing_ok=True)
+            if old != path:  # never the file just written, whatever else the folder holds
+                old.unlink(missing_ok=True)
     return path
+
+
+TEMP_RE = re.compile(r"^\.checkpoint-\d+\.pt\..+\.tmp$")
+
+
+def remove_orphaned_temps(folder: str | Path) -> list[Path]:
+    """Delete the hidden temp files (``.checkpoint-*.pt.*.tmp``) that a kill in the middle of a
+    checkpoint write leaves; call it before a run starts writing to ``folder``."""
+    folder = Path(folder)
+    removed = [p for p in folder.iterdir() if TEMP_RE.match(p.name) and p.is_file()] \
+        if folder.is_dir() else []
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def resolve_resume(resume: str | None, folder: str | Path) -> Path | None:
@@ -85,12 +100,46 @@ def resolve_resume(resume: str | None, folder: str | Path) -> Path | None:
     return path
 
 
+def load_resume_state(resume: str | None, folder: str | Path,
+                      warn=print) -> tuple[Path | None, dict | None]:
+    """The run state to continue from: ``(path, state)``, or ``(None, None)`` for a fresh start.
+
+    With ``"auto"`` or a run folder, a newest checkpoint that cannot be read (truncated by a
+    full disk, corrupted) is reported through ``warn`` and the next older one is tried; nothing
+    is deleted, so the damaged file stays for inspection. A checkpoint named explicitly must
+    itself be readable."""
+    if not resume:
+        return None, None
+    path = Path(resume).expanduser()
+    if resume != "auto" and not path.is_dir():
+        path = resolve_resume(resume, folder)  # a file: checked, no fallback
+        return path, load_run_state(path)
+    where = Path(folder) if resume == "auto" else path
+    candidates = list_checkpoints(where)[::-1]
+    if not candidates:
+        if resume != "auto":
+            raise FileNotFoundError(f"--resume {resume}: the folder holds no checkpoint-*.pt file")
+        return None, None
+    for i, candidate in enumerate(candidates):
+        try:
+            state = load_run_state(candidate)
+        except ValueError as e:
+            later = candidates[i + 1].name if i + 1 < len(candidates) else None
+            warn(f"warning: {e}; " + (f"trying the older {later} (nothing is deleted)" if later
+                                      else "no older checkpoint is left"))
+            continue
+        return candidate, state
+    raise ValueError(f"--resume {resume}: none of the {len(candidates)} checkpoint(s) in {where} "
+                     f"can be read; start a new --output (the damaged files were kept)")
+
+
 def load_run_state(path: str | Path) -> dict:
     """Load a run state safely (``weights_only=True``: no arbitrary pickles)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated / foreign file
-        raise ValueError(f"cannot read run state {path}: {e}") from None
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read run state {path} (truncated or damaged? {cause})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a training checkpoint of this package "
                          f"(expected format {FORMAT!r})")

@@ -83,6 +83,23 @@ def skips_weight_decay(name: str, param) -> bool:
     return param.ndim <= 1 or leaf in NO_DECAY_LEAVES or ".grn." in f".{name}."
 
 
+def official_pretrain_exempt(name: str, param) -> bool:
+    """True when the official FCMAE pretraining exempts ``name`` from weight decay.
+
+    The official script builds its groups with timm's ``param_groups_weight_decay``, which
+    exempts biases and 1-D tensors only. Its GRN gamma/beta are 2-D ((1, C) in the sparse
+    encoder, (1, 1, 1, C) in the decoder) and its mask token 4-D, so they ARE decayed there.
+    Here GRN parameters are 1-D, hence the explicit exception: this reproduces the official
+    groups, not the shapes."""
+    if name.endswith(".bias"):
+        return True
+    return param.ndim <= 1 and ".grn." not in f".{name}."
+
+
+# ``--wd-exempt``: which parameters pretraining leaves undecayed
+PRETRAIN_NO_DECAY = {"official": official_pretrain_exempt, "grn": skips_weight_decay}
+
+
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = (),
                  no_decay: Callable[[str, nn.Parameter], bool] = skips_weight_decay) -> list[dict]:
     """Two AdamW groups: ``weight_decay`` for weight matrices / kernels, 0 for the rest.

@@ -1,0 +1,210 @@
+"""The options every training run shares, and the checks made before a run writes anything.
+
+``PretrainConfig`` and ``FinetuneConfig`` both inherit ``RunConfig``, so the run fields (output,
+seed, device, precision, workers, resume, checkpoints, logging) have one name, one default
+rule and one validation, and the command line fills either config the same way
+(``config_from_args``). The checks here only read: a refused run leaves its ``--output``
+exactly as it was, which is why they run before the first file is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+# the files a training run leaves in its output folder; one of them means "a run lives here"
+RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "encoder.safetensors",
+             "fcmae.safetensors", "best.safetensors", "best_ema.safetensors", "last.safetensors",
+             "last_ema.safetensors")
+
+
+@dataclass
+class RunConfig:
+    """How a run is executed and recorded, whatever it trains.
+
+    The model fields describe the architecture identically for both recipes: a variant name,
+    optionally reshaped by ``depths``/``dims``/``stem_stride``/``in_chans``, ``v1_block`` for
+    the V1 ablation block, and ``model_kwargs`` for any other constructor argument.
+    """
+    # the architecture
+    model: str | None = "convnextv2_atto"
+    in_chans: int | None = None           # None: the checkpoint's, else 3
+    stem_stride: int | None = None        # None: the variant's (4)
+    depths: Sequence[int] | None = None
+    dims: Sequence[int] | None = None
+    v1_block: bool = False                # ConvNeXt V1 block (no GRN, layer scale 1e-6)
+    model_kwargs: dict = field(default_factory=dict)
+    # data and output
+    data: str = "builtin"
+    output: str = "runs/run"
+    img_size: int | None = None
+    workers: int = 2
+    strict_data: bool = False             # unreadable images are fatal instead of skipped
+    # optimisation shared by both recipes
+    batch_size: int | None = None         # per process and micro-batch
+    accum_steps: int = 1                  # micro-batches per optimizer step
+    amp: str | None = "none"              # "bf16" / "fp16" autocast; None / "none": float32
+    compile: bool = False                 # torch.compile the model
+    # execution
+    device: str | None = None             # None / "auto": this process's GPU when there is one
+    seed: int = 0
+    deterministic: bool = False           # torch deterministic algorithms (bitwise resume)
+    fsdp: bool = False                    # shard with FSDP2 (fully_shard) instead of DDP
+    # checkpoints and logs
+    resume: str | None = None             # "auto", a checkpoint file or a run folder
+    overwrite: bool = False               # move an old run in ``output`` aside first
+    keep_last: int = 3                    # run states kept (0: all)
+    save_every_steps: int = 0             # also save a run state every N optimizer steps
+    max_steps: int | None = None          # stop after this many optimizer steps in total
+    progress: bool = True
+    log_dir: str | None = None            # TensorBoard event files go here too
+
+    def architecture(self) -> dict:
+        """Constructor keyword arguments given by the architecture fields (None = not set)."""
+        from ..models.registry import block_kwargs
+        arch = {k: getattr(self, k) for k in ("in_chans", "stem_stride") if getattr(self, k)}
+        for k in ("depths", "dims"):
+            if getattr(self, k):
+                arch[k] = tuple(getattr(self, k))
+        if self.v1_block:
+            arch.update(block_kwargs(True))
+        arch.update({k: v for k, v in self.model_kwargs.items() if v is not None})
+        return arch
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """Refuse impossible run options up front, naming the flag and what it accepts."""
+    from .step import AMP_MODES
+
+    def need(ok: bool, flag: str, accepted: str, value) -> None:
+        if not ok:
+            raise ValueError(f"--{flag} must be {accepted}, got {value}")
+
+    need(cfg.workers >= 0, "workers", ">= 0", cfg.workers)
+    need(cfg.accum_steps >= 1, "accum-steps", ">= 1", cfg.accum_steps)
+    need(cfg.batch_size is None or cfg.batch_size >= 1, "batch-size", ">= 1", cfg.batch_size)
+    need(cfg.img_size is None or cfg.img_size >= 1, "img-size", ">= 1", cfg.img_size)
+    need(cfg.in_chans is None or cfg.in_chans >= 1, "in-chans", ">= 1", cfg.in_chans)
+    need(cfg.keep_last >= 0, "keep-last", ">= 0 (0 keeps every checkpoint)", cfg.keep_last)
+    need(cfg.save_every_steps >= 0, "save-every-steps", ">= 0 (0: at epoch ends only)",
+         cfg.save_every_steps)
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "max-steps", ">= 1", cfg.max_steps)
+    need((cfg.amp or "none") in AMP_MODES, "amp", "one of " + ", ".join(AMP_MODES), cfg.amp)
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--overwrite with --resume: one continues the run in --output, the "
+                         "other moves it aside; pick one")
+
+
+def check_fraction(value, flag: str, *, upper: float = 1.0, closed: bool = True,
+                   why: str = "") -> None:
+    """``value`` (None = the recipe's) must lie in [0, upper] (or [0, upper) if not closed)."""
+    if value is None:
+        return
+    ok = 0.0 <= value <= upper if closed else 0.0 <= value < upper
+    if not ok:
+        bracket = "]" if closed else ")"
+        raise ValueError(f"--{flag} must be in [0, {upper:g}{bracket}{why}, got {value}")
+
+
+# -- the output folder -------------------------------------------------------------------------
+def existing_run(out: Path) -> list[str]:
+    """Names of run files in ``out`` (empty when it holds no run)."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir()
+                   if p.name in RUN_FILES or (p.name.startswith("checkpoint-")
+                                              and p.name.endswith(".pt")))
+    return names
+
+
+def check_output(cfg: RunConfig) -> Path:
+    """Read-only checks of ``cfg.output`` before any work: it can be created and written, and
+    a run already there is only continued (``resume``) or moved aside (``overwrite``), never
+    silently replaced. Safe to call on every process of a distributed run."""
+    out = Path(cfg.output).expanduser()
+    check_writable(out, create=False)
+    found = existing_run(out)
+    if found and not cfg.resume and not cfg.overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"--output {cfg.output} already holds a run ({shown}); continue it with "
+                         f"--resume auto, choose a new --output, or add --overwrite to move "
+                         f"the old run aside to {aside_name(out).name}")
+    return out
+
+
+def prepare_output(cfg: RunConfig, out: Path) -> Path | None:
+    """Create ``out`` (main process only), move an old run aside under ``overwrite``, and
+    remove temp files of checkpoint writes a kill interrupted. Returns where the old run went."""
+    moved = None
+    if cfg.overwrite and existing_run(out):
+        moved = aside_name(out)
+        shutil.move(str(out), str(moved))
+        print(f"--overwrite: moved the old run in {out} to {moved}", flush=True)
+    check_writable(out, create=True)
+    from .runstate import remove_orphaned_temps
+    removed = remove_orphaned_temps(out)
+    if removed:
+        print(f"removed {len(removed)} unfinished checkpoint write(s) left by an interrupted "
+              f"run: {', '.join(p.name for p in removed)}", flush=True)
+    return moved
+
+
+def aside_name(out: Path) -> Path:
+    """A sibling ``<name>.old-<UTC time>`` that does not exist yet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    candidate = out.with_name(f"{out.name}.old-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    return candidate
+
+
+def check_writable(output: str | os.PathLike, create: bool = True) -> Path:
+    """Prove files can be written to ``output``. ``create`` makes the folder and writes a
+    throw-away file there; otherwise nothing is written: an existing folder must be writable,
+    a missing one must have a writable nearest existing parent."""
+    import tempfile
+    out = Path(output).expanduser()
+    try:
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+            return out
+        probe = out
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is a file")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as e:
+        raise PermissionError(f"--output {output}: cannot write there ({e.strerror or e}); "
+                              f"pick a folder you can write to") from None
+    return out
+
+
+# -- resuming with other arguments --------------------------------------------------------------
+def compare_resumed_args(saved: dict, now: dict, must_match: Sequence[str],
+                         may_change: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Fields of a run's saved arguments that differ now: (refused, warned). Only fields the
+    saved run recorded are compared (older checkpoints lack some)."""
+    from .runstate import plain
+    differ = lambda k: k in saved and k in now and plain(now[k]) != saved[k]  # noqa: E731
+    show = lambda k: f"{k} ({saved[k]} -> {plain(now[k])})"  # noqa: E731
+    return ([show(k) for k in must_match if differ(k)],
+            [show(k) for k in may_change if differ(k)])
+
+
+def config_from_args(cls, args, **overrides):
+    """``cls(**...)`` from an argparse namespace: every field with a same-named argument, so a
+    new option needs a field and a flag, not a line here too."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(overrides)
+    return cls(**values)

@@ -1,0 +1,178 @@
+"""COCO-format instance data (a JSON file plus an image folder), read with pycocotools.
+
+The file is checked when the dataset is opened, so a bad file fails before training starts
+with a message naming the annotation or image at fault: an image file that is missing, a
+polygon with an odd number of coordinates or fewer than three points, an RLE mask whose size is
+not its image's, a ``category_id`` that is not among the file's categories. An image whose real
+size differs from the JSON's ``width``/``height`` is reported when it is first loaded.
+
+Category ids (COCO's run 1..90 with gaps) map to contiguous labels 1..K in id order; label 0
+is torchvision's background. Crowd regions (``iscrowd: 1``) are not training targets (Mask
+R-CNN has no crowd handling) but stay in the ground truth COCOeval scores against.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ..transfer.errors import DataError
+
+
+def load_coco(ann_file: str | Path):
+    """A pycocotools ``COCO`` for ``ann_file`` without its chatter on stdout."""
+    from pycocotools.coco import COCO
+
+    path = Path(ann_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist (give a COCO instances "
+                                f"JSON such as annotations/instances_val2017.json)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a COCO instances file ({type(e).__name__}: {e})") from None
+
+
+def check_annotation(ann: dict, image: dict, categories: set, source: str) -> None:
+    """Raise ``DataError`` for an annotation that cannot be a training target."""
+    where = f"{source}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+    if ann.get("category_id") not in categories:
+        known = sorted(categories)
+        raise DataError(f"{where}: category_id {ann.get('category_id')} is outside the file's "
+                        f"{len(known)} categories (ids {known[0]}..{known[-1]})" if known else
+                        f"{where}: the file defines no categories")
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        for poly in seg:
+            if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly)):
+                n = len(poly) if isinstance(poly, list) else type(poly).__name__
+                raise DataError(f"{where}: bad polygon ({n} values); a polygon is a flat list "
+                                f"x1, y1, x2, y2, ... of at least 3 points")
+    elif isinstance(seg, dict):
+        size = list(seg.get("size", []))
+        if size != [image["height"], image["width"]]:
+            raise DataError(f"{where}: mask size {size} (height, width) does not match its "
+                            f"image {image.get('file_name')!r}, which is "
+                            f"{[image['height'], image['width']]}")
+    box = ann.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4):
+        raise DataError(f"{where}: bbox must be [x, y, width, height], got {box!r}")
+
+
+class CocoDetection(Dataset):
+    """``(image, target)`` pairs from a COCO instances file and its image folder.
+
+    ``image``: float tensor (3, H, W) in 0-1 after ``transforms`` (torchvision v2, applied to
+    the image, boxes and masks together). ``target``: ``boxes`` (N, 4) xyxy pixels, ``labels``
+    (N,) in 1..K, ``masks`` (N, H, W) uint8 when ``masks=True``, ``image_id``.
+    ``train=True`` leaves out images with no usable object (they teach the RPN nothing and
+    torchvision's reference does the same).
+    """
+
+    def __init__(self, images: str | Path, ann_file: str | Path, transforms=None,
+                 masks: bool = True, train: bool = False):
+        self.root = Path(images).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.coco = load_coco(ann_file)
+        self.source = Path(ann_file).name
+        self.transforms, self.masks = transforms, masks
+        cats = sorted(self.coco.getCatIds())
+        self.cat_ids = cats
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
+        self.classes = [self.coco.cats[c]["name"] for c in cats]
+        ids = []
+        for image_id in sorted(self.coco.getImgIds()):
+            info = self.coco.imgs[image_id]
+            if not (self.root / info["file_name"]).is_file():
+                raise DataError(f"{self.source}: image id {image_id} names "
+                                f"{info['file_name']!r}, which is missing from {self.root}")
+            anns = self.coco.imgToAnns.get(image_id, [])
+            for ann in anns:
+                check_annotation(ann, info, set(cats), self.source)
+            if train and not any(self._usable(a) for a in anns):
+                continue
+            ids.append(image_id)
+        if not ids:
+            raise DataError(f"{self.source}: no images{' with objects' if train else ''}")
+        self.ids = ids
+
+    @staticmethod
+    def _usable(ann: dict) -> bool:
+        return not ann.get("iscrowd", 0) and ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, index: int) -> Image.Image:
+        info = self.coco.imgs[self.ids[index]]
+        path = self.root / info["file_name"]
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        if image.size != (info["width"], info["height"]):
+            raise DataError(f"{path} is {image.size[0]}x{image.size[1]} but {self.source} says "
+                            f"{info['width']}x{info['height']}; its masks would not fit it")
+        return image
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        image = self.load_image(index)
+        w, h = image.size
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if self._usable(a)]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        target = dict(
+            boxes=tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+            labels=torch.tensor([self.cat_to_label[a["category_id"]] for a in anns],
+                                dtype=torch.int64),
+            image_id=image_id)
+        if self.masks:
+            m = (np.stack([self.coco.annToMask(a) for a in anns]) if anns
+                 else np.zeros((0, h, w), np.uint8))
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(m))
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        target["boxes"] = target["boxes"].as_subclass(torch.Tensor)
+        if "masks" in target:
+            target["masks"] = target["masks"].as_subclass(torch.Tensor)
+        return image.as_subclass(torch.Tensor), target
+
+
+def train_transforms(size: int, scale_range: tuple[float, float] | None = (0.1, 2.0),
+                     flip: bool = True):
+    """Large-scale jitter as in the recipe: rescale to ``size`` times a random factor in
+    ``scale_range``, then crop or pad to ``size`` x ``size``; horizontal flip; objects cut
+    away by the crop are dropped. ``scale_range=None`` keeps the image as it is."""
+    steps = [v2.ToImage()]
+    if scale_range is not None:
+        steps += [v2.ScaleJitter((size, size), scale_range=tuple(scale_range), antialias=True),
+                  v2.RandomCrop((size, size), pad_if_needed=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1),
+              v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps)
+
+
+def eval_transforms():
+    """Images as they are (the detector resizes them itself)."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def collate(batch):
+    """Detection batches are lists: images keep their own sizes."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

@@ -1,0 +1,87 @@
+"""The ConvNeXt V2 backbone of the detector and the segmenter, from any checkpoint.
+
+Detection and segmentation heads need the four stage maps (strides 4, 8, 16, 32), not logits.
+ConvNeXt's dense-prediction backbones also put a channel LayerNorm on each map they hand out:
+the stage outputs of a network trained for classification are unnormalised residual streams
+whose scale grows with depth, and the heads (FPN, UPerNet) train better on normalised inputs.
+Those four norms are new parameters (no checkpoint has them), trained at the full rate.
+
+Weights come through the package's own checkpoint reader, so anything it reads works with no
+key surgery: a ``convnextv2 pretrain`` encoder file, a fine-tuned classifier (its head is
+dropped), the official dense or FCMAE files, timm and Hugging Face layouts.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..models.model import FeatureExtractor, LayerNorm2d
+
+
+class ConvNeXtBackbone(nn.Module):
+    """Four stage maps of a ConvNeXt V2, each through its own channel LayerNorm.
+
+    Parameter names below ``body.`` are the classifier's (``stem.*``, ``stages.S.*``), which is
+    what the layer-wise lr decay rule reads; ``out_norms.*`` are the added output norms.
+    """
+
+    def __init__(self, features: FeatureExtractor, out_norms: bool = True):
+        super().__init__()
+        self.body = features
+        self.config = dict(features.config)
+        self.channels = list(features.channels)
+        self.reductions = list(features.reductions)
+        self.out_norms = nn.ModuleList(
+            LayerNorm2d(c) if out_norms else nn.Identity() for c in self.channels)
+
+    @property
+    def depths(self) -> list[int]:
+        return list(self.config["depths"])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [norm(f) for norm, f in zip(self.out_norms, self.body(x))]
+
+
+def build_backbone(model: str | None = None, pretrained: str | None = None,
+                   drop_path_rate: float = 0.0, out_norms: bool = True,
+                   **overrides) -> ConvNeXtBackbone:
+    """A ``ConvNeXtBackbone`` by variant name, by checkpoint, or both.
+
+    ``model``: a variant (``convnextv2_tiny``, ``atto`` ...); ``None`` with ``pretrained`` builds
+    whatever shape the checkpoint holds. ``pretrained``: a checkpoint path or hub id in any
+    layout the package reads; a classifier head in it is dropped. ``overrides``: constructor
+    arguments (``depths``, ``dims``, ``in_chans``, ``stem_stride``) for custom shapes.
+    ``drop_path_rate``: stochastic depth, rising linearly over the blocks as in the classifier
+    (the detection recipes use 0.2-0.5, segmentation 0.1-0.4).
+    """
+    from ..models.model import ConvNeXtV2
+    from ..models.registry import model_config
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if model is None and pretrained is None and not {"depths", "dims"} <= set(overrides):
+        raise ValueError("give a backbone: --model NAME, --pretrained CHECKPOINT, or both")
+    if model is None and pretrained is not None:
+        from ..checkpoint import load_model
+        net = load_model(pretrained, drop_head=True, drop_path_rate=drop_path_rate,
+                         num_classes=0, **overrides)
+    else:
+        config = (model_config(model, **overrides) if model is not None else dict(overrides))
+        config.update(num_classes=0, drop_path_rate=drop_path_rate)
+        net = ConvNeXtV2(**config)
+        if pretrained is not None:
+            from ..checkpoint import load_pretrained
+            load_pretrained(net, pretrained, drop_head=True)
+    return ConvNeXtBackbone(FeatureExtractor(net, (0, 1, 2, 3)), out_norms=out_norms)
+
+
+def backbone_config(backbone: ConvNeXtBackbone) -> dict:
+    """The constructor arguments that rebuild ``backbone``'s shape (saved with trained models)."""
+    keys = ("in_chans", "depths", "dims", "stem_stride", "use_grn", "layer_scale_init_value",
+            "drop_path_rate")
+    return {k: backbone.config[k] for k in keys if k in backbone.config}
+
+
+def shapes_of(depths: Sequence[int], dims: Sequence[int]) -> str:
+    return f"depths {list(depths)}, dims {list(dims)}"

@@ -80,11 +80,19 @@ def test_param_groups_scale_and_exempt_from_weight_decay(variant, mode, decay, t
 
 
 def test_recipes_and_overrides():
-    atto = resolve_recipe("convnextv2_femto")
-    assert (atto["recipe"], atto["blr"], atto["weight_decay"], atto["mixup"]) == (
-        "atto", 2e-4, 0.3, 0)
-    base = resolve_recipe("convnextv2_large")
-    assert (base["layer_decay"], base["layer_decay_mode"], base["blr"]) == (0.6, "group", 6.25e-4)
+    femto = resolve_recipe("convnextv2_femto")  # the paper's appendix, Tables 9-11
+    assert (femto["recipe"], femto["blr"], femto["weight_decay"], femto["mixup"],
+            femto["drop_path"]) == ("femto", 2e-4, 0.05, 0.3, 0.0)
+    large = resolve_recipe("convnextv2_large")
+    assert (large["layer_decay"], large["layer_decay_mode"], large["blr"], large["drop_path"]) \
+        == (0.6, "group", 6.25e-4, 0.2)
+    huge = resolve_recipe("huge")
+    assert (huge["epochs"], huge["warmup_epochs"], huge["layer_decay"]) == (50, 10, 0.75)
+    # one rule, by name or by shape: nano is nano whether named or inferred from its shape
+    assert resolve_recipe("convnextv2_nano")["recipe"] == "nano"
+    assert resolve_recipe(None, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640))["recipe"] == "nano"
+    assert resolve_recipe(None, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))["recipe"] == "atto"
+    assert resolve(FinetuneConfig(model="tiny", recipe="auto"))["recipe"] == "tiny"
     hp = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=300, blr=1e-3, mixup=0.0))
     assert (hp["blr"], hp["mixup"], hp["cutmix"], hp["warmup_epochs"]) == (1e-3, 0.0, 1.0, 40)
     short = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=10))

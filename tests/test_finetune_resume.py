@@ -149,8 +149,11 @@ def test_fsdp_two_processes_match_one_process_and_load_single_process(tmp_path):
     one = T.load_run_state(tmp_path / "one" / "checkpoint-00000002.pt")
     sharded = T.load_run_state(tmp_path / "fsdp" / "checkpoint-00000002.pt")
     assert sharded["model"].keys() == one["model"].keys()
+    # summation order differs between 1 and 2 processes; AdamW divides by sqrt(v), so a weight
+    # whose gradient is near zero can move by a different fraction of the lr (5e-3): allow 1%
+    # of one lr step, far below what a wrong gradient or a skipped step would change
     for k, v in one["model"].items():
-        torch.testing.assert_close(sharded["model"][k], v, atol=1e-5, rtol=0)
+        torch.testing.assert_close(sharded["model"][k], v, atol=5e-3 * 0.01, rtol=1e-4)
     # the gathered optimizer state is keyed as a single-process AdamW keys it
     assert sorted(sharded["optimizer"]["state"]) == sorted(one["optimizer"]["state"])
     for i, moments in one["optimizer"]["state"].items():

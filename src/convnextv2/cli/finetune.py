@@ -1,22 +1,24 @@
+"""``convnextv2 finetune``: supervised fine-tuning and linear probing (see docs/recipes.md)."""
 from __future__ import annotations
 
-from ._common import add_v1_block_argument
+from ._common import add_architecture_arguments, add_run_arguments
 
 HELP = "Fine-tune a classifier (official ConvNeXt V2 recipe) or train a linear probe."
 EPILOG = """examples:
   convnextv2 finetune --model atto --data builtin --output runs/ft --stem-stride 1 --epochs 10
   convnextv2 finetune --model convnextv2_tiny --data ~/imagenet --output runs/ft \\
-      --finetune convnextv2_tiny_1k_224_fcmae.pt --recipe tiny --batch-size 64 --accum-iter 16
+      --finetune convnextv2_tiny_1k_224_fcmae.pt --recipe tiny --batch-size 64 --accum-steps 16
   convnextv2 finetune --data builtin --output runs/probe \\
       --finetune runs/fcmae/encoder.safetensors \\
       --linear-probe --epochs 5
   convnextv2 finetune ... --save-every-steps 500 --resume auto  # continue where it stopped
   torchrun --nproc_per_node 8 -m convnextv2 finetune ... --fsdp --no-model-ema
 
-Every recipe value (--recipe atto|tiny|base|auto, SPEC section 3) can be overridden by its flag;
-lr = blr * batch * accum / 256 unless --lr is given. A recipe's warmup longer than 20% of a
-short run is capped at 20%. Writes metrics.jsonl, accuracy.png, loss.png, best.safetensors,
-last.safetensors (native, with the class names), steps.jsonl (per-step loss),
+Every preset value (--recipe, one per model size, docs/recipes.md) can be overridden by its
+flag; lr = blr * batch * accum * processes / 256 unless --lr is given. A preset's warmup longer
+than a quarter (25%) of a short run is capped at 25% unless --warmup-epochs is given. Writes
+metrics.jsonl, accuracy.png, loss.png, best.safetensors and best_ema.safetensors (best model
+and best EMA weights), last.safetensors (native, with the class names), steps.jsonl,
 checkpoint-<step>.pt run states and summary.json. Under torchrun it trains data-parallel
 (--fsdp: sharded; checkpoints are still plain single-process files). Augmentation is keyed
 by (seed, epoch, image) and mixup/cutmix by (seed, step): a run resumed mid-epoch repeats the
@@ -24,93 +26,84 @@ uninterrupted run's losses (exactly with --deterministic on CPU)."""
 
 
 def add_arguments(p):
-    from ..recipes.finetune import RECIPES
+    from ..recipes.finetune import RECIPES, FinetuneConfig
+
+    d = FinetuneConfig()
     p.add_argument("--model", default=None,
                    help="variant name (default: the --finetune checkpoint's stored config, "
                         "else convnextv2_atto)")
     p.add_argument("--data", required=True,
                    help="'builtin', an IDX folder, an ImageFolder tree (train/ and val/) or root")
-    p.add_argument("--output", required=True, help="folder for checkpoints, metrics and curves")
+    p.add_argument("--output", required=True,
+                   help="run folder (created; one holding a run needs --resume or --overwrite)")
     p.add_argument("--finetune", metavar="CKPT", help="start from this checkpoint (any layout)")
-    p.add_argument("--recipe", default="auto", choices=RECIPES)
+    p.add_argument("--recipe", default="auto", choices=RECIPES,
+                   help="preset of hyper-parameters (default auto: the preset of the variant "
+                        "nearest to the model; docs/recipes.md)")
     p.add_argument("--linear-probe", action="store_true",
                    help="frozen encoder, BatchNorm1d(affine=False) + Linear head")
     g = p.add_argument_group("model")
     g.add_argument("--img-size", type=int, help="default 224; 32 for IDX / built-in data")
-    g.add_argument("--in-chans", type=int, help="input channels (default: checkpoint's or 3)")
-    g.add_argument("--stem-stride", type=int, help="stem kernel = stride (default 4)")
-    g.add_argument("--depths", type=int, nargs=4, metavar="N")
-    g.add_argument("--dims", type=int, nargs=4, metavar="D")
-    add_v1_block_argument(g)
+    add_architecture_arguments(g)
     g = p.add_argument_group("recipe overrides (default: from --recipe)")
-    for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("blr", float),
-                       ("min-lr", float), ("warmup-epochs", float), ("weight-decay", float),
-                       ("layer-decay", float), ("drop-path", float), ("smoothing", float),
-                       ("mixup", float), ("cutmix", float), ("reprob", float),
-                       ("model-ema-decay", float), ("clip-grad", float)):
-        g.add_argument(f"--{flag}", type=kind)
+    for flag, kind, what in (
+            ("epochs", int, "training epochs"), ("batch-size", int, "images per process and "
+                                                 "micro-batch"),
+            ("lr", float, "absolute peak lr (overrides --blr)"),
+            ("blr", float, "base lr per 256 images"), ("min-lr", float, "cosine floor"),
+            ("warmup-epochs", float, "linear warmup"),
+            ("warmup-steps", int, "linear warmup in optimizer steps (overrides --warmup-epochs)"),
+            ("weight-decay", float, "AdamW decay, >= 0"),
+            ("layer-decay", float, "layer-wise lr decay, in (0, 1]"),
+            ("drop-path", float, "stochastic depth rate, in [0, 1)"),
+            ("smoothing", float, "label smoothing, in [0, 1)"),
+            ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
+            ("mixup-prob", float, "probability of mixing a batch, in [0, 1]"),
+            ("mixup-switch-prob", float, "probability of cutmix instead of mixup, in [0, 1]"),
+            ("reprob", float, "random-erasing probability, in [0, 1]"),
+            ("recount", int, "random-erasing boxes per image"),
+            ("color-jitter", float, "colour jitter (used only with --aa none, as in timm)"),
+            ("crop-pct", float, "evaluation crop ratio, in (0, 1] (default: by image size)"),
+            ("eps", float, "AdamW epsilon"),
+            ("model-ema-decay", float, "EMA decay, in [0, 1]"),
+            ("clip-grad", float, "max gradient norm")):
+        g.add_argument(f"--{flag}", type=kind, help=what)
+    g.add_argument("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="cutmix box size range as a fraction of the image (overrides alpha)")
+    g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"),
+                   help="mix per batch, per pair or per element")
+    g.add_argument("--remode", choices=("const", "rand", "pixel"), help="random-erasing fill")
     g.add_argument("--layer-decay-mode", choices=("single", "group"))
     g.add_argument("--aa", dest="auto_augment", help="RandAugment policy, or 'none'")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop area range (default 0.08 1)")
+    g.add_argument("--train-interpolation", choices=("bicubic", "bilinear", "random"),
+                   help="resize interpolation of the training crop")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=d.crop_scale,
+                   metavar=("MIN", "MAX"), help="RandomResizedCrop area range (default 0.08 1)")
+    g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
+                   help="AdamW betas (default 0.9 0.999)")
     g.add_argument("--model-ema", dest="model_ema", action="store_true", default=None)
     g.add_argument("--no-model-ema", dest="model_ema", action="store_false")
     g.add_argument("--model-ema-warmup", action="store_true",
                    help="timm's EMA decay warmup (useful for short runs)")
     g = p.add_argument_group("run")
-    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
-                   help="autocast dtype (default: none)")
-    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", help="cpu / cuda / auto (default: cuda when available)")
-    g.add_argument("--resume", help="'auto' (newest run state in --output) or a checkpoint-*.pt")
+    g.add_argument("--accum-steps", "--accum-iter", dest="accum_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation, default 1)")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (quick tests)")
-    g.add_argument("--max-steps", type=int,
-                   help="stop after N optimizer steps in total (saves a run state there)")
-    g.add_argument("--save-every-steps", type=int, default=0, metavar="N",
-                   help="also save a run state every N optimizer steps inside an epoch")
-    g.add_argument("--keep-last", type=int, default=2, metavar="K",
-                   help="keep the newest K run states (default 2; 0 keeps all)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic torch algorithms (bitwise-exact resume on CPU)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard with FSDP2 instead of DDP (needs --no-model-ema)")
-    g.add_argument("--train-subset", type=int, help="train on N random images only")
-    g.add_argument("--val-subset", type=int, help="evaluate on N random images only")
-    g.add_argument("--strict-data", action="store_true", help="unreadable images are fatal")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--train-subset", type=int, help="train on N random images only (>= 1)")
+    g.add_argument("--val-subset", type=int, help="evaluate on N random images only (>= 1)")
+    add_run_arguments(g, d)
 
 
 def run(args) -> int:
-    from ..recipes.finetune import FinetuneConfig, finetune
-    from ..models.registry import block_kwargs
+    import sys
 
-    model_kwargs = {k: getattr(args, k) for k in ("stem_stride", "depths", "dims")
-                    if getattr(args, k) is not None}
-    model_kwargs.update(block_kwargs(args.v1_block))
-    model = args.model
-    if model is None and not args.finetune:
-        model = "convnextv2_atto"
-    cfg = FinetuneConfig(
-        model=model, data=args.data, output=args.output, finetune=args.finetune,
-        recipe=args.recipe, model_kwargs=model_kwargs, img_size=args.img_size,
-        in_chans=args.in_chans, linear_probe=args.linear_probe, accum_iter=args.accum_iter,
-        amp=args.amp, workers=args.workers, seed=args.seed,
-        device=args.device, resume=args.resume, max_steps_per_epoch=args.max_steps_per_epoch,
-        train_subset=args.train_subset, val_subset=args.val_subset,
-        strict_data=args.strict_data, progress=args.progress,
-        max_steps=args.max_steps, save_every_steps=args.save_every_steps,
-        keep_last=args.keep_last, deterministic=args.deterministic, fsdp=args.fsdp,
-        model_ema_warmup=args.model_ema_warmup, crop_scale=tuple(args.crop_scale),
-        **{k: getattr(args, k) for k in (
-            "epochs", "batch_size", "lr", "blr", "min_lr", "warmup_epochs", "weight_decay",
-            "layer_decay", "layer_decay_mode", "drop_path", "smoothing", "mixup", "cutmix",
-            "reprob", "auto_augment", "model_ema", "model_ema_decay", "clip_grad")})
+    from ..recipes.finetune import FinetuneConfig, finetune
+    from ..training import NonFiniteLossError, config_from_args
+
+    cfg = config_from_args(FinetuneConfig, args, crop_scale=tuple(args.crop_scale))
     try:
         summary = finetune(cfg)
-    except FloatingPointError as e:  # non-finite loss: a training failure, not a usage error
-        import sys
+    except NonFiniteLossError as e:  # a training failure, not a usage error: exit 1
         print(f"convnextv2 finetune: stopped: {e}", file=sys.stderr)
         return 1
     if summary["rank"] == 0 and summary["best_epoch"] is None:  # --max-steps mid-epoch

@@ -37,17 +37,20 @@ class WarmupCosineSchedule:
     """Per-iteration schedule bound to an optimizer: ``schedule.step(it)`` sets and returns lr.
 
     ``steps_per_epoch`` converts the epoch-based recipe values (``epochs``, ``warmup_epochs``)
-    into optimizer steps.
+    into optimizer steps; ``warmup_steps``, when given, sets the warmup in steps instead (the
+    official fine-tuning script's ``--warmup_steps``).
     """
 
     def __init__(self, optimizer, *, base_lr: float, epochs: int, steps_per_epoch: int,
-                 warmup_epochs: float = 0.0, min_lr: float = 0.0):
+                 warmup_epochs: float = 0.0, min_lr: float = 0.0,
+                 warmup_steps: int | None = None):
         if steps_per_epoch <= 0:
             raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
         self.optimizer = optimizer
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
         self.total_steps = int(epochs * steps_per_epoch)
-        self.warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+        self.warmup_steps = (int(warmup_steps) if warmup_steps
+                             else int(round(warmup_epochs * steps_per_epoch)))
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(step, base_lr=self.base_lr, total_steps=self.total_steps,

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -66,9 +67,28 @@ def _unpickler_reason(text: str) -> str:
     return " ".join(text.split()) or "unreadable pickle"
 
 
-def _load_pickle(path: Path) -> object:
+def trusted_conversion_hint(path) -> str:
+    """The one command that turns a trusted pickle into a safetensors file (no code in it)."""
+    path = Path(path)
+    return (f"If you trust the file, convert it once: convnextv2 convert --trust-pickle "
+            f"{path} {path.with_suffix('.safetensors').name}")
+
+
+def _load_pickle(path: Path, trust_pickle: bool = False) -> object:
+    if trust_pickle:  # the user vouched for this file (convert --trust-pickle): full unpickling
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            try:  # not torch.save's container: a plain pickle.dump of tensors, perhaps
+                with open(path, "rb") as f:
+                    return pickle.load(f)
+            except Exception:
+                raise CheckpointError(f"cannot read {path}: {' '.join(str(e).split())}") from e
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns (several lines) about pickle protocols other than its own; the
+            # refusal below, if any, is the one message the user needs
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -79,14 +99,12 @@ def _load_pickle(path: Path) -> object:
                 f"refusing to load {path}: the pickle needs code beyond tensors and plain "
                 f"containers ({culprit or 'an unknown global'}), which "
                 "torch.load(weights_only=True) will not run, because unpickling an untrusted "
-                "file can execute arbitrary code. If you trust the file, convert it once: "
-                f"sd = torch.load('{path}', weights_only=False); pick its state dict and save it "
-                "with safetensors.torch.save_file(sd, 'weights.safetensors')") from e
+                f"file can execute arbitrary code. {trusted_conversion_hint(path)}") from e
         raise CheckpointError(
             f"cannot read {path}: torch.load(weights_only=True) could not unpickle it "
             f"({_unpickler_reason(text)}). It is truncated or corrupt, not a PyTorch checkpoint, "
             "or a pickle that needs more than tensors and plain containers; untrusted pickles "
-            "are never run with weights_only=False here") from e
+            f"are never run with weights_only=False here. {trusted_conversion_hint(path)}") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
                               f"({type(e).__name__}: {e})") from e
@@ -131,15 +149,19 @@ def unwrap(obj: object, key: str | None = None) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_state_dict(source, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(state dict, metadata, description) from a path or an in-memory mapping."""
+def read_state_dict(source, key: str | None = None, trust_pickle: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(state dict, metadata, description) from a path or an in-memory mapping.
+
+    ``trust_pickle=True`` unpickles without the weights-only guard (it can run code from the
+    file): only for a file the user vouches for, to convert it once into safetensors."""
     if isinstance(source, Mapping):
         return unwrap(source, key), {}, "the given state dict"
     path = resolve_file(source)
     if _is_safetensors(path):
         tensors, meta = _load_safetensors(path)
         return unwrap(tensors, key), {**_hf_folder_metadata(path), **meta}, str(path)
-    obj = _load_pickle(path)
+    obj = _load_pickle(path, trust_pickle)
     return unwrap(obj, key), {**_hf_folder_metadata(path), **_pickle_metadata(obj)}, str(path)
 
 

@@ -37,7 +37,8 @@ def _load(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from ._guard import OneLineErrorParser  # usage errors: one line, not the usage block
+    parser = OneLineErrorParser(
         prog="convnextv2", description="ConvNeXt V2 models and FCMAE pretraining.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -62,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from ._guard import check_device, report_error
     try:
+        check_device(getattr(args, "device", None))
         return int(args._run(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError, PermissionError) as e:
-        print(f"convnextv2 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (CLIError, ValueError, OSError) as e:  # OSError: missing, unwritable, full disk
+        return report_error(args.command, e)
     except KeyboardInterrupt:
         print(f"convnextv2 {args.command}: interrupted", file=sys.stderr)
         return 130

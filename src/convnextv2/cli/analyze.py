@@ -121,18 +121,17 @@ def default_label(spec: str) -> str:
 
 
 def load_image(path: str, img_size: int, in_chans: int):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from ..data import eval_transform
+    from ..data import eval_transform, open_image
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image {p} does not exist")
     try:
-        with Image.open(p) as img:
-            img.load()
-            return eval_transform(img_size, in_chans)(img.copy())
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {p}: {e}") from None
+        img = open_image(p)  # 16-bit images scaled to 8 bits, as in training
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {p}: {' '.join(str(e).split())}") from None
+    return eval_transform(img_size, in_chans)(img)
 
 
 # -- collapse ----------------------------------------------------------------------------------

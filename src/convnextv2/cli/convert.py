@@ -9,7 +9,9 @@ EPILOG = """examples:
   convnextv2 convert hf_atto/ atto_official.pt --to official
 Input layouts are detected: native, official dense, official FCMAE (MinkowskiEngine names,
 decoder dropped), timm, HF transformers. Without --model the architecture is read off the
-tensor shapes (native files store it)."""
+tensor shapes (native files store it). An existing OUTPUT is never replaced without --overwrite.
+Pickled inputs are read without running code from them; for a trusted file that needs more
+(a pickled class), --trust-pickle converts it once into a safetensors file that never will."""
 
 TARGETS = ("native", "timm", "hf", "official")
 
@@ -21,6 +23,11 @@ def add_arguments(p):
     p.add_argument("--model", help="variant the checkpoint must match (default: inferred)")
     p.add_argument("--key", help="entry of a training checkpoint holding the weights "
                                  "(default: model, else model_ema, else state_dict)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUTPUT if it exists (default: refuse)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle INPUT without the weights-only guard; it can run code from "
+                        "the file, so only for a file you trust")
 
 
 def _describe(config: dict) -> str:
@@ -39,7 +46,19 @@ def run(args) -> int:
     from ..checkpoint.loading import _config_of, _materialise
     from ..models.model import ConvNeXtV2
 
-    state_dict, metadata, source = read_state_dict(args.input, args.key)
+    from pathlib import Path
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        kind = "folder" if out.is_dir() else "file"
+        raise ValueError(f"output {out} exists (a {kind}); pass --overwrite to replace it, or "
+                         f"pick another name")
+    if out.exists() and Path(args.input).exists() and out.resolve() == Path(args.input).resolve():
+        raise ValueError(f"output {out} is the input file; write the conversion elsewhere")
+    if out.is_dir() and args.to != "hf":
+        raise ValueError(f"output {out} is a folder; --to {args.to} writes a file")
+    state_dict, metadata, source = read_state_dict(args.input, args.key,
+                                                   trust_pickle=args.trust_pickle)
     config = _config_of(state_dict, metadata)
     if args.model:
         from ..models.registry import model_config

@@ -36,7 +36,16 @@ def run(args) -> int:
     from ..recipes.evaluate import class_names, load_classifier, plot_confusion
     from ..recipes.finetune import _default_img_size
 
+    from ._guard import require_classifier
+
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                             ("--img-size", args.img_size, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
+    require_classifier(model, args.checkpoint)
     in_chans = model.config["in_chans"]
     img_size = args.img_size or info.get("img_size") or _default_img_size(args.data)
     ds = build_dataset(args.data, args.split, eval_transform(int(img_size), in_chans,
@@ -45,6 +54,10 @@ def run(args) -> int:
     if len(ds.classes) != num_classes:
         raise ValueError(f"{args.data} has {len(ds.classes)} classes but the model has "
                          f"{num_classes} outputs")
+    _warn_on_other_class_names(info.get("class_names"), ds.classes, args.checkpoint, args.data)
+    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
+    from ..recipes.pretrain import check_output_writable
+    check_output_writable(out)  # before the work: a clear error instead of a lost evaluation
     # under torchrun each rank evaluates an unpadded share and the sums are all-reduced,
     # so every image counts exactly once; rank 0 alone prints and writes
     from ..training import cleanup_distributed, init_distributed
@@ -61,9 +74,6 @@ def run(args) -> int:
     if not world.is_main:
         return 0
     names = class_names(num_classes, info.get("class_names") or ds.classes)
-    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent
-    from ..recipes.pretrain import check_output_writable
-    check_output_writable(out)  # a clear error instead of an OSError traceback
     png = plot_confusion(res["confusion"], names, out / "confusion_matrix.png",
                          title=f"{Path(args.checkpoint).name} on {args.data} ({args.split})")
     report = dict(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split,
@@ -85,3 +95,25 @@ def run(args) -> int:
         print(f"  ... {len(names) - 50} more classes in {out / 'eval.json'}")
     print(f"confusion matrix: {png}")
     return 0
+
+
+def _warn_on_other_class_names(stored, found, checkpoint, data) -> None:
+    """Warn when the data's classes are not the ones the model was trained on.
+
+    Labels are class indices, so a different name at an index (another dataset, a renamed or
+    missing folder shifting the sorted order) silently scores the wrong class. Folder names
+    cannot hold "/", so "T-shirt/top" and "T-shirt_top" count as the same name.
+    """
+    import sys
+
+    if not stored or not found:
+        return
+    def norm(names):
+        return [str(n).replace("/", "_") for n in names]
+    if norm(stored) == norm(found):
+        return
+    diff = [(i, a, b) for i, (a, b) in enumerate(zip(stored, found)) if norm([a]) != norm([b])]
+    i, a, b = diff[0] if diff else (min(len(stored), len(found)), "-", "-")
+    print(f"convnextv2 eval: warning: the class names of {data} differ from those stored in "
+          f"{checkpoint} ({len(diff)} of {len(stored)}; first at index {i}: data {b!r}, "
+          f"checkpoint {a!r}); labels are matched by index", file=sys.stderr)

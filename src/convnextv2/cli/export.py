@@ -6,7 +6,9 @@ EPILOG = """examples:
   convnextv2 export --checkpoint atto.safetensors --format torchscript --img-size 224 model.pt
 
 The export is run on two batch sizes right after writing and must match PyTorch within
---atol (default 1e-4); ONNX is checked through onnxruntime."""
+--atol (default 1e-4, times the largest logit when that exceeds 1); ONNX is checked through
+onnxruntime. The file is written under a temporary name and renamed into place only when the
+check passes, so a failed export leaves an existing OUT as it was."""
 
 
 def add_arguments(p):
@@ -26,10 +28,21 @@ def run(args) -> int:
     from ..recipes.evaluate import load_classifier
     from ..tools.export import export_model
 
+    from ._guard import require_classifier
+
+    if not args.atol > 0:
+        raise ValueError(f"--atol must be a positive tolerance, got {args.atol}")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
+    require_classifier(model, args.checkpoint)
     img_size = int(args.img_size or info.get("img_size") or 224)
-    rep = export_model(model, args.out, args.format, img_size=img_size, atol=args.atol,
-                       opset=args.opset)
+    try:
+        rep = export_model(model, args.out, args.format, img_size=img_size, atol=args.atol,
+                           opset=args.opset)
+    except RuntimeError as e:  # the check failed, or onnx/onnxruntime is missing
+        raise ValueError(f"export to {args.out} failed (an existing file is left as it was): "
+                         f"{' '.join(str(e).split())}") from None
     diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in rep["max_abs_diff"].items())
     print(f"wrote {args.out} ({args.format}, input N x {rep['in_chans']} x {img_size} x "
           f"{img_size}, dynamic batch); max |diff| vs PyTorch: {diffs}")

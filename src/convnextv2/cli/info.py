@@ -23,6 +23,13 @@ def run(args) -> int:
 
     if len(args.img_size) not in (1, 2):
         raise ValueError(f"--img-size takes N or H W, got {args.img_size}")
+    if min(args.img_size) < 1:
+        raise ValueError(f"--img-size must be positive, got {args.img_size}")
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be >= 0 (0: no classifier head), got "
+                         f"{args.num_classes}")
+    if args.in_chans is not None and args.in_chans < 1:
+        raise ValueError(f"--in-chans must be >= 1, got {args.in_chans}")
     size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
     overrides = dict(num_classes=args.num_classes, in_chans=args.in_chans,
                      stem_stride=args.stem_stride)

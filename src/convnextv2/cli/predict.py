@@ -5,8 +5,10 @@ EPILOG = """examples:
   convnextv2 predict --checkpoint runs/ft/best.safetensors shoe.png shirt.jpg
   convnextv2 predict --checkpoint convnextv2_atto_1k_224_ema.pt --topk 3 cat.jpg
 
-Class names come from the checkpoint (written by `finetune`), ImageNet's for 1000-class models,
-else the class index."""
+IMAGE may be a folder: the image files directly in it are read, in name order. A file that is
+not a readable image stops the command with its name (nothing is guessed). Class names come
+from the checkpoint (written by `finetune`), ImageNet's for 1000-class models, else the class
+index. 16-bit images are scaled to 8 bits as in training."""
 
 
 def add_arguments(p):
@@ -14,7 +16,7 @@ def add_arguments(p):
     p.add_argument("--key", help="entry of a training checkpoint to use: model_ema (official "
                                  "files), ema (finetune's checkpoint-*.pt run states)")
     p.add_argument("--model", help="variant name (optional; checked against the checkpoint)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of them")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--img-size", type=int, help="default: the checkpoint's, else 224")
     p.add_argument("--json", action="store_true")
@@ -28,23 +30,64 @@ def run(args) -> int:
     from ..data import eval_transform
     from ..recipes.evaluate import class_names, load_classifier, predict
 
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+    from ._guard import require_classifier
+    from ..data import open_image
+
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    paths = _expand(args.images)
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
+    require_classifier(model, args.checkpoint)
+    images = [_read(p, open_image) for p in paths]  # every file is checked before any work
     model.to(args.device)
     img_size = int(args.img_size or info.get("img_size") or 224)
     names = class_names(model.config["num_classes"], info.get("class_names"))
-    results = predict(model, args.images, eval_transform(img_size, model.config["in_chans"]),
+    results = predict(model, images, eval_transform(img_size, model.config["in_chans"]),
                       names, args.topk, args.device)
     if args.json:
         print(json.dumps([dict(image=str(p), top=[dict(label=c, probability=pr) for c, pr in r])
-                          for p, r in zip(args.images, results)]))
+                          for p, r in zip(paths, results)]))
         return 0
-    for path, top in zip(args.images, results):
+    for path, top in zip(paths, results):
         print(path)
         for label, prob in top:
             print(f"  {prob * 100:6.2f}%  {label}")
     return 0
+
+
+def _expand(items) -> list:
+    """Image paths from the command line: files as given, folders as the images in them."""
+    from pathlib import Path
+
+    from ..data import IMAGE_EXTENSIONS, image_files
+
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no image files (expected "
+                                        f"{', '.join(IMAGE_EXTENSIONS)} directly inside)")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    return paths
+
+
+def _read(path, open_image):
+    """The decoded image, or a one-line error naming the file and what is wrong with it."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return open_image(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image file Pillow can read (expected an image "
+                         f"such as PNG or JPEG)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot decode the image (truncated or damaged? "
+                         f"{' '.join(str(e).split())})") from None

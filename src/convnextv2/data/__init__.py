@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .datasets import (IMAGE_EXTENSIONS, ArrayDataset, CorruptImageError, ImageFolderDataset,
-                       ImageListDataset, IndexedDataset)
+from .datasets import (IMAGE_EXTENSIONS, ArrayDataset, CorruptImageError, EmptyClassError,
+                       ImageFolderDataset, ImageListDataset, IndexedDataset, open_image, to_8bit)
 from .idx import find_idx_pair, is_idx_folder, read_idx, write_idx
 from .transforms import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, denormalize,
                          eval_transform, mean_std, pretrain_transform, train_transform)
@@ -21,7 +21,8 @@ __all__ = ["build_dataset", "IndexedDataset", "ArrayDataset", "ImageFolderDatase
            "ImageListDataset", "CorruptImageError", "pretrain_transform", "train_transform",
            "eval_transform", "denormalize", "mean_std", "FASHION_MNIST_CLASSES", "BUILTIN_DIR",
            "IMAGENET_MEAN", "IMAGENET_STD", "GRAY_MEAN", "GRAY_STD", "IMAGE_EXTENSIONS",
-           "read_idx", "write_idx", "find_idx_pair", "describe_source"]
+           "read_idx", "write_idx", "find_idx_pair", "describe_source", "EmptyClassError",
+           "open_image", "to_8bit", "count_skipped", "image_files"]
 
 
 def build_dataset(source: str | Path, split: str = "train", transform: Callable | None = None,
@@ -33,7 +34,8 @@ def build_dataset(source: str | Path, split: str = "train", transform: Callable 
       - a folder of IDX files (``train-images-idx3-ubyte[.gz]`` ...), e.g. Fashion-MNIST
         from ``/usr/share/datasets/fashion-mnist``;
       - an ImageFolder tree with ``train/`` and ``val/`` (or ``test/``) subfolders: ``split``
-        picks one;
+        picks one; a tree with ``train/`` alone serves the train split (pretraining needs no
+        more) and names the missing ``val/`` when the val split is asked for;
       - an ImageFolder root (``root/<class>/<image>``), used whatever the split;
       - a plain folder of images: unlabelled (targets 0, ``classes == []``), for pretraining.
     ``split``: ``train`` or ``val`` (``test`` is a synonym). ``labelled=True`` rejects the
@@ -59,16 +61,37 @@ def build_dataset(source: str | Path, split: str = "train", transform: Callable 
     if labelled is False:
         return ImageListDataset(root, transform, strict)
     names = {d.name for d in subdirs}
-    if "train" in names and names & {"val", "validation", "test"}:
+    if "train" in names:
         for name in _SPLIT_FOLDERS[split]:
             if name in names:
                 return _image_folder(root / name, transform, strict, labelled)
+        raise FileNotFoundError(f"{root} has train/ but no val/ folder (validation/ and test/ "
+                                f"are accepted too): the {split} split needs "
+                                f"{root / 'val'}/<class>/<image>")
     if subdirs and _has_class_folders(root, subdirs):
         return ImageFolderDataset(root, transform, strict)
     if labelled:
         raise ValueError(f"{root} has no class subfolders; a labelled dataset needs "
                          f"root/<class>/<image>, root/train/<class>/<image> or IDX files")
     return ImageListDataset(root, transform, strict)
+
+
+def count_skipped(*datasets) -> int:
+    """Images skipped so far by ``datasets`` (wrapped in ``Subset`` or ``IndexedDataset`` or
+    not), counted across DataLoader worker processes. Read it after the epochs, not before:
+    files that fail only when decoded are found while training."""
+    total = 0
+    for ds in datasets:
+        while not hasattr(ds, "num_skipped") and hasattr(ds, "dataset"):
+            ds = ds.dataset  # torch's Subset does not forward attributes
+        total += int(getattr(ds, "num_skipped", 0))
+    return total
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (by extension; hidden files left out), sorted."""
+    from .datasets import _image_files
+    return _image_files(Path(folder))
 
 
 def describe_source(source: str | Path) -> str:

@@ -2,16 +2,31 @@
 
 Every dataset exposes ``.classes`` (a list of names; empty for unlabelled folders) and
 ``.num_skipped`` / ``.skipped`` (images that could not be read, so training can log them).
+
+Two details that are easy to get wrong:
+
+- Skips found while decoding happen in DataLoader worker processes, which share no Python
+  objects with the main process. The record of failed samples is therefore a one-byte-per-
+  sample tensor in shared memory, written by whichever process meets the failure and read by
+  the main process: ``num_skipped`` is right with ``workers > 0`` too.
+- 16-bit images (``I;16`` PNGs, ``I`` TIFFs) are scaled to 8 bits (divided by 257). Pillow's
+  own ``convert("L")`` clips them instead, which turns almost every pixel white.
+
+Warnings go to the ``convnextv2.data`` logger as one line each (no Python source location,
+unlike ``warnings.warn``); without logging configured, Python prints them on stderr.
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+log = logging.getLogger("convnextv2.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -20,6 +35,34 @@ _BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 class CorruptImageError(ValueError):
     """An unreadable image met with ``strict=True``."""
+
+
+class EmptyClassError(ValueError):
+    """A class folder without images, met with ``strict=True``."""
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """``img`` with 16-bit gray values scaled into 0..255 (mode ``L``); other modes as they are.
+
+    Mode ``I`` (32-bit integers; what some Pillow versions and TIFF files give for 16-bit data)
+    is read as 16-bit too, clipped to 0..65535 first.
+    """
+    if img.mode not in _SIXTEEN_BIT_MODES:
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at ``path``, fully decoded (the file is closed again) and 16-bit data scaled to
+    8 bits. Raises OSError / UnidentifiedImageError for a file that is no readable image."""
+    with Image.open(path) as img:
+        img.load()
+        out = to_8bit(img)
+        return out.copy() if out is img else out
 
 
 class ArrayDataset(Dataset):
@@ -52,13 +95,14 @@ class _FileDataset(Dataset):
     At construction every file is opened and ``verify()``-ed (cheap: header and, for PNG, the
     checksums) and unreadable ones are dropped with one warning. Files that only fail when
     decoded (a truncated JPEG) are caught in ``__getitem__``: the sample is replaced by the
-    next readable one and recorded in ``skipped``. With ``strict=True`` both cases raise.
+    next readable one and flagged in a shared-memory record, so the count survives worker
+    processes. With ``strict=True`` both cases raise.
     """
 
     def __init__(self, samples: list[tuple[Path, int]], classes: list[str],
                  transform: Callable | None, strict: bool, root: Path):
         self.root, self.classes, self.transform, self.strict = root, classes, transform, strict
-        self.skipped: list[str] = []
+        self._unreadable: list[str] = []  # found by the scan, in this (the main) process
         good = []
         for path, target in samples:
             problem = _check_image(path)
@@ -67,36 +111,43 @@ class _FileDataset(Dataset):
             elif strict:
                 raise CorruptImageError(f"unreadable image {path}: {problem}")
             else:
-                self.skipped.append(str(path))
-        if self.skipped:
-            warnings.warn(f"{root}: skipped {len(self.skipped)} unreadable image(s), e.g. "
-                          f"{self.skipped[0]}", stacklevel=3)
+                self._unreadable.append(str(path))
+        if self._unreadable:
+            log.warning("warning: %s: skipped %d unreadable image(s), e.g. %s", root,
+                        len(self._unreadable), self._unreadable[0])
         if not good:
             raise FileNotFoundError(f"{root}: no readable images (extensions: "
                                     f"{', '.join(IMAGE_EXTENSIONS)})")
         self.samples = good
         self.targets = [t for _, t in good]
+        # 1 where a sample failed to decode; shared with (forked or spawned) DataLoader workers
+        self._decode_failed = torch.zeros(len(good), dtype=torch.uint8).share_memory_()
+
+    @property
+    def skipped(self) -> list[str]:
+        """Every file skipped so far: by the scan, and while decoding in any process."""
+        failed = self._decode_failed.nonzero().flatten().tolist()
+        return self._unreadable + [str(self.samples[i][0]) for i in failed]
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped)
+        return len(self._unreadable) + int(self._decode_failed.sum())
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, i: int) -> tuple[Image.Image, int]:
         for step in range(len(self.samples)):
-            path, target = self.samples[(i + step) % len(self.samples)]
+            j = (i + step) % len(self.samples)
+            path, target = self.samples[j]
             try:
-                with Image.open(path) as img:
-                    img.load()
-                    return img.copy(), target
+                return open_image(path), target
             except _BAD_IMAGE_ERRORS as e:
                 if self.strict:
                     raise CorruptImageError(f"unreadable image {path}: {e}") from None
-                if str(path) not in self.skipped:
-                    self.skipped.append(str(path))
-                    warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+                if not self._decode_failed[j]:
+                    self._decode_failed[j] = 1
+                    log.warning("warning: skipping unreadable image %s: %s", path, e)
         raise CorruptImageError(f"{self.root}: no image could be decoded")
 
     def __getitem__(self, i: int):
@@ -105,7 +156,12 @@ class _FileDataset(Dataset):
 
 
 class ImageFolderDataset(_FileDataset):
-    """``root/<class name>/<image>``; classes sorted by name, labels are their indices."""
+    """``root/<class name>/<image>``; classes sorted by name, labels are their indices.
+
+    An empty class folder keeps its place in ``classes`` (so the labels of train and val stay
+    aligned) and is named in a warning: a class the model can never learn is a data mistake
+    worth seeing. ``strict=True`` refuses it.
+    """
 
     def __init__(self, root: str | Path, transform: Callable | None = None, strict: bool = False):
         root = Path(root)
@@ -113,9 +169,17 @@ class ImageFolderDataset(_FileDataset):
                          if d.is_dir() and not d.name.startswith("."))
         if not classes:
             raise FileNotFoundError(f"{root}: no class subfolders (expected root/<class>/<image>)")
-        samples = [(p, c) for c, name in enumerate(classes) for p in _image_files(root / name)]
+        files = {name: _image_files(root / name) for name in classes}
+        samples = [(p, c) for c, name in enumerate(classes) for p in files[name]]
         if not samples:
             raise FileNotFoundError(f"{root}: the class folders {classes[:5]} hold no images")
+        empty = [name for name in classes if not files[name]]
+        if empty and strict:
+            raise EmptyClassError(f"{root}: class folder(s) without images: {', '.join(empty)} "
+                                  f"(--strict-data refuses them; add images or remove the folder)")
+        if empty:
+            log.warning("warning: %s: class folder(s) without images: %s", root,
+                        ", ".join(empty))
         super().__init__(samples, classes, transform, strict, root)
 
 

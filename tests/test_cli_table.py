@@ -1,0 +1,317 @@
+"""Every command against bad arguments and bad files, as a table (issue 10, item 7).
+
+Each case must end the way a user mistake should: exit status 2, exactly one line on stderr
+that names the bad input, no "Traceback", and no change to a run folder that existed before
+(every file in it is hashed, with its mode, before and after). Most cases run in-process
+(``convnextv2.cli.main``: seconds on a small machine); a few run the real ``python -m
+convnextv2`` entry point to prove the same holds there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convnextv2.cli import main
+
+ARCH = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--stem-stride", "1"]
+PRE = ["pretrain", "--model", "atto", *ARCH, "--img-size", "32", "--batch-size", "4",
+       "--decoder-dim", "16", "--workers", "0", "--epochs", "1", "--recon-every", "0",
+       "--no-progress"]
+FT = ["finetune", "--model", "atto", *ARCH, "--img-size", "32", "--batch-size", "4",
+      "--epochs", "1", "--aa", "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0",
+      "--no-model-ema", "--max-steps-per-epoch", "1", "--no-progress"]
+
+
+class _RunsCode:
+    """A pickle that would create a file if it were ever unpickled with code allowed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _png(path: Path, seed: int = 0, size=(36, 36)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory) -> dict[str, Path]:
+    """The world the cases run in: data trees, checkpoints, bad files and an existing run."""
+    from convnextv2.checkpoint import save_checkpoint
+    from convnextv2.fcmae.fcmae import FCMAE
+    from convnextv2.fcmae.io import save_fcmae
+    from convnextv2.models.registry import create_model
+
+    root = tmp_path_factory.mktemp("table")
+    for split in ("train", "val"):
+        for i in range(4):
+            _png(root / "data" / split / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+            _png(root / "train_only" / "train" / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+            _png(root / "empty_class" / split / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+        (root / "empty_class" / split / "c").mkdir()
+    (root / "empty_folder").mkdir()
+    arch = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
+    torch.manual_seed(0)
+    save_checkpoint(create_model("atto", num_classes=2, **arch), root / "clf.safetensors",
+                    metadata={"class_names": json.dumps(["a", "b"]), "img_size": "32"})
+    save_checkpoint(create_model("atto", num_classes=0, **arch), root / "encoder.safetensors")
+    save_fcmae(FCMAE(create_model("atto", num_classes=0, **arch), decoder_embed_dim=16),
+               root / "fcmae.safetensors")
+    (root / "not_an_image.png").write_text("this is text, not a PNG\n")
+    (root / "garbage.pt").write_bytes(np.random.default_rng(1).bytes(500))
+    whole = _png(root / "whole.png", size=(64, 64), seed=5).read_bytes()
+    (root / "truncated.png").write_bytes(whole[:len(whole) // 2])
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90).save(root / "whole.jpg", quality=90)
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:400])
+    # torch.save's container with a pickled call in it, and a plain pickle.dump of the same
+    torch.save({"model": _RunsCode(root / "PWNED"), "w": torch.zeros(2)}, root / "evil.pt")
+    with open(root / "evil_plain.pkl", "wb") as f:
+        pickle.dump({"model": _RunsCode(root / "PWNED"), "w": torch.zeros(2)}, f)
+    (root / "a-file").write_text("a file where a folder is needed\n")
+    (root / "existing.safetensors").write_bytes((root / "clf.safetensors").read_bytes())
+    (root / "existing_hf").mkdir()
+    (root / "existing_hf" / "config.json").write_text("{}")
+    # an earlier run: what a pretraining run leaves, byte for byte the same after every case
+    run = root / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps(dict(step=s, epoch=0, loss=1.0 / s, lr=1e-3)) + "\n" for s in range(1, 49)))
+    (run / "config.json").write_text(json.dumps({"model": "convnextv2_atto"}))
+    torch.save({"format": "x", "step": 48}, run / "checkpoint-00000048.pt")
+    (run / "encoder.safetensors").write_bytes((root / "encoder.safetensors").read_bytes())
+    return {"root": root, "run": run}
+
+
+def _hash_tree(folder: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                         p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# (id, argv, words the one error line must contain, case-insensitively). In argv {R} is the
+# world's folder, {RUN} the existing run (which must not change) and {OUT} a fresh output
+# folder of the case's own (which must hold no file afterwards: no config.json or empty
+# metrics.jsonl left behind by a run that refused to start).
+CASES = [
+    # info
+    ("info-unknown-model", ["info", "--model", "nope"], ["nope"]),
+    ("info-three-sizes", ["info", "--img-size", "1", "2", "3"], ["--img-size"]),
+    ("info-size-not-a-number", ["info", "--img-size", "abc"], ["--img-size", "abc"]),
+    ("info-negative-classes", ["info", "--model", "atto", "--num-classes", "-3"], ["-3"]),
+    ("info-zero-stem", ["info", "--model", "atto", "--stem-stride", "0"], ["stem"]),
+    # convert
+    ("convert-missing-input", ["convert", "{R}/missing.pt", "{R}/out1.safetensors"], ["missing.pt"]),
+    ("convert-onto-existing-file", ["convert", "{R}/clf.safetensors", "{R}/existing.safetensors"],
+     ["existing.safetensors", "--overwrite"]),
+    ("convert-onto-existing-folder", ["convert", "{R}/clf.safetensors", "{R}/existing_hf",
+                                      "--to", "hf"], ["existing_hf", "--overwrite"]),
+    ("convert-onto-run-folder", ["convert", "{R}/clf.safetensors", "{RUN}"], ["--overwrite"]),
+    ("convert-garbage", ["convert", "{R}/garbage.pt", "{R}/out2.safetensors"], ["garbage.pt"]),
+    ("convert-evil-pickle", ["convert", "{R}/evil.pt", "{R}/out3.safetensors"],
+     ["evil.pt", "convnextv2 convert --trust-pickle"]),
+    ("convert-evil-plain-pickle", ["convert", "{R}/evil_plain.pkl", "{R}/out4.safetensors"],
+     ["evil_plain.pkl", "convnextv2 convert --trust-pickle"]),
+    ("convert-bad-layout", ["convert", "{R}/clf.safetensors", "{R}/o.pt", "--to", "onnx"],
+     ["--to", "onnx"]),
+    ("convert-into-a-file", ["convert", "{R}/clf.safetensors", "{R}/a-file/x.safetensors"],
+     ["a-file"]),
+    # pretrain
+    ("pretrain-device-tpu", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                             "--device", "tpu"], ["tpu"]),
+    ("pretrain-device-cuda-9", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                                "--device", "cuda:9"], ["cuda:9"]),
+    ("pretrain-existing-run", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}"],
+     ["--resume auto", "--overwrite"]),
+    ("pretrain-mask-ratio-0", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                               "--mask-ratio", "0"], ["--mask-ratio"]),
+    ("pretrain-mask-ratio-1", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                               "--mask-ratio", "1"], ["--mask-ratio"]),
+    ("pretrain-negative-weight-decay", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                                        "--weight-decay", "-0.05"], ["--weight-decay"]),
+    ("pretrain-keep-last-negative", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                                     "--keep-last", "-1"], ["--keep-last"]),
+    ("pretrain-missing-data", [*PRE, "--data", "{R}/nowhere", "--output", "{OUT}"], ["nowhere"]),
+    ("pretrain-data-is-a-file", [*PRE, "--data", "{R}/a-file", "--output", "{OUT}"], ["a-file"]),
+    ("pretrain-empty-data", [*PRE, "--data", "{R}/empty_folder", "--output", "{OUT}"],
+     ["empty_folder"]),
+    ("pretrain-img-size-off-patch", [*PRE[:-1], "--img-size", "30", "--data", "{R}/data/train",
+                                     "--output", "{OUT}"], ["--img-size"]),
+    ("pretrain-resume-evil", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
+                              "--resume", "{R}/evil.pt"], ["evil.pt"]),
+    ("pretrain-batch-not-a-number", [*PRE, "--batch-size", "four", "--data", "{R}/data/train",
+                                     "--output", "{RUN}"], ["--batch-size", "four"]),
+    # finetune
+    ("finetune-device-tpu", [*FT, "--data", "{R}/data", "--output", "{RUN}", "--device", "tpu"],
+     ["tpu"]),
+    ("finetune-existing-run", [*FT, "--data", "{R}/data", "--output", "{RUN}"],
+     ["--resume auto", "--overwrite"]),
+    ("finetune-smoothing-1.5", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                "--smoothing", "1.5"], ["--smoothing"]),
+    ("finetune-drop-path-1.5", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                "--drop-path", "1.5"], ["--drop-path"]),
+    ("finetune-aa-bogus", [*FT[:-1], "--aa", "bogus", "--data", "{R}/data", "--output", "{RUN}"],
+     ["--aa", "bogus"]),
+    ("finetune-train-subset-0", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                 "--train-subset", "0"], ["--train-subset"]),
+    ("finetune-negative-weight-decay", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                        "--weight-decay", "-1"], ["--weight-decay"]),
+    ("finetune-keep-last-negative", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                     "--keep-last", "-1"], ["--keep-last"]),
+    ("finetune-no-val-folder", [*FT, "--data", "{R}/train_only", "--output", "{OUT}"], ["val"]),
+    ("finetune-empty-class-strict", [*FT, "--strict-data", "--data", "{R}/empty_class",
+                                     "--output", "{OUT}"], ["c", "--strict-data"]),
+    ("finetune-from-evil-pickle", [*FT, "--data", "{R}/data", "--output", "{RUN}",
+                                   "--finetune", "{R}/evil.pt"], ["evil.pt"]),
+    ("finetune-missing-data", [*FT, "--data", "{R}/nowhere", "--output", "{OUT}"], ["nowhere"]),
+    # eval
+    ("eval-device-tpu", ["eval", "--checkpoint", "{R}/clf.safetensors", "--data", "{R}/data",
+                         "--device", "tpu", "--output", "{RUN}"], ["tpu"]),
+    ("eval-encoder-only", ["eval", "--checkpoint", "{R}/encoder.safetensors", "--data",
+                           "{R}/data", "--output", "{RUN}"], ["no classifier head"]),
+    ("eval-garbage-checkpoint", ["eval", "--checkpoint", "{R}/garbage.pt", "--data", "{R}/data",
+                                 "--output", "{RUN}"], ["garbage.pt"]),
+    ("eval-evil-pickle", ["eval", "--checkpoint", "{R}/evil.pt", "--data", "{R}/data",
+                          "--output", "{RUN}"], ["evil.pt", "--trust-pickle"]),
+    ("eval-missing-data", ["eval", "--checkpoint", "{R}/clf.safetensors", "--data",
+                           "{R}/nowhere", "--output", "{RUN}"], ["nowhere"]),
+    ("eval-no-val-folder", ["eval", "--checkpoint", "{R}/clf.safetensors", "--data",
+                            "{R}/train_only", "--output", "{RUN}"], ["val"]),
+    ("eval-bad-split", ["eval", "--checkpoint", "{R}/clf.safetensors", "--data", "{R}/data",
+                        "--split", "holdout"], ["--split", "holdout"]),
+    ("eval-unwritable-output", ["eval", "--checkpoint", "{R}/clf.safetensors", "--data",
+                                "{R}/data", "--output", "{R}/a-file/eval"], ["a-file"]),
+    # predict
+    ("predict-non-image", ["predict", "--checkpoint", "{R}/clf.safetensors",
+                           "{R}/not_an_image.png"], ["not_an_image.png", "not an image"]),
+    ("predict-truncated-png", ["predict", "--checkpoint", "{R}/clf.safetensors",
+                               "{R}/truncated.png"], ["truncated.png"]),
+    ("predict-truncated-jpeg", ["predict", "--checkpoint", "{R}/clf.safetensors",
+                                "{R}/truncated.jpg"], ["truncated.jpg"]),
+    ("predict-encoder-only", ["predict", "--checkpoint", "{R}/encoder.safetensors",
+                              "{R}/whole.jpg"], ["no classifier head"]),
+    ("predict-missing-image", ["predict", "--checkpoint", "{R}/clf.safetensors",
+                               "{R}/nowhere.png"], ["nowhere.png"]),
+    ("predict-empty-folder", ["predict", "--checkpoint", "{R}/clf.safetensors",
+                              "{R}/empty_folder"], ["empty_folder", "no image"]),
+    ("predict-device-tpu", ["predict", "--checkpoint", "{R}/clf.safetensors", "--device", "tpu",
+                            "{R}/whole.jpg"], ["tpu"]),
+    ("predict-topk-0", ["predict", "--checkpoint", "{R}/clf.safetensors", "--topk", "0",
+                        "{R}/whole.jpg"], ["--topk"]),
+    ("predict-evil-pickle", ["predict", "--checkpoint", "{R}/evil.pt", "{R}/whole.jpg"],
+     ["evil.pt"]),
+    # export
+    ("export-unwritable-folder", ["export", "--checkpoint", "{R}/clf.safetensors", "--format",
+                                  "torchscript", "{R}/a-file/model.pt"], ["a-file"]),
+    ("export-encoder-only", ["export", "--checkpoint", "{R}/encoder.safetensors", "--format",
+                             "torchscript", "{R}/e.pt"], ["no classifier head"]),
+    ("export-bad-format", ["export", "--checkpoint", "{R}/clf.safetensors", "--format", "tflite",
+                           "{R}/m.tfl"], ["--format", "tflite"]),
+    ("export-atol-0", ["export", "--checkpoint", "{R}/clf.safetensors", "--format",
+                       "torchscript", "--atol", "0", "{R}/m.pt"], ["--atol"]),
+    ("export-missing-checkpoint", ["export", "--checkpoint", "{R}/nowhere.safetensors",
+                                   "--format", "onnx", "{R}/m.onnx"], ["nowhere.safetensors"]),
+    # analyze
+    ("analyze-missing-checkpoint", ["analyze", "collapse", "--checkpoint", "{R}/nowhere.pt",
+                                    "--data", "{R}/data", "--output", "{RUN}"], ["nowhere.pt"]),
+    ("analyze-missing-data", ["analyze", "collapse", "--checkpoint", "{R}/clf.safetensors",
+                              "--data", "{R}/nowhere", "--output", "{RUN}"], ["nowhere"]),
+    ("analyze-zero-images", ["analyze", "collapse", "--checkpoint", "{R}/clf.safetensors",
+                             "--data", "{R}/data", "--images", "0", "--img-size", "32",
+                             "--output", "{RUN}"], ["--images"]),
+    ("analyze-non-image", ["analyze", "activations", "--checkpoint", "{R}/clf.safetensors",
+                           "--image", "{R}/not_an_image.png", "--layer", "stages.0",
+                           "--output", "{R}/act.png"], ["not_an_image.png"]),
+    ("analyze-unknown-layer", ["analyze", "activations", "--checkpoint", "{R}/clf.safetensors",
+                               "--image", "{R}/whole.jpg", "--layer", "stages.9", "--img-size",
+                               "32", "--output", "{R}/act.png"], ["stages.9"]),
+    ("analyze-no-subcommand", ["analyze", "sideways"], ["sideways"]),
+    # reconstruct
+    ("reconstruct-non-image", ["reconstruct", "--checkpoint", "{R}/fcmae.safetensors",
+                               "--img-size", "32", "{R}/not_an_image.png"], ["not_an_image.png"]),
+    ("reconstruct-truncated", ["reconstruct", "--checkpoint", "{R}/fcmae.safetensors",
+                               "--img-size", "32", "{R}/truncated.png"], ["truncated.png"]),
+    ("reconstruct-mask-ratio", ["reconstruct", "--checkpoint", "{R}/fcmae.safetensors",
+                                "--mask-ratio", "1.5", "{R}/whole.jpg"], ["--mask-ratio"]),
+    ("reconstruct-size-off-patch", ["reconstruct", "--checkpoint", "{R}/fcmae.safetensors",
+                                    "--img-size", "30", "{R}/whole.jpg"], ["--img-size"]),
+    ("reconstruct-missing-checkpoint", ["reconstruct", "--checkpoint", "{R}/nowhere.safetensors",
+                                        "{R}/whole.jpg"], ["nowhere.safetensors"]),
+    # bench
+    ("bench-device-tpu", ["bench", "--device", "tpu"], ["tpu"]),
+    ("bench-unknown-model", ["bench", "--model", "nope", "--device", "cpu"], ["nope"]),
+    ("bench-fp16-on-cpu", ["bench", "--amp", "fp16", "--device", "cpu"], ["fp16"]),
+    ("bench-batch-0", ["bench", "--batch", "0", "--device", "cpu"], ["--batch"]),
+    # demo
+    ("demo-output-below-a-file", ["demo", "--quick", "--output", "{R}/a-file/demo"], ["a-file"]),
+    ("demo-threads-0", ["demo", "--quick", "--threads", "0", "--output", "{R}/demo"],
+     ["--threads"]),
+    # no such command at all
+    ("unknown-command", ["train"], ["train"]),
+]
+
+
+def _argv(template, w, out: Path | None = None) -> list[str]:
+    out = out or w["root"] / "unused-output"
+    return [a.replace("{RUN}", str(w["run"])).replace("{OUT}", str(out))
+            .replace("{R}", str(w["root"])) for a in template]
+
+
+def _one_error_line(err: str, words) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    for word in words:
+        assert word.lower() in lines[0].lower(), f"{word!r} not in: {lines[0]}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_exit_2_and_one_line(case, w, capsys):
+    case_id, template, words = case
+    before = _hash_tree(w["run"])
+    out = w["root"] / "fresh" / case_id
+    try:
+        rc = main(_argv(template, w, out))
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert _hash_tree(w["run"]) == before, "the existing run folder was changed"
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}: {list(_hash_tree(out))}"
+    assert not (w["root"] / "PWNED").exists()  # no pickled code ever ran
+
+
+SUBPROCESS_CASES = [
+    ("predict-non-image", ["not an image"]),
+    ("finetune-aa-bogus", ["--aa", "bogus"]),
+    ("eval-device-tpu", ["tpu"]),
+    ("convert-evil-pickle", ["--trust-pickle"]),
+]
+
+
+@pytest.mark.parametrize("name,words", SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
+def test_the_real_entry_point_behaves_the_same(name, words, w):
+    template = next(argv for case_id, argv, _ in CASES if case_id == name)
+    before = _hash_tree(w["run"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "convnextv2", *_argv(template, w)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    _one_error_line(proc.stderr, words)
+    assert _hash_tree(w["run"]) == before

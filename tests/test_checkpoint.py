@@ -384,3 +384,48 @@ def test_class_names_survive_other_layouts(tmp_path, layout):
                            metadata={"class_names": ["yes", "no"]})
     assert json.loads(read_metadata(path)["class_names"]) == ["yes", "no"]
     assert load_model(path).class_names == ["yes", "no"]
+
+
+# ---- convert never replaces a file unasked; a trusted pickle converts once --------------------
+def test_convert_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    src = save_checkpoint(randomised(small()), tmp_path / "a.safetensors")
+    other = save_checkpoint(randomised(small(), seed=1), tmp_path / "b.safetensors")
+    before = other.read_bytes()
+    assert cli_main(["convert", str(src), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "b.safetensors exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert other.read_bytes() == before
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    assert cli_main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["keep.txt"]
+    assert cli_main(["convert", str(src), str(other), "--overwrite"]) == 0
+    assert same_weights(load_model(other), load_model(src))
+    assert cli_main(["convert", str(src), str(src), "--overwrite"]) == 2  # onto its own input
+    assert "is the input" in capsys.readouterr().err
+
+
+class _Pickled:
+    """Stands for any class a training script pickled beside its weights."""
+
+    def __init__(self):
+        self.note = "epoch 3"
+
+
+def test_pickle_refusal_names_the_convert_command_that_works(tmp_path, capsys):
+    model = randomised(small())
+    trusted = tmp_path / "trusted.pt"
+    torch.save({"model": model.state_dict(), "extra": _Pickled()}, trusted)
+    with pytest.raises(CheckpointError) as info:
+        load_model(trusted)
+    hint = str(info.value).split("convert it once: ", 1)[1]
+    assert hint == f"convnextv2 convert --trust-pickle {trusted} trusted.safetensors"
+    argv = hint.split()[1:]  # run exactly what the message says, from the file's folder
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli_main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    assert same_weights(load_model(tmp_path / "trusted.safetensors"), model)

@@ -315,3 +315,18 @@ def test_the_real_entry_point_behaves_the_same(name, words, w):
     assert proc.returncode == 2, proc.stderr[-2000:]
     _one_error_line(proc.stderr, words)
     assert _hash_tree(w["run"]) == before
+
+
+def test_eval_warns_when_the_class_names_differ_from_the_checkpoint(w, capsys, tmp_path):
+    for split in ("train", "val"):
+        for i in range(4):
+            _png(tmp_path / "pets" / split / ("dog" if i % 2 else "cat") / f"{i}.png", seed=i)
+    argv = ["eval", "--checkpoint", str(w["root"] / "clf.safetensors"), "--img-size", "32",
+            "--json", "--output", str(tmp_path / "ev")]
+    assert main([*argv, "--data", str(w["root"] / "data")]) == 0  # classes a, b: as stored
+    assert capsys.readouterr().err == ""
+    assert main([*argv, "--data", str(tmp_path / "pets")]) == 0
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err, ["warning", "differ", "'cat'", "'a'"])
+    assert line.startswith("convnextv2 eval: warning:")
+    assert json.loads(captured.out)["count"] == 4

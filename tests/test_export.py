@@ -1,4 +1,6 @@
 """Export (ONNX through onnxruntime, TorchScript) and prediction with stored class names."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,76 @@ def test_class_name_sources():
     imagenet = imagenet_class_names()
     assert len(imagenet) == 1000 and imagenet[0] == "tench" and imagenet[207] == "golden retriever"
     assert class_names(1000, None) == imagenet
+
+
+# -- a failed export never replaces a good file (issue 10, item 4) ----------------------------
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_failed_export_leaves_the_existing_file_alone(tmp_path, monkeypatch):
+    import convnextv2.tools.export as ex
+
+    model = _random_model()
+    good = tmp_path / "m.pt"
+    export_model(model, good, "torchscript", img_size=32)
+    before = good.read_bytes()
+    assert oct(good.stat().st_mode & 0o777) == "0o644"
+
+    def wrong(model, run, *args, **kwargs):  # the check fails as for a broken exporter
+        raise RuntimeError("exported model differs from PyTorch by 1 (> 1e-4) at batch size 1")
+    monkeypatch.setattr(ex, "verify_export", wrong)
+    with pytest.raises(RuntimeError, match="differs"):
+        export_model(model, good, "torchscript", img_size=32)
+    assert good.read_bytes() == before and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    # and a new file appears only complete: nothing at the target while it is checked
+    seen = {}
+
+    def spy(model, run, *args, **kwargs):
+        seen["exists"] = (tmp_path / "new.pt").exists()
+        return verify_export(model, run, *args, **kwargs)
+    monkeypatch.setattr(ex, "verify_export", spy)
+    export_model(model, tmp_path / "new.pt", "torchscript", img_size=32)
+    assert seen == {"exists": False} and (tmp_path / "new.pt").is_file()
+    assert _leftovers(tmp_path) == []
+
+
+def test_export_into_a_folder_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a path below a regular file cannot be created, even by root
+    with pytest.raises(PermissionError, match="cannot write .*a-file"):
+        export_model(_random_model(), blocker / "m.pt", "torchscript", img_size=32)
+
+
+def test_verification_limit_scales_with_the_logits():
+    model = _random_model()
+    with torch.no_grad():
+        model.head.fc.weight.mul_(1e4)  # logits of order 1e4: float32 rounding ~1e-3
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert model(x).abs().max() > 100
+    shifted = lambda a: model(torch.from_numpy(a)).detach().numpy() * (1 + 1e-6)  # noqa: E731
+    assert max(verify_export(model, shifted, 3, 32).values()) > 1e-4  # over the bare 1e-4
+
+
+# -- predict on folders (issue 10, item 5) ----------------------------------------------------
+def test_predict_cli_reads_the_images_of_a_folder(tmp_path, capsys):
+    import json
+
+    from convnextv2.checkpoint import save_checkpoint
+    from convnextv2.cli import main
+
+    model = _random_model()
+    save_checkpoint(model, tmp_path / "m.safetensors",
+                    metadata={"class_names": json.dumps(["cat", "dog", "owl", "eel", "yak"])})
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for name in ("b.png", "a.jpg"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / "imgs" / name)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image, and not read")
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), "--img-size", "32",
+                 "--json", "--topk", "2", str(tmp_path / "imgs")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [Path(r["image"]).name for r in out] == ["a.jpg", "b.png"]  # name order
+    assert all(len(r["top"]) == 2 and r["top"][0]["label"] in ("cat", "dog", "owl", "eel", "yak")
+               for r in out)

@@ -291,3 +291,42 @@ def test_truncated_run_state_is_refused_and_resume_auto_ignores_temp_files(
     # the same half file under a temp name, as an interrupted write leaves it: auto skips it
     cut.rename(tmp_path / ".checkpoint-00000099.pt.abc.tmp")
     assert T.resolve_resume("auto", tmp_path) == good
+
+
+# -- skip counts across worker processes (issue 10, item 6) ------------------------------------
+@pytest.fixture(scope="module")
+def cut_jpeg_folder(tmp_path_factory):
+    """The good tree plus a JPEG cut short: its header passes the scan, so it fails only when
+    a (worker) process decodes it."""
+    root = tmp_path_factory.mktemp("cut")
+    for split in ("train", "val"):
+        for i in range(12 if split == "train" else 4):
+            _png(root / split / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "whole.jpg", quality=95)
+    data = (root / "whole.jpg").read_bytes()
+    (root / "whole.jpg").unlink()
+    (root / "train" / "a" / "cut.jpg").write_bytes(data[:len(data) // 2])
+    return root
+
+
+def test_pretrain_counts_a_skip_made_in_a_worker_process(cut_jpeg_folder, tmp_path, caplog):
+    args = [*PRETRAIN, "--data", str(cut_jpeg_folder / "train"), "--output", str(tmp_path)]
+    args[args.index("--workers") + 1] = "2"
+    with caplog.at_level(logging.WARNING, "convnextv2.data"):
+        assert main(args) == 0
+    records = T.read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["skipped_images"] == 1  # 13 files, 1 skipped while decoding
+
+
+@pytest.mark.xfail(reason="finetune's summary.json takes the count before training; it must "
+                          "read convnextv2.data.count_skipped(...) at the end (recipes/finetune.py)",
+                   strict=False)
+def test_finetune_summary_counts_a_skip_made_in_a_worker_process(cut_jpeg_folder, tmp_path):
+    import json
+
+    args = [*FINETUNE, "--workers", "2", "--data", str(cut_jpeg_folder),
+            "--output", str(tmp_path), "--max-steps-per-epoch", "100"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_images"] == 1

@@ -1,6 +1,15 @@
-"""Shared test settings."""
+"""Shared test settings and fixtures.
+
+The fixtures are the small things many tests build: the toy architecture (four stages of one
+block, widths 8-32, a few thousand parameters), folders of random images, and a tiny FCMAE.
+Factories are session-scoped so module-scoped fixtures can use them too.
+"""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+TOY_DEPTHS, TOY_DIMS = (1, 1, 1, 1), (8, 16, 24, 32)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -11,3 +20,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_arch() -> dict:
+    """Constructor overrides that shrink any variant to the toy network (add ``stem_stride=1``
+    for 8 px patches on 32 px images)."""
+    return dict(depths=TOY_DEPTHS, dims=TOY_DIMS)
+
+
+@pytest.fixture(scope="session")
+def toy_cli() -> list:
+    """The toy network as command-line options of ``pretrain`` / ``finetune``."""
+    return ["--model", "atto", "--depths", *map(str, TOY_DEPTHS), "--dims", *map(str, TOY_DIMS),
+            "--stem-stride", "1"]
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """``make_images(folder, n, seed=0, classes=None, size=(36, 40))``: ``n`` random RGB PNGs
+    of ``size`` (height, width), spread over class sub-folders when ``classes`` is given;
+    returns ``folder``."""
+    def make(folder, n, seed=0, classes=None, size=(36, 40)):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            sub = folder / classes[i % len(classes)] if classes else folder
+            sub.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(sub / f"{i}.png")
+        return folder
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_fcmae():
+    """``tiny_fcmae(in_chans=3, stem_stride=1, decoder_dim=16, **fcmae_kwargs)``: an FCMAE
+    around the toy encoder (patch 8 with stem stride 1), seeded for repeatable weights."""
+    from convnextv2.fcmae.fcmae import FCMAE
+    from convnextv2.models.registry import create_model
+
+    def make(in_chans=3, stem_stride=1, decoder_dim=16, **kw):
+        torch.manual_seed(0)
+        encoder = create_model("atto", num_classes=0, in_chans=in_chans, stem_stride=stem_stride,
+                               depths=TOY_DEPTHS, dims=TOY_DIMS)
+        return FCMAE(encoder, decoder_embed_dim=decoder_dim, **kw)
+    return make

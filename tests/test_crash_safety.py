@@ -13,10 +13,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from convnextv2 import training as T
 
@@ -79,18 +77,14 @@ def _losses(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, make_images):
     """16 images, batch 4: 4 steps per epoch, 8 in all; checkpoints every 2 steps.
 
     Three processes at once: the uninterrupted reference, one killed after step 3 (its last
     checkpoint is step 2), one killed half-way through writing its 2nd checkpoint (step 4;
     its last complete one is step 2). Then the two killed runs are resumed."""
     root = tmp_path_factory.mktemp("crash")
-    data = root / "images"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    data = make_images(root / "images", 16)
     dirs = {name: root / name for name in ("reference", "between", "in_save")}
     procs = {"reference": _start(data, dirs["reference"]),
              "between": _start(data, dirs["between"], CNX_KILL_AFTER_STEP=3),

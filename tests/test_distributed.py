@@ -12,10 +12,8 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from convnextv2 import training as T
 from convnextv2.cli import main
@@ -42,15 +40,6 @@ def _wait(proc):
     return out
 
 
-def _images(folder, n, seed=0, classes=None):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / classes[i % len(classes)] if classes else folder
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(sub / f"{i}.png")
-    return folder
-
-
 def _weights(path):
     from safetensors.torch import load_file
     return load_file(str(path))
@@ -67,7 +56,7 @@ def _losses(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, make_images):
     """16 images; global batch 8 = 1 process x 8 = 2 processes x 4: 2 steps per epoch.
 
     - ``one``: one process (in this test process), 4 steps, a checkpoint after each;
@@ -80,8 +69,8 @@ def runs(tmp_path_factory):
     - ``finetune``: torchrun 2 x ``finetune``, 1 epoch, validating on the same 7 images.
     """
     root = tmp_path_factory.mktemp("dist")
-    data = _images(root / "images", 16)
-    val = _images(root / "val", 7, seed=3, classes=["a", "b"])
+    data = make_images(root / "images", 16)
+    val = make_images(root / "val", 7, seed=3, classes=["a", "b"])
     from convnextv2.checkpoint import save_checkpoint
     from convnextv2.models.registry import create_model
     torch.manual_seed(0)
@@ -91,7 +80,7 @@ def runs(tmp_path_factory):
     eval_args = ["eval", "--checkpoint", root / "clf.safetensors", "--data", val, "--img-size",
                  "32", "--device", "cpu", "--batch-size", "2", "--json"]
     procs = {"eval": _torchrun(*eval_args, "--output", root / "eval2")}
-    _images(root / "ft" / "train", 16, seed=4, classes=["a", "b"])
+    make_images(root / "ft" / "train", 16, seed=4, classes=["a", "b"])
     shutil.copytree(val, root / "ft" / "val")
     procs["finetune"] = _torchrun(
         "finetune", *ARCH, "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--aa",

@@ -1,4 +1,4 @@
-"""Fine-tuning: layer-wise lr decay ids and scales (SPEC 3), weight-decay exemptions, head
+"""Fine-tuning: layer-wise lr decay ids and scales (docs/recipes.md), weight-decay exemptions, head
 re-initialisation, EMA, linear probe, schedule and resume."""
 import json
 
@@ -14,7 +14,7 @@ from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_l
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
 TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1, in_chans=1)
 
-# hand-written from SPEC 3's rules; "single": num_layers = sum(depths)
+# hand-written from the layer-decay rules of docs/recipes.md; "single": num_layers = sum(depths)
 ATTO_SINGLE = {
     "stem.conv.weight": 1, "stem.norm.bias": 1,
     "stages.0.blocks.0.dwconv.weight": 1, "stages.0.blocks.1.pwconv1.weight": 2,
@@ -44,7 +44,7 @@ BASE_GROUP = {
 @pytest.mark.parametrize("depths, mode, expected, top", [
     (ATTO, "single", ATTO_SINGLE, 12), (TINY, "single", TINY_SINGLE, 18),
     (BASE, "group", BASE_GROUP, 12)])
-def test_layer_ids_and_scales_follow_spec(depths, mode, expected, top):
+def test_layer_ids_and_scales_follow_the_rules(depths, mode, expected, top):
     for name, lid in expected.items():
         assert layer_id(name, depths, mode) == lid, name
         assert layer_scale(name, depths, 0.7, mode) == pytest.approx(0.7 ** (top + 1 - lid))

@@ -1,23 +1,27 @@
 """`convnextv2 pretrain`: exact resume, the files a run writes, loading them back, failures."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from convnextv2 import training as T
 from convnextv2.cli import main
 from convnextv2.fcmae.io import load_fcmae
 from convnextv2.recipes.pretrain import NonFiniteLossError, PretrainConfig, pretrain
 
-TINY_ARGS = ["--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32",
-             "--stem-stride", "1", "--img-size", "32", "--batch-size", "4", "--decoder-dim", "16",
-             "--workers", "0", "--deterministic", "--no-progress", "--device", "cpu"]
+TOY_DEPTHS, TOY_DIMS = (1, 1, 1, 1), (8, 16, 24, 32)
+
+RUN_ARGS = ["--img-size", "32", "--batch-size", "4", "--decoder-dim", "16", "--workers", "0",
+            "--deterministic", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_args(toy_cli):
+    return [*toy_cli, *RUN_ARGS]
 
 
 def tiny_config(data, output, **kw) -> PretrainConfig:
-    base = dict(model="atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1,
+    base = dict(model="atto", depths=TOY_DEPTHS, dims=TOY_DIMS, stem_stride=1,
                 img_size=32, batch_size=4, decoder_dim=16, workers=0, deterministic=True,
                 progress=False, data=str(data), output=str(output), blr=1e-2, device="cpu")
     base.update(kw)
@@ -25,15 +29,9 @@ def tiny_config(data, output, **kw) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(tmp_path_factory, make_images):
     """18 random 40x36 RGB PNGs in two class folders (labels are ignored by pretraining)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(18):
-        folder = root / ("a" if i % 2 else "b")
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
+    return make_images(tmp_path_factory.mktemp("images"), 18, classes=["b", "a"], size=(40, 36))
 
 
 def losses(run_dir):
@@ -41,10 +39,10 @@ def losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(image_folder, tmp_path_factory):
+def straight_run(image_folder, tmp_path_factory, tiny_args):
     """2 epochs x 4 steps (18 images, batch 4: the last 2 images of each epoch are dropped)."""
     out = tmp_path_factory.mktemp("straight")
-    rc = main(["pretrain", *TINY_ARGS, "--data", str(image_folder), "--output", str(out),
+    rc = main(["pretrain", *tiny_args, "--data", str(image_folder), "--output", str(out),
                "--epochs", "2", "--blr", "1e-2", "--recon-every", "2"])
     assert rc == 0
     return out
@@ -124,14 +122,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
                                                                   monkeypatch):
     from convnextv2.fcmae.fcmae import FCMAE
 
-    real, calls = FCMAE.forward_loss, []
+    real, calls = FCMAE.forward, []
 
-    def poisoned(self, imgs, pred, mask):
+    def poisoned(self, imgs, mask=None):
         calls.append(1)
-        loss = real(self, imgs, pred, mask)
-        return loss * float("nan") if len(calls) == 3 else loss
+        loss, pred, mask = real(self, imgs, mask)
+        return (loss * float("nan") if len(calls) == 3 else loss), pred, mask
 
-    monkeypatch.setattr(FCMAE, "forward_loss", poisoned)
+    monkeypatch.setattr(FCMAE, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="optimizer step 3") as err:
         pretrain(tiny_config(image_folder, tmp_path, epochs=1, save_every_steps=2))
     assert err.value.checkpoint.name == "checkpoint-00000002.pt"
@@ -140,33 +138,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     assert not (tmp_path / "encoder.safetensors").exists()
 
 
-def test_unwritable_output_fails_before_any_work(tmp_path, capsys):
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys, tiny_args):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc = main(["pretrain", *TINY_ARGS, "--data", str(tmp_path / "no-such-data"),
+    rc = main(["pretrain", *tiny_args, "--data", str(tmp_path / "no-such-data"),
                "--output", str(blocker / "run")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "--output" in err and "cannot write" in err
 
 
-def test_bad_image_size_and_small_data_are_user_errors(image_folder, tmp_path, capsys):
-    assert main(["pretrain", *TINY_ARGS, "--img-size", "36", "--data", str(image_folder),
+def test_bad_image_size_and_small_data_are_user_errors(image_folder, tmp_path, capsys,
+                                                      tiny_args):
+    assert main(["pretrain", *tiny_args, "--img-size", "36", "--data", str(image_folder),
                  "--output", str(tmp_path / "a")]) == 2
     assert "multiple of the patch size 8" in capsys.readouterr().err
-    assert main(["pretrain", *TINY_ARGS, "--batch-size", "32", "--data", str(image_folder),
+    assert main(["pretrain", *tiny_args, "--batch-size", "32", "--data", str(image_folder),
                  "--output", str(tmp_path / "b")]) == 2
     assert "too few for one optimizer step" in capsys.readouterr().err
 
 
-def test_two_process_gloo_run_matches_one_process(straight_run, image_folder, tmp_path):
+def test_two_process_gloo_run_matches_one_process(straight_run, image_folder, tmp_path,
+                                                  tiny_args):
     """torchrun, 2 CPU processes x batch 2 = the same images, masks and crops per step as one
     process x batch 4 (order, augmentation and masks are keyed by sample index)."""
     import os
     import subprocess
     import sys
 
-    args = [a for a in TINY_ARGS if a != "--deterministic"]
+    args = [a for a in tiny_args if a != "--deterministic"]
     args[args.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -180,3 +180,94 @@ def test_two_process_gloo_run_matches_one_process(straight_run, image_folder, tm
     assert [lr for _, _, lr in two] == pytest.approx([lr for _, _, lr in one])
     assert [v for _, v, _ in two] == pytest.approx([v for _, v, _ in one], rel=1e-5, abs=1e-6)
     assert (tmp_path / "encoder.safetensors").is_file()
+
+
+VECTORS = "/work/shared/vectors/convnextv2_interop_small.pt"
+
+
+def _official_decoder(width: int, d3: int, out: int, seed: int = 0) -> dict:
+    """Decoder tensors named and shaped as the official FCMAE saves them: ``proj`` (1x1 conv),
+    ``mask_token`` (1, C, 1, 1), one dense ConvNeXt V2 block (GRN (1, 1, 1, 4C)), ``pred``."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: 0.1 * torch.randn(*shape, generator=g)  # noqa: E731
+    c, h = width, 4 * width
+    return {"proj.weight": r(c, d3, 1, 1), "proj.bias": r(c), "mask_token": r(1, c, 1, 1),
+            "decoder.0.dwconv.weight": r(c, 1, 7, 7), "decoder.0.dwconv.bias": r(c),
+            "decoder.0.norm.weight": 1 + r(c), "decoder.0.norm.bias": r(c),
+            "decoder.0.pwconv1.weight": r(h, c), "decoder.0.pwconv1.bias": r(h),
+            "decoder.0.grn.gamma": r(1, 1, 1, h), "decoder.0.grn.beta": r(1, 1, 1, h),
+            "decoder.0.pwconv2.weight": r(c, h), "decoder.0.pwconv2.bias": r(c),
+            "pred.weight": r(out, c, 1, 1), "pred.bias": r(out)}
+
+
+def _reference_decoder(t: dict, latent, mask):
+    """The official decoder written out in float64 from its tensors: proj, mask-token fill,
+    dwconv 7x7, LayerNorm, Linear, GELU, GRN (norm over H, W; divided by its channel mean),
+    Linear, residual, pred; returned as (N, L, p*p*C) like the loss reads it."""
+    F = torch.nn.functional
+    t = {k: v.double() for k, v in t.items()}
+    x = F.conv2d(latent.double(), t["proj.weight"], t["proj.bias"])
+    n, c, h, w = x.shape
+    m = mask.reshape(n, 1, h, w).double()
+    x = x * (1 - m) + t["mask_token"] * m
+    y = F.conv2d(x, t["decoder.0.dwconv.weight"], t["decoder.0.dwconv.bias"], padding=3, groups=c)
+    y = F.layer_norm(y.permute(0, 2, 3, 1), (c,), t["decoder.0.norm.weight"],
+                     t["decoder.0.norm.bias"], eps=1e-6)
+    y = F.gelu(F.linear(y, t["decoder.0.pwconv1.weight"], t["decoder.0.pwconv1.bias"]))
+    gx = torch.norm(y, p=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    y = t["decoder.0.grn.gamma"] * (y * nx) + t["decoder.0.grn.beta"] + y
+    y = F.linear(y, t["decoder.0.pwconv2.weight"], t["decoder.0.pwconv2.bias"])
+    x = x + y.permute(0, 3, 1, 2)
+    pred = F.conv2d(x, t["pred.weight"], t["pred.bias"])
+    return pred.reshape(n, pred.shape[1], -1).transpose(1, 2)
+
+
+def test_official_fcmae_file_with_its_decoder_loads_and_reconstructs(tmp_path, capsys):
+    """An official-layout FCMAE checkpoint: the shared vectors' sparse encoder (MinkowskiEngine
+    names and shapes) plus a decoder of the official shapes, wrapped in ``model``."""
+    from PIL import Image
+
+    from convnextv2.checkpoint import load_model
+
+    vectors = torch.load(VECTORS, weights_only=True)
+    decoder = _official_decoder(16, 32, 32 * 32 * 3)  # patch 32 (stem 4), 3 channels
+    path = tmp_path / "official_fcmae.pth"
+    torch.save({"model": {**vectors["official_fcmae_encoder"], **decoder}, "epoch": 1599}, path)
+
+    fcmae = load_fcmae(path)
+    dense = load_model(vectors["official_dense"])  # the same network in the dense layout
+    for k, v in dense.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(fcmae.encoder.state_dict()[k], v), k
+    imgs = vectors["input"]  # 2 x 3 x 64 x 64: a 2 x 2 grid of 32 px patches
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.float32)
+    fcmae.eval()
+    with torch.no_grad():
+        latent = fcmae.forward_encoder(imgs, mask)
+        pred = fcmae.forward_decoder(latent, mask)
+    ref = _reference_decoder(decoder, latent, mask)
+    torch.testing.assert_close(pred.double(), ref, rtol=1e-4,
+                               atol=1e-5 * ref.abs().max().item())
+
+    # the reconstruct command draws the figure from the official file
+    for i in range(2):
+        pixels = (vectors["input"][i].permute(1, 2, 0).clamp(-2, 2) * 60 + 128).byte().numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    assert main(["reconstruct", str(tmp_path / "0.png"), str(tmp_path / "1.png"),
+                 "--checkpoint", str(path), "--img-size", "64",
+                 "--output", str(tmp_path / "recon.png")]) == 0
+    assert (tmp_path / "recon.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_init_starts_from_an_fcmae_file_with_its_decoder(straight_run, image_folder, tmp_path):
+    """``--init``: the first step of a new run starts from the given encoder and decoder."""
+    source = load_fcmae(straight_run / "fcmae.safetensors")
+    pretrain(tiny_config(image_folder, tmp_path, epochs=1, max_steps=1, blr=0.0,
+                         init=str(straight_run / "fcmae.safetensors")))
+    state = T.load_run_state(T.latest_checkpoint(tmp_path))
+    for k, v in source.state_dict().items():  # lr 0 at the first step: weights as loaded
+        assert torch.equal(state["model"][k], v), k
+    with pytest.raises(ValueError, match="do not fit"):
+        pretrain(tiny_config(image_folder, tmp_path / "other", decoder_dim=8,
+                             init=str(straight_run / "fcmae.safetensors")))

@@ -11,7 +11,6 @@ from torch import nn
 from convnextv2 import training as T
 from convnextv2.models.registry import create_model
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
 
 # -- schedule ----------------------------------------------------------------------------------
@@ -43,15 +42,15 @@ def test_schedule_sets_lr_per_group_with_lr_scale():
 
 
 def test_recipe_helpers():
-    assert T.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)  # SPEC: blr * 4096 / 256
+    assert T.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)  # the recipe: blr * 4096 / 256
     assert T.clip_warmup_epochs(40, 800) == 40
     assert T.clip_warmup_epochs(40, 10) == 2.5
     assert T.effective_batch(64, 4, 2) == 512
 
 
 # -- parameter groups ---------------------------------------------------------------------------
-def test_param_groups_no_decay_on_bias_norm_grn():
-    model = create_model("atto", num_classes=5, **TINY)
+def test_param_groups_no_decay_on_bias_norm_grn(toy_arch):
+    model = create_model("atto", num_classes=5, **toy_arch)
     groups = T.param_groups(model, 0.05)
     decay, plain = groups
     assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
@@ -75,6 +74,35 @@ def test_grn_params_skip_decay_whatever_their_shape():
     assert T.skips_weight_decay("stages.0.blocks.0.grn.gamma", torch.zeros(1, 1, 1, 8))
     assert T.skips_weight_decay("mask_token", torch.zeros(1, 8, 1, 1))
     assert not T.skips_weight_decay("stages.0.blocks.0.pwconv1.weight", torch.zeros(8, 4))
+
+
+def test_pretraining_weight_decay_groups_follow_the_official_rule(toy_arch):
+    """The official pretraining builds its AdamW groups with timm's rule: no decay for biases
+    and 1-D tensors only. Applied to the official module's shapes (GRN gamma/beta (1, C) in the
+    sparse encoder and (1, 1, 1, C) in the decoder, mask token (1, C, 1, 1)), GRN and the mask
+    token are decayed; ``--wd-exempt grn`` exempts them instead."""
+    from convnextv2.recipes.pretrain import PretrainConfig, build_fcmae, pretrain_param_groups
+
+    cfg = PretrainConfig(model="atto", stem_stride=1, img_size=32, decoder_dim=16, **toy_arch)
+    fcmae = build_fcmae(cfg)
+    trainable = {n: p for n, p in fcmae.named_parameters() if p.requires_grad}
+
+    def official_shape(name, p):
+        if ".grn." in name:
+            return (1, 1, 1, p.numel()) if name.startswith("decoder.") else (1, p.numel())
+        return tuple(p.shape)
+
+    exempt = {n for n, p in trainable.items()
+              if len(official_shape(n, p)) <= 1 or n.endswith(".bias")}
+    groups = {g["weight_decay"]: set(g["names"]) for g in pretrain_param_groups(fcmae, cfg)}
+    assert groups == {0.05: set(trainable) - exempt, 0.0: exempt}
+    grn = {n for n in trainable if ".grn." in n}
+    assert grn and grn | {"mask_token"} <= groups[0.05]
+    assert "encoder.stem.norm.weight" in groups[0.0] and "pred.bias" in groups[0.0]
+    # the documented alternative exempts GRN and the mask token (the fine-tuning rule)
+    cfg.wd_exempt = "grn"
+    other = {g["weight_decay"]: set(g["names"]) for g in pretrain_param_groups(fcmae, cfg)}
+    assert other[0.0] == exempt | grn | {"mask_token"}
 
 
 # -- run state ----------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ def add_arguments(p):
                    help="regress raw pixels instead of per-patch normalised ones")
     g.add_argument("--backend", choices=("sparse", "dense"), default=d.backend,
                    help="sparse encoder (default) or masked dense convolution")
+    g.add_argument("--init", metavar="CKPT",
+                   help="start from these weights: an FCMAE file with its decoder (ours, or an "
+                        "official FCMAE .pth) or any encoder checkpoint (decoder then fresh)")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=d.data, help="image folder, IDX folder or 'builtin'")

@@ -1,6 +1,12 @@
 """FCMAE files: encoder + decoder in one file, written by ``convnextv2 pretrain`` and read back
-(also from other files holding ``encoder.*`` plus the decoder keys) for reconstructions, resumes
-and ``--init``."""
+(also from other files holding ``encoder.*`` plus the decoder keys) for reconstructions and
+``pretrain --init``.
+
+Official FCMAE checkpoints (``main_pretrain.py`` of the ConvNeXt V2 release) hold the decoder
+too: ``proj``, ``mask_token``, ``decoder.N.*`` (dense ConvNeXt V2 blocks) and ``pred``, next to
+the sparse ``encoder.*``. Their decoder keys already have this package's names; only the GRN
+parameters differ in shape, (1, 1, 1, C) there and (C,) here, so they are flattened on load.
+"""
 from __future__ import annotations
 
 import json
@@ -77,7 +83,8 @@ def load_fcmae(path: str | Path, mask_ratio: float | None = None, backend: str =
         mask_ratio = float(meta.get("mask_ratio", 0.6))
     fcmae = FCMAE(encoder, mask_ratio=mask_ratio, decoder_depth=depth,
                   decoder_embed_dim=embed_dim, norm_pix_loss=norm_pix, backend=backend)
-    decoder_sd = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    decoder_sd = {k: _decoder_tensor(k, v) for k, v in state.items()
+                  if not k.startswith("encoder.")}
     missing, unexpected = fcmae.load_state_dict(decoder_sd, strict=False)
     missing = [k for k in missing if not k.startswith("encoder.")]
     if missing or unexpected:
@@ -87,6 +94,14 @@ def load_fcmae(path: str | Path, mask_ratio: float | None = None, backend: str =
         raise ValueError(f"{path}: decoder predicts {state['pred.weight'].shape[0]} values per "
                          f"patch, the encoder's patch size needs {fcmae.pred.weight.shape[0]}")
     return fcmae
+
+
+def _decoder_tensor(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A decoder tensor in this package's shape: GRN gamma/beta of the official dense block
+    are (1, 1, 1, C); here they are (C,)."""
+    if key.startswith("decoder.") and key.rsplit(".", 2)[-2] == "grn" and value.dim() > 1:
+        return value.reshape(-1)
+    return value
 
 
 def _read_state(path: Path) -> tuple[dict, dict]:

@@ -69,6 +69,7 @@ class PretrainConfig(RunConfig):
     betas: Sequence[float] = RECIPE["betas"]
     clip_grad: float | None = None
     recon_every: int = 10
+    init: str | None = None              # start from these weights (FCMAE file or an encoder)
 
     def __post_init__(self):
         self.in_chans = self.in_chans or 3
@@ -120,6 +121,27 @@ def build_fcmae(cfg: PretrainConfig):
                          f"(total stride of the encoder), e.g. {ok}; --stem-stride 1 or 2 "
                          f"gives patches of 8 or 16 px for small images")
     return fcmae
+
+
+def load_init(fcmae, path: str) -> str:
+    """Start from pretrained weights: encoder and decoder from an FCMAE file (``fcmae.
+    safetensors``, or an official FCMAE ``.pth`` with its decoder), else the encoder alone from
+    any checkpoint, the decoder left as initialised. Returns what was loaded, for the log."""
+    try:
+        source = fcmae_io.load_fcmae(path, backend=fcmae.backend)
+    except ValueError as e:
+        if "with a decoder" not in str(e):
+            raise
+        from ..checkpoint import load_checkpoint
+        load_checkpoint(fcmae.encoder, path, strict=True, drop_head=True)
+        return f"--init {path}: encoder weights (the file has no decoder; it starts fresh)"
+    try:
+        fcmae.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"--init {path}: its weights do not fit this model "
+                         f"({str(e).splitlines()[-1].strip()}); use the same --model, shape "
+                         f"and --decoder-* options") from None
+    return f"--init {path}: encoder and decoder weights"
 
 
 def pretrain_param_groups(fcmae, cfg: PretrainConfig) -> list[dict]:
@@ -223,7 +245,9 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
         raise ValueError(f"{describe_source(cfg.data)} has {len(base)} images: too few for one "
                          f"optimizer step of {cfg.batch_size} x {cfg.accum_steps} (accum) x "
                          f"{info.world_size} (processes); lower --batch-size or --accum-steps")
-    fcmae = build_fcmae(cfg).to(info.device)
+    fcmae = build_fcmae(cfg)
+    init_note = load_init(fcmae, cfg.init) if cfg.init else None
+    fcmae.to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
         from ..training import fsdp
         fsdp.shard(fcmae, info)
@@ -245,11 +269,12 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     with trainer.open_log("metrics.jsonl") as log:
         return _train(cfg, trainer, base, log, dict(effective_batch=eff, lr=base_lr,
                                                     steps_per_epoch=steps_per_epoch,
-                                                    warmup_epochs=warmup), warmup_note)
+                                                    warmup_epochs=warmup),
+                      [warmup_note, init_note])
 
 
 def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: dict,
-           warmup_note: str | None) -> dict:
+           notes: list) -> dict:
     from ..data import describe_source
     from ..fcmae.masking import keyed_mask
 
@@ -263,7 +288,7 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
                 f"{len(base)} images, {facts['steps_per_epoch']} steps/epoch, effective batch "
                 f"{facts['effective_batch']}, lr {facts['lr']:.3g}, device {info.device}"
                 + (f", {info.world_size} processes" if info.distributed else ""))
-    for note in (warmup_note, getattr(base, "num_skipped", 0)
+    for note in (*notes, getattr(base, "num_skipped", 0)
                  and f"skipped {base.num_skipped} unreadable image(s)", figures.missing_note):
         if note:
             trainer.say(note)

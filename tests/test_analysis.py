@@ -204,7 +204,7 @@ def test_norm_pix_prediction_is_undone_with_each_target_patch_statistics():
         vals = patch.flatten().double()
         mean = vals.sum() / vals.numel()
         var = ((vals - mean) ** 2).sum() / (vals.numel() - 1)            # unbiased
-        # prediction layout (row, column, channel) per SPEC
+        # prediction layout (row, column, channel) as the loss reads it
         pred_patch = pred[0, cell].double().reshape(p, p, 3).permute(2, 0, 1)
         expected = pred_patch * math.sqrt(var + 1e-6) + mean
         torch.testing.assert_close(recon[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p].double(),

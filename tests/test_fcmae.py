@@ -1,4 +1,4 @@
-"""FCMAE module: patch order, loss formula, masks, decoder, and the encoder it trains (SPEC section 2)."""
+"""FCMAE module: patch order, loss formula, masks, decoder, and the encoder it trains (docs/design.md)."""
 import math
 
 import pytest
@@ -54,7 +54,7 @@ def test_unpatchify_inverts_patchify():
 
 
 def hand_loss(imgs, pred, mask, p, norm_pix):
-    """SPEC's loss written out patch by patch."""
+    """The official loss written out patch by patch."""
     n, c, h, w = imgs.shape
     wp = w // p
     total, count = 0.0, 0.0

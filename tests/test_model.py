@@ -1,4 +1,4 @@
-"""The dense network: shapes, options, GRN numerics and the SPEC table of sizes."""
+"""The dense network: shapes, options, GRN numerics and the table of sizes."""
 import pytest
 import torch
 
@@ -8,7 +8,7 @@ from convnextv2.tools.stats import model_stats
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
-# SPEC section 1: params (M) and GMACs at 224 px, 1000 classes.
+# the published sizes: params (M) and GMACs at 224 px, 1000 classes.
 SPEC_TABLE = {
     "convnextv2_atto": (3.71, 0.55), "convnextv2_femto": (5.23, 0.78),
     "convnextv2_pico": (9.07, 1.37), "convnextv2_nano": (15.62, 2.45),

@@ -26,7 +26,7 @@ def test_every_row_keeps_exactly_int_L_times_1_minus_r_cells(seed, epoch, indice
     assert mask.shape == (len(indices), L)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     visible = (mask == 0).sum(dim=1)
-    assert visible.tolist() == [int(L * (1 - ratio))] * len(indices)  # SPEC's count
+    assert visible.tolist() == [int(L * (1 - ratio))] * len(indices)  # the official count
 
 
 @FAST

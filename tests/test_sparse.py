@@ -1,4 +1,4 @@
-"""The sparse FCMAE encoder against masked dense convolution (SPEC section 2) and the dense model."""
+"""The sparse FCMAE encoder against masked dense convolution (docs/design.md) and the dense model."""
 import copy
 
 import pytest

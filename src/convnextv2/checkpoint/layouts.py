@@ -2,7 +2,7 @@
 
 Every conversion goes through the native layout (``ConvNeXtV2().state_dict()``): a foreign
 layout only needs a table of (foreign key, native key, tensor reshaping) rules, and any two
-layouts convert through it. The facts behind the tables are in SPEC.md section 4.
+layouts convert through it. The layouts are described in docs/design.md.
 """
 from __future__ import annotations
 

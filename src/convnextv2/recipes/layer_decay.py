@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay for fine-tuning (SPEC section 3).
+"""Layer-wise learning-rate decay for fine-tuning (the official rule; docs/recipes.md).
 
 Each parameter gets a layer id; its learning rate is scaled by
 ``layer_decay ** (num_layers + 1 - id)``, so the head learns at the full rate and layers

@@ -186,11 +186,8 @@ def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
 
 
 def _reconstruction_saver():
-    """``save_reconstruction_grid`` from the analysis package, or None if not installed."""
-    try:
-        from ..analysis.reconstruction import save_reconstruction_grid
-    except ImportError:
-        return None
+    """What draws the reconstruction figures (a seam: tests replace it to skip figures)."""
+    from ..analysis.reconstruction import save_reconstruction_grid
     return save_reconstruction_grid
 
 
@@ -289,7 +286,7 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
                 f"{facts['effective_batch']}, lr {facts['lr']:.3g}, device {info.device}"
                 + (f", {info.world_size} processes" if info.distributed else ""))
     for note in (*notes, getattr(base, "num_skipped", 0)
-                 and f"skipped {base.num_skipped} unreadable image(s)", figures.missing_note):
+                 and f"skipped {base.num_skipped} unreadable image(s)"):
         if note:
             trainer.say(note)
 
@@ -316,9 +313,6 @@ class _Figures:
         self.saver = _reconstruction_saver() if info.is_main else None
         self.batch = fixed_recon_batch(cfg, fcmae.patch_size) if self.saver else None
         self.mean_std = mean_std(cfg.in_chans)
-        self.missing_note = (None if self.saver or not info.is_main else
-                             "note: convnextv2.analysis.reconstruction is not available; "
-                             "no reconstruction figures")
 
     def epoch_end(self, epoch: int, step: int) -> None:
         if not self.info.is_main:

@@ -19,6 +19,8 @@ COMMANDS = {
     "demo": "demo",
     "analyze": "analyze",
     "reconstruct": "reconstruct",
+    "detect": "detect",
+    "segment": "segment",
 }
 
 EPILOG = """examples:

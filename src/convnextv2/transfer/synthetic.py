@@ -159,3 +159,31 @@ def write_synthetic(output: str | Path, n_train: int = 200, n_val: int = 50, siz
         (det / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
     (seg / "classes.txt").write_text("\n".join(["background"] + FASHION_MNIST_CLASSES) + "\n")
     return dict(detection=det, segmentation=seg)
+
+
+BUILTIN = dict(n_train=256, n_val=64, size=128, seed=0)
+
+
+def builtin_scenes(cache: str | Path | None = None, **overrides) -> dict:
+    """The built-in scene set (``--data builtin``), written once into a cache folder
+    (``$XDG_CACHE_HOME/convnextv2`` or ``~/.cache/convnextv2``) and reused: the files are a
+    function of the parameters, which name the folder. Written to a temporary folder first
+    and renamed, so an interrupted write is never mistaken for a complete set."""
+    import os
+    import tempfile
+
+    params = dict(BUILTIN, **overrides)
+    base = Path(cache or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "convnextv2"
+    name = "scenes-{n_train}-{n_val}-{size}px-seed{seed}".format(**params)
+    final = base / name
+    if not (final / "complete").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
+        write_synthetic(tmp, **params)
+        (tmp / "complete").write_text("")
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dict(detection=final / "detection", segmentation=final / "segmentation")

@@ -1,0 +1,219 @@
+"""``convnextv2 segment train|eval|predict``: UPerNet on a ConvNeXt V2 backbone, on
+ADE20K-layout data."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .detect import (add_backbone_options, add_run_options, check_images, new_png, pick,
+                     print_metrics, set_threads, transfer_config)
+
+HELP = "Semantic segmentation (UPerNet) with a ConvNeXt V2 backbone."
+EPILOG = """examples:
+  convnextv2 segment train --data builtin --output runs/seg --depths 1 1 2 1 --dims 24 48 96 192
+  convnextv2 segment train --data /data/ADEChallengeData2016 --output runs/upernet_tiny \\
+      --model convnextv2_tiny --pretrained convnextv2_tiny_1k_224_ema.pt --amp bf16
+  torchrun --nproc_per_node 8 -m convnextv2 segment train --data /data/ADEChallengeData2016 \\
+      --output runs/u --model convnextv2_base --pretrained base.pt --batch-size 2 --amp bf16
+  convnextv2 segment eval --checkpoint runs/seg/model.pt --data /data/ADEChallengeData2016 --tta
+  convnextv2 segment predict --checkpoint runs/seg/model.pt photo.jpg --output preds/
+
+--data ROOT is ADE20K's layout: ROOT/images/{training,validation}/*.jpg and
+ROOT/annotations/{training,validation}/*.png, mask value 0 = ignore and 1..K the classes
+(--no-reduce-zero-label for masks whose 0 is a class). Class names come from ROOT/classes.txt
+or objectInfo150.txt; otherwise pass --num-classes. 'builtin': synthetic Fashion-MNIST scenes.
+Defaults are the ConvNeXt V2 ADE20K recipe (UPerNet, 160k iterations of 16 512x512 crops,
+AdamW lr 1e-4, wd 0.05, poly schedule, 1500 warmup, stage-wise layer decay 0.9, drop path
+0.4); see docs/transfer.md."""
+
+BUILTIN_DEFAULTS = dict(crop=128, scale=(128, 128), ratio_range=(0.75, 1.25), iters=None,
+                        epochs=8, batch_size=8, lr=1e-3, drop_path=0.0, layer_decay=0.9,
+                        schedule="poly", warmup_iters=20, channels=64, aux_channels=32,
+                        depths=(1, 1, 2, 1), dims=(24, 48, 96, 192), eval_batch_size=16)
+
+
+def add_arguments(p):
+    from ..segmentation.train import RECIPE
+
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a segmenter", description="Train UPerNet.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--data", required=True, help="ADE20K-layout root, or 'builtin'")
+    t.add_argument("--output", required=True, help="new run folder")
+    _add_data_options(t)
+    add_backbone_options(t, RECIPE)
+    g = t.add_argument_group("segmenter")
+    g.add_argument("--crop", type=int, help=f"training crop (recipe {RECIPE['crop']})")
+    g.add_argument("--scale", type=int, nargs=2, metavar=("SHORT", "LONG"),
+                   help="rescale target before jitter (default: crop, 4 x crop)")
+    g.add_argument("--ratio-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   help="random rescale factors (recipe 0.5 2.0)")
+    g.add_argument("--channels", type=int, help="UPerNet head width (512)")
+    g.add_argument("--aux-channels", type=int, help="auxiliary FCN head width (256)")
+    g.add_argument("--no-aux", dest="aux", action="store_false", help="no auxiliary head")
+    g.add_argument("--aux-weight", type=float, default=RECIPE["aux_weight"])
+    g.add_argument("--head-norm", choices=("bn", "gn"), default="bn",
+                   help="BatchNorm (SyncBN under torchrun) or GroupNorm in the heads")
+    add_run_options(t, RECIPE, "iters")
+    t.set_defaults(_action=_train)
+
+    e = sub.add_parser("eval", help="mIoU and pixel accuracy of a trained segmenter",
+                       description="mIoU and pixel accuracy of a trained segmenter.")
+    e.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
+    e.add_argument("--data", required=True, help="ADE20K-layout root (its validation split)")
+    _add_data_options(e)
+    e.add_argument("--tta", action="store_true",
+                   help="multi-scale (0.75, 1.0, 1.25) + flip test, as the paper's numbers")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    e.add_argument("--device")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--json", metavar="FILE", help="also write the metrics to this new file")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+    e.set_defaults(_action=_eval)
+
+    r = sub.add_parser("predict", help="colour maps of images (PNG)",
+                       description="Colour each pixel by its predicted class, over the image.")
+    r.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--output", required=True, help="folder for the PNGs")
+    r.add_argument("--alpha", type=float, default=0.55, help="opacity of the colour map")
+    r.add_argument("--device")
+    r.add_argument("--threads", type=int)
+    r.set_defaults(_action=_predict)
+
+
+def _add_data_options(p) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--num-classes", type=int, help="class count when the data folder has no "
+                                                   "classes.txt / objectInfo150.txt")
+    g.add_argument("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
+                   help="mask value 0 is a class (default: 0 = ignore, as in ADE20K)")
+    g.add_argument("--eval-size", type=int, help="shorter edge of test images (default: the "
+                                                 "crop size in training, as they are in eval)")
+
+
+def run(args) -> int:
+    set_threads(args)
+    return args._action(args)
+
+
+def _root(args) -> Path:
+    if args.data == "builtin":
+        from ..transfer.synthetic import builtin_scenes
+        return builtin_scenes()["segmentation"]
+    return Path(args.data)
+
+
+def _train(args) -> int:
+    from ..segmentation.train import RECIPE, SegmentationTask
+    from ..transfer.engine import train
+
+    builtin = BUILTIN_DEFAULTS if args.data == "builtin" else None
+    d = [builtin or {}, RECIPE]
+    cfg = transfer_config(args, RECIPE, builtin)
+    head = dict(channels=pick(args, "channels", builtin or {}, 512),
+                aux_channels=pick(args, "aux_channels", builtin or {}, 256), aux=args.aux,
+                norm=args.head_norm)
+    crop = pick(args, "crop", *d)
+    task = SegmentationTask(_root(args), crop=crop, scale=pick(args, "scale", builtin or {}),
+                            ratio_range=pick(args, "ratio_range", *d),
+                            num_classes=args.num_classes,
+                            reduce_zero_label=args.reduce_zero_label,
+                            eval_size=args.eval_size or (None if builtin else crop),
+                            aux_weight=args.aux_weight, head_kwargs=head)
+    train(task, cfg)
+    return 0
+
+
+def _load(checkpoint):
+    from ..segmentation.model import segmenter_from_config
+    from ..transfer.engine import read_model_file
+
+    ckpt = read_model_file(checkpoint, "segmentation")
+    model = segmenter_from_config(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    classes = ckpt.get("classes") or ckpt["config"].get("class_names") or []
+    return model, classes, ckpt
+
+
+def _eval(args) -> int:
+    from ..segmentation.data import SegmentationFolder, collate, eval_transforms
+    from ..segmentation.evaluate import evaluate_segmenter
+    from ..training.dist_eval import sharded_loader
+    from ..training.distributed import cleanup_distributed, init_distributed
+
+    model, classes, ckpt = _load(args.checkpoint)
+    info = init_distributed(args.device)
+    try:
+        ds = SegmentationFolder(_root(args), "val", eval_transforms(args.eval_size),
+                                args.num_classes or ckpt["config"]["num_classes"],
+                                args.reduce_zero_label)
+        if ds.num_classes != ckpt["config"]["num_classes"]:
+            raise ValueError(f"the data has {ds.num_classes} classes but the model was trained "
+                             f"on {ckpt['config']['num_classes']}")
+        model.to(info.device)
+        loader = sharded_loader(ds, info, batch_size=args.batch_size, collate_fn=collate,
+                                num_workers=args.workers)
+        scales = (0.75, 1.0, 1.25) if args.tta else (1.0,)
+        metrics = evaluate_segmenter(model, loader, ds.num_classes, info.device, args.amp,
+                                     info, progress=args.progress, scales=scales,
+                                     flip=args.tta)
+    finally:
+        cleanup_distributed()
+    if info.is_main:
+        print(f"{len(ds)} validation images, {ds.num_classes} classes"
+              f"{' (multi-scale + flip)' if args.tta else ''}:")
+        print_metrics(metrics, ["mIoU", "aAcc", "mAcc"])
+        if args.json:
+            path = Path(args.json)
+            if path.exists():
+                raise ValueError(f"--json {path} already exists; give a new file name")
+            path.write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def palette(n: int):
+    """A fixed colour per class (golden-ratio hues), the same in every image and run."""
+    import colorsys
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
+            for i in range(n)]
+
+
+def _predict(args) -> int:
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_segmentation_masks
+
+    from ..training.distributed import pick_device
+
+    images = check_images(args.images)
+    model, classes, ckpt = _load(args.checkpoint)
+    device = pick_device(args.device)
+    model.to(device).eval()
+    n = ckpt["config"]["num_classes"]
+    colours = palette(n)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        target = new_png(out, path)
+        try:
+            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        with torch.no_grad():
+            x = F.to_dtype(pixels, torch.float32, scale=True)[None].to(device)
+            pred = model(x)["out"].argmax(1)[0].cpu()
+        present = pred.unique().tolist()
+        masks = torch.stack([pred == c for c in present])
+        drawn = draw_segmentation_masks(pixels, masks, alpha=args.alpha,
+                                        colors=[colours[c] for c in present])
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+        share = {(classes[c] if c < len(classes) else str(c)): float((pred == c).float().mean())
+                 for c in present}
+        print(f"{path} -> {target}: " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in sorted(share.items(), key=lambda kv: -kv[1])))
+    return 0

@@ -1,0 +1,101 @@
+"""UPerNet on ConvNeXt V2: shapes and losses, the ADE20K-layout reader's label convention and
+checks, mIoU and pixel accuracy against a hand calculation, and a tiny overfit run."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convnextv2.segmentation import build_segmenter, segmentation_loss
+from convnextv2.segmentation.data import SegmentationFolder, eval_transforms
+from convnextv2.segmentation.evaluate import segmentation_metrics
+from convnextv2.transfer import build_backbone
+from convnextv2.transfer.errors import DataError
+
+TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+
+
+@pytest.mark.parametrize("aux,norm", [(True, "bn"), (False, "gn")])
+def test_upernet_shapes_loss_backward(aux, norm):
+    torch.manual_seed(0)
+    model = build_segmenter(5, build_backbone(None, drop_path_rate=0.1, **TINY), channels=32,
+                            aux=aux, aux_channels=16, norm=norm)
+    x = torch.randn(2, 3, 96, 64)
+    out = model(x)
+    assert out["out"].shape == (2, 5, 96, 64)
+    assert ("aux" in out) == aux and (not aux or out["aux"].shape == (2, 5, 96, 64))
+    target = torch.randint(0, 5, (2, 96, 64))
+    target[:, :10] = 255
+    losses = segmentation_loss(out, target)
+    assert set(losses) == {"loss_seg", "loss"} | ({"loss_aux"} if aux else set())
+    ref = torch.nn.functional.cross_entropy(out["out"], target, ignore_index=255)
+    assert losses["loss_seg"].item() == pytest.approx(ref.item(), rel=1e-5)
+    losses["loss"].backward()
+    assert model.backbone.body.stem.conv.weight.grad.abs().sum() > 0
+    model.eval()
+    assert set(model(x)) == {"out"}
+
+
+def _ade(tmp_path, masks, size=(6, 8), split="training"):
+    root = tmp_path / "ade"
+    for i, m in enumerate(masks):
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (i * 30, 80, 80)).save(root / "images" / split / f"im{i}.jpg")
+        Image.fromarray(np.asarray(m, np.uint8), mode="L").save(
+            root / "annotations" / split / f"im{i}.png")
+    return root
+
+
+def test_reduce_zero_label_convention(tmp_path):
+    raw = np.array([[0, 1, 2, 3, 3, 1]] * 8, np.uint8)  # 0 = ignore, 1..3 = classes
+    root = _ade(tmp_path, [raw])
+    (root / "classes.txt").write_text("sky\ntree\nroad\n")
+    ds = SegmentationFolder(root, "train", eval_transforms())
+    assert ds.classes == ["sky", "tree", "road"] and ds.num_classes == 3
+    image, mask = ds[0]
+    assert image.shape == (3, 8, 6) and mask.dtype == torch.int64
+    assert mask[0].tolist() == [255, 0, 1, 2, 2, 0]
+    plain = SegmentationFolder(root, "train", None, num_classes=4, reduce_zero_label=False)
+    assert plain[0][1][0].tolist() == [0, 1, 2, 3, 3, 1]
+
+
+def test_reader_errors(tmp_path):
+    raw = np.full((8, 6), 2, np.uint8)
+    root = _ade(tmp_path, [raw, raw])
+    with pytest.raises(ValueError, match="--num-classes"):
+        SegmentationFolder(root, "train")
+    ds = SegmentationFolder(root, "train", num_classes=1)
+    with pytest.raises(DataError, match=r"label value\(s\) \[2\] outside the class range"):
+        ds[0]
+    Image.new("L", (5, 5)).save(root / "annotations" / "training" / "im1.png")
+    with pytest.raises(DataError, match="im1.png is 5x5 but its image im1.jpg is 6x8"):
+        SegmentationFolder(root, "train", num_classes=3)
+    (root / "annotations" / "training" / "im1.png").unlink()
+    with pytest.raises(DataError, match="its mask .*im1.png is missing"):
+        SegmentationFolder(root, "train", num_classes=3)
+    with pytest.raises(FileNotFoundError, match="validation"):
+        SegmentationFolder(root, "val", num_classes=3)
+
+
+def test_miou_and_pixel_accuracy_by_hand():
+    pred = torch.tensor([[0, 0, 1, 1, 2, 2],
+                         [0, 1, 1, 1, 2, 0]])
+    target = torch.tensor([[0, 0, 1, 1, 1, 2],
+                           [0, 0, 1, 255, 2, 255]])
+    # labelled pixels: 10. class 0: TP 3, FP 1 (row 1, col 5 is ignore -> not counted), FN 1
+    #   -> pred 0 on labelled pixels: (0,0),(0,1),(1,0) = 3 TP; target 0 at (1,1) predicted 1
+    #   -> IoU 3 / 4
+    # class 1: target at (0,2),(0,3),(0,4),(1,2); pred 1 at (0,2),(0,3),(1,1),(1,2)
+    #   -> TP 3, FP 1, FN 1 -> 3 / 5
+    # class 2: target at (0,5),(1,4); pred 2 at (0,4),(0,5),(1,4) -> TP 2, FP 1 -> 2 / 3
+    m = segmentation_metrics(3)
+    m.update(pred[None], target[None])
+    got = {k: float(v) for k, v in m.compute().items()}
+    assert got["mIoU"] == pytest.approx((3 / 4 + 3 / 5 + 2 / 3) / 3)
+    assert got["aAcc"] == pytest.approx(8 / 10)
+    assert got["mAcc"] == pytest.approx((3 / 4 + 3 / 4 + 2 / 2) / 3)
+    # accumulated over images as one confusion matrix, not averaged per image
+    m = segmentation_metrics(3)
+    m.update(pred[None, :1], target[None, :1])
+    m.update(pred[None, 1:], target[None, 1:])
+    assert float(m.compute()["mIoU"]) == pytest.approx(got["mIoU"])

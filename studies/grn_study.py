@@ -1,241 +1,681 @@
-"""GRN study: does GRN keep FCMAE-pretrained features from collapsing, and does it help accuracy?
+"""GRN study: the paper's Table 2(f) arms and Fig. 4 collapse curves, on Fashion-MNIST.
 
-A small ConvNeXt V1-style network (no GRN, layer scale 1e-6) and the same-size V2 network (GRN,
-no layer scale) are each
-  1. pretrained with FCMAE on the built-in Fashion-MNIST subset (10k train images),
-  2. fine-tuned from that encoder,
-  3. trained from scratch with the same fine-tuning recipe and budget,
-and the feature-collapse curves of every encoder are measured on test images.
+The paper (ConvNeXt-B, 800 FCMAE epochs on ImageNet) reports two things about GRN:
+- Fig. 4: after FCMAE, a ConvNeXt V1 collapses (its MLP-expansion channels become alike: low
+  pairwise cosine distance) while V2 keeps diverse features;
+- Table 2(f): GRN matters in both phases: 84.6 with GRN in pretraining and fine-tuning, 78.8
+  when the GRN of a pretrained V2 is removed for fine-tuning, 80.6 when a fresh GRN is added
+  only at fine-tuning, 83.7 with no GRN anywhere (the V1 baseline).
 
-    /work/venv/bin/python studies/grn_study.py --output runs/grn_study     (~15-20 min, 2 cores)
-    /work/venv/bin/python studies/grn_study.py --quick --output /tmp/grn   (smoke run, ~1-2 min)
+This script runs those four arms on a small ConvNeXt (32 px, stem stride 1, 8 px mask patches),
+each at the same fine-tuning budget, plus V1 and V2 trained from scratch with that budget, for
+several seeds (mean ± std), and measures the collapse curves of the V1 and V2 encoders after
+FCMAE (and at random init) on the same test images, at the block output and at the expansion.
 
-Writes under --output: pretrain_{v1,v2}/, finetune_{v1,v2}/, scratch_{v1,v2}/ (the runs' own
-files), collapse_{pretrained,trained}_{block,expansion}/ (collapse.json + collapse.png: block outputs
-and the 4x-wide MLP activations), 
-results.json (every number, command, seed and wall-clock time) and results.md (the table).
+Per seed: FCMAE pretraining of a V2 encoder and of a no-GRN encoder (``--no-grn-block``: ``v1``,
+the V1 block with layer scale 1e-6 as in the paper's baseline, or ``plain``: neither GRN nor
+layer scale); then six fine-tuning runs:
 
-`convnextv2 pretrain` and `convnextv2 finetune` have no option for the V1 block (use_grn=False,
-layer_scale_init_value=1e-6). Fine-tuning takes it through ``FinetuneConfig.model_kwargs``;
-pretraining gets it by wrapping ``convnextv2.models.registry.create_model`` for the duration of the
-non-V2 runs (``encoder_block``). Everything else goes through the same code as the CLI commands that
-results.json lists.
+    arm             pretrained encoder        fine-tuned model
+    grn/grn         V2                        V2
+    grn/none        V2, GRN weights dropped   no-GRN block (layer scale, if any, set to 1)
+    none/grn        no-GRN                    V2 with a fresh GRN (gamma = beta = 0)
+    none/none       no-GRN                    no-GRN block
+    scratch V2      -                         V2
+    scratch no-GRN  -                         no-GRN block
+
+Moving an encoder between blocks is explicit, and the moved keys are listed in results.json:
+dropping GRN removes ``*.grn.gamma``/``*.grn.beta``; adding GRN creates them as zeros, as the
+model's own init does (so the new GRN starts as the identity); a layer scale that the target
+block lacks is folded into ``pwconv2`` (``s * (W x + b) = (s W) x + s b``, exact); a layer scale
+the source lacks is created as ones (the identity). Only GRN's presence changes at the phase
+boundary: the other conversions leave the network's function as it was.
+
+Budgets (``--budget``): ``smoke`` (every arm end to end in seconds, for CI), ``cpu`` (about an
+hour on 2 CPU cores), ``gpu`` (about 2.5 minutes on one H100: tiny models are launch-bound,
+so ``--jobs`` runs several training processes side by side on the GPU). A deadline stops
+launching, then kills, runs that would overrun; the table then gives n per cell.
+
+Data: the full Fashion-MNIST (60k/10k) from ``/usr/share/datasets/fashion-mnist`` when it is
+installed (or ``--data PATH``), else the built-in 10k/2k subset; budgets smaller than the data
+use a seeded subset, and the output says which.
+
+    PYTHONPATH=src .venv/bin/python studies/grn_study.py --budget smoke --output /tmp/grn
+    PYTHONPATH=src nice -n 19 .venv/bin/python studies/grn_study.py --budget cpu --output runs/grn
+    bash studies/run_grn_gpu.sh          # the GPU run, writes under $OUT
+
+Writes under --output: results.json (every number, run, key conversion, command, timing),
+results.md (the tables), collapse_expansion.png and collapse_block.png. The training runs
+themselves go to --work (default OUTPUT/runs).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import platform
+import shlex
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+from convnextv2.tools.demo import fresh_folder  # a new study never overwrites an old one
 
-from convnextv2.cli import main as cli_main
-from convnextv2.recipes.finetune import FinetuneConfig, finetune
-from convnextv2.recipes.pretrain import PretrainConfig, pretrain
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMG_SIZE = 32
 
-ARCH = dict(model="atto", depths=(1, 1, 4, 1), dims=(16, 32, 64, 128), stem_stride=1, in_chans=1)
-IMG_SIZE = 32                      # patch size 8 -> a 4 x 4 mask grid
-BLOCKS = {"v1": dict(use_grn=False, layer_scale_init_value=1e-6),
-          "v2": dict(use_grn=True, layer_scale_init_value=None),
-          # optional control arm: neither GRN nor layer scale (separates the two differences)
+ARCH = dict(depths=(1, 1, 4, 1), dims=(16, 32, 64, 128), stem_stride=1, in_chans=1)
+SMOKE_ARCH = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1, in_chans=1)
+
+BLOCKS = {"v2": dict(use_grn=True, layer_scale_init_value=None),
+          "v1": dict(use_grn=False, layer_scale_init_value=1e-6),
           "plain": dict(use_grn=False, layer_scale_init_value=None)}
-ARM_NAMES = {"v1": "V1-style (no GRN, layer scale 1e-6)", "v2": "V2 (GRN, no layer scale)",
-             "plain": "control (no GRN, no layer scale)"}
 
-FULL = dict(pretrain_epochs=2, finetune_epochs=2, train_subset=5000, collapse_images=64)
-QUICK = dict(pretrain_epochs=1, finetune_epochs=1, train_subset=256, collapse_images=8,
-             max_steps=3)
+# fine-tuning arms: (name, pretrained encoder kind or None, fine-tuned block kind); "nogrn" is
+# resolved to --no-grn-block
+ARMS = (("grn/grn", "v2", "v2"), ("grn/none", "v2", "nogrn"), ("none/grn", "nogrn", "v2"),
+        ("none/none", "nogrn", "nogrn"), ("scratch V2", None, "v2"),
+        ("scratch no-GRN", None, "nogrn"))
+# the paper's numbers (ConvNeXt-B, 800-epoch FCMAE, ImageNet-1K top-1): Table 2(f), Table 3
+PAPER = {"grn/grn": "84.6", "grn/none": "78.8", "none/grn": "80.6",
+         "none/none": "83.7 (baseline)", "scratch V2": "84.3 (V2 supervised)",
+         "scratch no-GRN": "83.8 (V1 supervised)"}
+
+# The fine-tuning recipe is the same for every arm and budget apart from its length: the
+# small-image preset the demo uses (RandomCrop with padding 4, no RandAugment, mixup, cutmix,
+# erasing or EMA, smoothing 0.1), without layer-wise lr decay so that no arm gets a
+# pretrained-only device.
+FINETUNE = dict(lr=2e-3, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05, layer_decay=1.0,
+                drop_path=0.0, smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0,
+                auto_augment="none", model_ema=False)
+PRETRAIN = dict(mask_ratio=0.6, decoder_dim=128, warmup_epochs=0.5, backend="sparse")
+
+BUDGETS = {
+    # every arm end to end on a few batches (CI)
+    "smoke": dict(arch=SMOKE_ARCH, seeds=2, pretrain_images=256, test_images=64,
+                  finetune_images=128, pretrain_epochs=1, finetune_epochs=1, pretrain_batch=32,
+                  finetune_batch=32, pretrain_lr=2e-3, collapse_images=8, max_steps=2, jobs=1,
+                  workers=0, deadline_s=None),
+    # about an hour on the shared 2-core machine, two runs side by side
+    "cpu": dict(arch=ARCH, seeds=3, pretrain_images=20000, test_images=5000,
+                finetune_images=5000, pretrain_epochs=2, finetune_epochs=3, pretrain_batch=128,
+                finetune_batch=128, pretrain_lr=1.5e-3, collapse_images=128, max_steps=None,
+                jobs=2, workers=0, deadline_s=None),
+    # one H100, about 150 s of training in 6 processes sharing the GPU
+    "gpu": dict(arch=ARCH, seeds=3, pretrain_images=None, test_images=None,
+                finetune_images=10000, pretrain_epochs=5, finetune_epochs=4, pretrain_batch=256,
+                finetune_batch=128, pretrain_lr=2e-3, collapse_images=256, max_steps=None,
+                jobs=6, workers=2, deadline_s=130),
+}
 
 
-@contextlib.contextmanager
-def encoder_block(block: dict):
-    """Make ``create_model`` (used by the pretraining code) build the given block kind."""
+# -- data ------------------------------------------------------------------------------------
+def default_data() -> str:
+    return str(FASHION_MNIST) if FASHION_MNIST.is_dir() else "builtin"
+
+
+def describe_data(data: str) -> str:
+    n_train, n_test = _count(data, "train"), _count(data, "val")
+    if data == "builtin":
+        return f"built-in Fashion-MNIST subset ({n_train} train / {n_test} test)"
+    full = " (the full Fashion-MNIST)" if (n_train, n_test) == (60000, 10000) else ""
+    return f"{data}: {n_train} train / {n_test} test images{full}"
+
+
+def _count(data: str, split: str) -> int:
+    """Number of images in a split; read from the IDX header when there is one (the full
+    Fashion-MNIST takes a second to decompress, and this is called after every run)."""
+    import gzip
+
+    from convnextv2.data import build_dataset, find_idx_pair, is_idx_folder
+    if data != "builtin" and is_idx_folder(Path(data)):
+        images, _ = find_idx_pair(Path(data), split)
+        with (gzip.open(images) if images.suffix == ".gz" else open(images, "rb")) as f:
+            return int.from_bytes(f.read(8)[4:8], "big")
+    return len(build_dataset(data, split))
+
+
+def subset_folder(data: str, folder: Path, train: int | None, test: int | None,
+                  seed: int = 0) -> str:
+    """``data`` itself when no subset is asked for or it is no larger; else an IDX folder of
+    ``train`` training and ``test`` test images drawn with ``seed`` (the same for every arm
+    and seed of the study, so all runs see the same images)."""
+    import numpy as np
+
+    from convnextv2.data import build_dataset, write_idx
+
+    tr, te = build_dataset(data, "train"), build_dataset(data, "val")
+    if (train is None or train >= len(tr)) and (test is None or test >= len(te)):
+        return data
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for ds, n, stem in ((tr, train, "train"), (te, test, "t10k")):
+        keep = np.sort(rng.permutation(len(ds.images))[:n or len(ds.images)])
+        write_idx(folder / f"{stem}-images-idx3-ubyte", np.asarray(ds.images)[keep])
+        write_idx(folder / f"{stem}-labels-idx1-ubyte",
+                  np.asarray(ds.targets, dtype=np.uint8)[keep])
+    return str(folder)
+
+
+# -- moving an encoder between blocks --------------------------------------------------------
+def convert_encoder(src: str, dst: str, target: dict) -> dict:
+    """Write the encoder ``src`` (native safetensors) as ``dst`` for a model whose blocks are
+    ``target`` (``use_grn``, ``layer_scale_init_value``). Returns the keys dropped, added and
+    folded; see the module docstring for the rules."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, "pt") as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    blocks = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".pwconv2.weight")})
+    dropped, added, folded = [], [], []
+    for b in blocks:
+        gamma, beta, ls = f"{b}.grn.gamma", f"{b}.grn.beta", f"{b}.layer_scale"
+        has_grn, has_ls = gamma in state, ls in state
+        if has_grn and not target["use_grn"]:
+            dropped += [gamma, beta]
+            del state[gamma], state[beta]
+        elif not has_grn and target["use_grn"]:
+            hidden = state[f"{b}.pwconv1.weight"].shape[0]
+            state[gamma], state[beta] = torch.zeros(hidden), torch.zeros(hidden)
+            added += [gamma, beta]
+        if has_ls and not target["layer_scale_init_value"]:
+            s = state.pop(ls)
+            state[f"{b}.pwconv2.weight"] = state[f"{b}.pwconv2.weight"] * s[:, None]
+            state[f"{b}.pwconv2.bias"] = state[f"{b}.pwconv2.bias"] * s
+            folded.append(f"{ls} -> {b}.pwconv2.weight/bias")
+        elif not has_ls and target["layer_scale_init_value"]:
+            state[ls] = torch.ones(state[f"{b}.pwconv2.weight"].shape[0])
+            added.append(ls)
+    if "config" in meta:
+        config = json.loads(meta["config"])
+        config.update(target)
+        meta["config"] = json.dumps(config)
+    save_file({k: v.contiguous() for k, v in state.items()}, dst, metadata=meta)
+    return dict(dropped=dropped, added=added, folded=folded)
+
+
+# -- one training run (in-process or in a child process) --------------------------------------
+def run_job(spec: dict) -> dict:
+    """Run one pretraining or fine-tuning job described by ``spec``; returns its record."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.time()
+    try:
+        return _run_job(spec, t0)
+    finally:
+        while _RESTORE:
+            _RESTORE.pop()()
+
+
+def _run_job(spec: dict, t0: float) -> dict:
+    if spec["kind"] == "pretrain":
+        from convnextv2.recipes.pretrain import PretrainConfig, pretrain
+        s = pretrain(_pretrain_config(PretrainConfig, spec["config"], spec["block_kwargs"]))
+        return dict(seconds=time.time() - t0, last_loss=s.get("last_loss"),
+                    steps=s.get("global_step"), encoder=str(Path(spec["config"]["output"]) /
+                                                            "encoder.safetensors"))
+    from convnextv2.recipes.finetune import FinetuneConfig, finetune
+    config = dict(spec["config"])
+    conversion = None
+    if spec.get("convert"):
+        out = Path(config["output"])
+        out.mkdir(parents=True, exist_ok=True)
+        converted = str(out.parent / f"{out.name}_encoder.safetensors")
+        conversion = convert_encoder(spec["convert"], converted, spec["target_block"])
+        config["finetune"] = converted
+    s = finetune(FinetuneConfig(**config))
+    final = s["final"] or {}
+    return dict(seconds=time.time() - t0, best_top1=s["best_top1"],
+                final_top1=final.get("val_top1"), best_epoch=s["best_epoch"],
+                steps=s.get("global_step"), conversion=conversion)
+
+
+def _pretrain_config(cls, config: dict, block: dict):
+    """A pretraining config whose encoder has ``block``'s GRN / layer scale. Through
+    ``model_kwargs`` where the config has that field; else ``v1_block`` for the V1 block; else
+    (the plain block on an older config) by having ``create_model`` add the block options."""
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if block == BLOCKS["v2"]:
+        return cls(**config)
+    if "model_kwargs" in fields:
+        return cls(**config, model_kwargs=dict(block))
+    if block == BLOCKS["v1"] and "v1_block" in fields:
+        return cls(**config, v1_block=True)
     import convnextv2.models.registry as registry
     original = registry.create_model
 
     def create_model(name, *args, **kwargs):
         return original(name, *args, **{**kwargs, **block})
-
-    registry.create_model = create_model
-    try:
-        yield
-    finally:
-        registry.create_model = original
+    registry.create_model = create_model  # this process runs one job, then exits or resets
+    _RESTORE.append(lambda: setattr(registry, "create_model", original))
+    return cls(**config)
 
 
-def arch_flags() -> str:
-    return (f"--model {ARCH['model']} --depths {' '.join(map(str, ARCH['depths']))} "
-            f"--dims {' '.join(map(str, ARCH['dims']))} --stem-stride {ARCH['stem_stride']} "
-            f"--in-chans {ARCH['in_chans']} --img-size {IMG_SIZE}")
+_RESTORE: list = []
 
 
-def run_pretrain(kind: str, out: Path, budget: dict, seed: int, lr: float) -> dict:
-    cfg = PretrainConfig(model=ARCH["model"], data="builtin", output=str(out),
-                         epochs=budget["pretrain_epochs"], batch_size=128, img_size=IMG_SIZE,
-                         in_chans=ARCH["in_chans"], stem_stride=ARCH["stem_stride"],
-                         depths=ARCH["depths"], dims=ARCH["dims"], decoder_dim=128, lr=lr,
-                         warmup_epochs=0.25, workers=0, seed=seed, recon_every=0,
-                         max_steps=budget.get("max_steps"), progress=sys.stderr.isatty())
-    command = (f"convnextv2 pretrain {arch_flags()} --data builtin --epochs {cfg.epochs} "
-               f"--batch-size 128 --decoder-dim 128 --lr {lr} --warmup-epochs 0.25 --workers 0 "
-               f"--recon-every 0 --seed {seed} --output {out}")
-    if kind != "v2":
-        command += f"   # plus {BLOCKS[kind]} (no CLI flag yet)"
-    t0 = time.time()
-    with encoder_block(BLOCKS[kind]) if kind != "v2" else contextlib.nullcontext():
-        summary = pretrain(cfg)
-    return dict(command=command, seconds=time.time() - t0, last_loss=summary["last_loss"],
-                steps=summary["global_step"], fcmae=str(out / "fcmae.safetensors"),
-                encoder=str(out / "encoder.safetensors"))
-
-
-def run_finetune(kind: str, out: Path, budget: dict, seed: int, lr: float,
-                 checkpoint: str | None) -> dict:
-    """The same recipe for fine-tuning and for training from scratch (only the start differs)."""
-    recipe = dict(epochs=budget["finetune_epochs"], batch_size=128, lr=lr, weight_decay=0.05,
-                  layer_decay=1.0, drop_path=0.0, smoothing=0.1, mixup=0.0, cutmix=0.0,
-                  reprob=0.0, auto_augment="none", crop_scale=(0.6, 1.0), model_ema=False)
-    arch = {k: v for k, v in ARCH.items() if k != "model"}
-    if checkpoint:
-        cfg = FinetuneConfig(model=None, finetune=checkpoint, **recipe)
-        start = f"--finetune {checkpoint}"
-    else:
-        cfg = FinetuneConfig(model=ARCH["model"], model_kwargs={**arch, **BLOCKS[kind]}, **recipe)
-        start = f"--model {ARCH['model']} --depths {' '.join(map(str, ARCH['depths']))} " \
-                f"--dims {' '.join(map(str, ARCH['dims']))} --stem-stride 1 --in-chans 1"
-    cfg.data, cfg.output, cfg.img_size, cfg.seed = "builtin", str(out), IMG_SIZE, seed
-    cfg.train_subset, cfg.workers, cfg.progress = budget["train_subset"], 0, sys.stderr.isatty()
-    if budget.get("max_steps"):
-        cfg.max_steps_per_epoch = budget["max_steps"]
-    command = (f"convnextv2 finetune {start} --data builtin --img-size {IMG_SIZE} "
-               f"--epochs {cfg.epochs} --batch-size 128 --lr {lr} --weight-decay 0.05 "
-               f"--layer-decay 1.0 --drop-path 0 --smoothing 0.1 --mixup 0 --cutmix 0 --reprob 0 "
-               f"--aa none --crop-scale 0.6 1.0 --no-model-ema --train-subset {cfg.train_subset} "
-               f"--seed {seed} --output {out}")
-    if kind != "v2" and not checkpoint:
-        command += f"   # plus {BLOCKS[kind]} (no CLI flag yet)"
-    t0 = time.time()
-    summary = finetune(cfg)
-    final = summary["final"] or {}
-    return dict(command=command, seconds=time.time() - t0, best_top1=summary["best_top1"],
-                final_top1=final.get("val_top1"), final_train_loss=final.get("train_loss"),
-                best=summary["best"], last=summary["last"])
-
-
-def run_collapse(checkpoints: list[str], labels: list[str], out: Path, images: int,
-                 seed: int, site: str) -> dict:
-    argv = ["analyze", "collapse", "--checkpoint", *checkpoints, "--labels", *labels,
-            "--data", "builtin", "--images", str(images), "--img-size", str(IMG_SIZE),
-            "--site", site, "--seed", str(seed), "--output", str(out)]
-    t0 = time.time()
-    if cli_main(argv) != 0:
-        raise RuntimeError(f"convnextv2 {' '.join(argv)} failed")
-    data = json.loads((out / "collapse.json").read_text())
-    return dict(command="convnextv2 " + " ".join(f'"{a}"' if "," in a or " " in a else a
-                                                 for a in argv),
-                seconds=time.time() - t0,
-                curves={m["label"]: dict(mean=m["mean_score"], scores=m["scores"])
-                        for m in data["models"]},
-                png=str(out / "collapse.png"))
-
-
-def random_spec(kind: str) -> str:
-    block = BLOCKS[kind]
-    extra = "".join(f",{k}={v}" for k, v in block.items() if v is not None)
-    return (f"random:{ARCH['model']},depths={ARCH['depths']},dims={ARCH['dims']},"
-            f"stem_stride=1,in_chans=1{extra}").replace(" ", "")
-
-
-def pick_threads(requested: int) -> int:
-    """0 = auto: all cores, or 1 when the machine is already busy (OpenMP threads that fight
-    other processes for 2 cores made training ~3x slower than one thread, measured here)."""
-    if requested:
-        return requested
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] >= cores * 0.75 if hasattr(os, "getloadavg") else False
-    return 1 if busy else cores
-
-
-def write_table(results: dict, path: Path) -> str:
-    runs, col = results["runs"], results["collapse"]
-    rows = ["| model | FCMAE loss (last step) | fine-tuned top-1 | from scratch top-1 |",
-            "|---|---|---|---|"]
-    names = [(kind, ARM_NAMES[kind]) for kind in results["arms"]]
-    for kind, name in names:
-        rows.append(f"| {name} | {runs[f'pretrain_{kind}']['last_loss']:.4f} | "
-                    f"{runs[f'finetune_{kind}']['best_top1']:.2f}% | "
-                    f"{runs[f'scratch_{kind}']['best_top1']:.2f}% |")
-    rows += ["", "mean feature cosine distance over the blocks (higher = more diverse):", "",
-             "| model | site | random init | FCMAE | fine-tuned | scratch |", "|---|---|---|---|---|---|"]
-    for kind, name in names:
-        for site in ("block", "expansion"):
-            cp, ct = col[f"pretrained_{site}"]["curves"], col[f"trained_{site}"]["curves"]
-            rows.append(f"| {name} | {site} | {cp[f'{kind} random init']['mean']:.3f} | "
-                        f"{cp[f'{kind} FCMAE']['mean']:.3f} | {ct[f'{kind} fine-tuned']['mean']:.3f} | "
-                        f"{ct[f'{kind} scratch']['mean']:.3f} |")
-    table = "\n".join(rows)
-    times = "\n".join(f"- {name}: {r['seconds']:.0f} s" for name, r in runs.items())
-    path.write_text(f"{table}\n\nwall-clock per run ({results['threads']} torch thread(s)):\n"
-                    f"{times}\n- total: {results['total_seconds']:.0f} s\n")
-    return table
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default="runs/grn_study")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny budget, to check that it runs")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: auto)")
-    p.add_argument("--pretrain-lr", type=float, default=1.5e-3)
-    p.add_argument("--finetune-lr", type=float, default=2e-3)
-    p.add_argument("--arms", nargs="+", default=["v1", "v2"], choices=list(BLOCKS),
-                   help="block kinds to compare (default v1 v2; 'plain' = no GRN, no layer scale)")
-    args = p.parse_args(argv)
-
-    budget = QUICK if args.quick else FULL
-    threads = pick_threads(args.threads)
-    torch.set_num_threads(threads)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    results = dict(arch=ARCH, img_size=IMG_SIZE, blocks=BLOCKS, arms=args.arms, budget=budget,
-                   seed=args.seed,
-                   threads=threads, pretrain_lr=args.pretrain_lr, finetune_lr=args.finetune_lr,
-                   torch=torch.__version__, runs={})
-    t_start = time.time()
-    runs = results["runs"]
-    arms = args.arms
-    for kind in arms:
-        print(f"== FCMAE pretraining, {kind}", flush=True)
-        runs[f"pretrain_{kind}"] = run_pretrain(kind, out / f"pretrain_{kind}", budget,
-                                                args.seed, args.pretrain_lr)
-    for kind in arms:
-        print(f"== fine-tuning the FCMAE encoder, {kind}", flush=True)
-        runs[f"finetune_{kind}"] = run_finetune(kind, out / f"finetune_{kind}", budget, args.seed,
-                                                args.finetune_lr, runs[f"pretrain_{kind}"]["encoder"])
-        print(f"== training from scratch, {kind}", flush=True)
-        runs[f"scratch_{kind}"] = run_finetune(kind, out / f"scratch_{kind}", budget, args.seed,
-                                               args.finetune_lr, None)
-    pretrained = ([runs[f"pretrain_{k}"]["fcmae"] for k in arms] + [random_spec(k) for k in arms],
-                  [f"{k} FCMAE" for k in arms] + [f"{k} random init" for k in arms])
-    trained = ([runs[f"finetune_{k}"]["last"] for k in arms] + [runs[f"scratch_{k}"]["last"] for k in arms],
-               [f"{k} fine-tuned" for k in arms] + [f"{k} scratch" for k in arms])
-    results["collapse"] = {}
-    for site in ("block", "expansion"):
-        for group, (ckpts, labels) in (("pretrained", pretrained), ("trained", trained)):
-            print(f"== feature collapse: {group} encoders, {site} site", flush=True)
-            results["collapse"][f"{group}_{site}"] = run_collapse(
-                ckpts, labels, out / f"collapse_{group}_{site}", budget["collapse_images"],
-                args.seed, site)
-    results["total_seconds"] = time.time() - t_start
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(write_table(results, out / "results.md"))
-    print(f"total {results['total_seconds']:.0f} s; wrote {out / 'results.json'} and "
-          f"{out / 'results.md'}")
+def _child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    record = run_job(spec)
+    Path(spec["result"]).write_text(json.dumps(record, indent=2))
     return 0
+
+
+# -- the study's jobs and their scheduling ---------------------------------------------------
+def plan(args, budget: dict, data: str, work: Path) -> list[dict]:
+    """Every job of the study, in launch-priority order, with its dependencies."""
+    arch = budget["arch"]
+    nogrn = args.no_grn_block
+    kinds = {"v2": "v2", "nogrn": nogrn}
+    common = dict(data=data, img_size=IMG_SIZE, seed=None, progress=False,
+                  workers=budget["workers"], device=args.device)
+    jobs = []
+    for i in range(args.seeds):
+        seed = args.seed + i
+        for kind in ("v2", nogrn):
+            out = work / f"seed{seed}" / f"pretrain_{kind}"
+            cfg = dict(common, model="convnextv2_atto", output=str(out), seed=seed,
+                       epochs=budget["pretrain_epochs"], batch_size=budget["pretrain_batch"],
+                       lr=budget["pretrain_lr"], depths=arch["depths"], dims=arch["dims"],
+                       in_chans=arch["in_chans"], stem_stride=arch["stem_stride"],
+                       recon_every=0, max_steps=(budget["max_steps"] * budget["pretrain_epochs"]
+                                                 if budget["max_steps"] else None),
+                       **PRETRAIN)
+            jobs.append(dict(name=f"pretrain {kind} seed {seed}", kind="pretrain", seed=seed,
+                             block=kind, config=cfg, deps=[], block_kwargs=BLOCKS[kind]))
+    for i in range(args.seeds):
+        seed = args.seed + i
+        for arm, pre, block in ARMS:
+            pre_kind, ft_kind = kinds.get(pre), kinds[block]
+            out = work / f"seed{seed}" / ("ft_" + arm.replace("/", "_").replace(" ", "_"))
+            model_kwargs = {**{k: v for k, v in arch.items()}, **BLOCKS[ft_kind]}
+            cfg = dict(common, model=None, model_kwargs=model_kwargs, output=str(out),
+                       seed=seed, recipe="atto", epochs=budget["finetune_epochs"],
+                       batch_size=budget["finetune_batch"],
+                       train_subset=budget["finetune_images"], max_steps_per_epoch=
+                       budget["max_steps"], **FINETUNE)
+            job = dict(name=f"{arm} seed {seed}", kind="finetune", seed=seed, arm=arm,
+                       config=cfg, deps=[], target_block=BLOCKS[ft_kind])
+            if pre_kind:
+                dep = f"pretrain {pre_kind} seed {seed}"
+                job["deps"] = [dep]
+                job["convert_from"] = dep
+            jobs.append(job)
+    for job in jobs:
+        job["threads"] = args.threads
+    return jobs
+
+
+def execute(jobs: list[dict], n_parallel: int, deadline_s: float | None, work: Path,
+            on_done=None) -> dict:
+    """Run ``jobs`` respecting their dependencies, ``n_parallel`` at a time (1: in this
+    process). After ``deadline_s`` nothing new starts; at ``deadline_s`` + the grace below the
+    running children are killed. Returns {name: record}; failed or skipped jobs get ``error``."""
+    t0 = time.time()
+    records: dict[str, dict] = {}
+    pending = list(jobs)
+    running: dict[str, tuple] = {}
+    grace = 25.0
+    by_name = {j["name"]: j for j in jobs}
+
+    def ready(job):
+        return all(d in records and "error" not in records[d] for d in job["deps"])
+
+    def blocked(job):
+        return any(d in records and "error" in records[d] for d in job["deps"])
+
+    def finish(job, record):
+        records[job["name"]] = record
+        status = (f"failed: {record['error']}" if "error" in record else
+                  f"{record['seconds']:.0f} s" + (f", top-1 {record['best_top1']:.2f}%"
+                                                  if "best_top1" in record else
+                                                  f", loss {record.get('last_loss') or 0:.4f}"))
+        print(f"[{time.time() - t0:5.0f} s] {len(records)}/{len(jobs)} {job['name']}: {status}",
+              flush=True)
+        if on_done:
+            on_done(job, record, records)
+
+    def spec_of(job):
+        spec = dict(kind=job["kind"], config=job["config"], threads=job["threads"],
+                    block_kwargs=job.get("block_kwargs"))
+        if job.get("convert_from"):
+            spec["convert"] = records[job["convert_from"]]["encoder"]
+            spec["target_block"] = job["target_block"]
+        return spec
+
+    while pending or running:
+        late = deadline_s is not None and time.time() - t0 > deadline_s
+        for job in [j for j in pending if blocked(j) or late]:
+            pending.remove(job)
+            finish(job, dict(error="skipped: " + ("a run it needs failed" if blocked(job)
+                                                  else "past the deadline")))
+        while pending and len(running) < max(n_parallel, 1):
+            job = next((j for j in pending if ready(j)), None)
+            if job is None:
+                break
+            pending.remove(job)
+            if n_parallel <= 1:
+                try:
+                    finish(job, run_job(spec_of(job)))
+                except Exception as e:  # one broken run must not lose the others' results
+                    finish(job, dict(error=f"{type(e).__name__}: {e}"))
+                continue
+            tag = job["name"].replace(" ", "_").replace("/", "_")
+            spec = dict(spec_of(job), result=str(work / "jobs" / f"{tag}.result.json"))
+            spec_path = work / "jobs" / f"{tag}.json"
+            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps(spec, default=list))
+            log = open(work / "jobs" / f"{tag}.log", "w")
+            proc = subprocess.Popen([sys.executable, __file__, "--run-job", str(spec_path)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+            running[job["name"]] = (proc, log, spec["result"], time.time())
+            print(f"[{time.time() - t0:5.0f} s] started {job['name']}", flush=True)
+        if not running:
+            continue
+        time.sleep(0.2)
+        hard = deadline_s is not None and time.time() - t0 > deadline_s + grace
+        for name, (proc, log, result, started) in list(running.items()):
+            if proc.poll() is None and not hard:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+            del running[name]
+            if proc.returncode == 0 and Path(result).is_file():
+                finish(by_name[name], json.loads(Path(result).read_text()))
+            else:
+                why = ("killed at the deadline" if hard else
+                       f"exit status {proc.returncode}; log: {log.name}: "
+                       + _last_line(Path(log.name)))
+                finish(by_name[name], dict(error=why))
+    return records
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _last_line(path: Path) -> str:
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+# -- feature collapse after pretraining ------------------------------------------------------
+def collapse_curves(records: dict, jobs: list[dict], data: str, budget: dict, seed: int,
+                    nogrn: str) -> dict:
+    """Diversity per block for every FCMAE encoder and a random init of each block kind,
+    at both sites, on the same ``collapse_images`` test images. Runs on the CPU."""
+    import torch
+
+    from convnextv2.analysis.collapse import collapse_profile
+    from convnextv2.checkpoint import load_model
+    from convnextv2.data import build_dataset, eval_transform
+    from convnextv2.models.model import ConvNeXtV2
+
+    ds = build_dataset(data, "val", eval_transform(IMG_SIZE, 1))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    images = torch.stack([ds[i][0] for i in order[:budget["collapse_images"]].tolist()])
+    curves: dict = {}
+    for job in jobs:
+        if job["kind"] != "pretrain" or "error" in records.get(job["name"], {"error": 1}):
+            continue
+        kind, s = job["block"], job["seed"]
+        models = {f"{kind} FCMAE": load_model(records[job["name"]]["encoder"])}
+        torch.manual_seed(s)
+        models[f"{kind} random init"] = ConvNeXtV2(num_classes=10, **budget["arch"],
+                                                   **BLOCKS[kind])
+        for label, model in models.items():
+            for site in ("block", "expansion"):
+                prof = collapse_profile(model, images, batch_size=64, site=site)
+                entry = curves.setdefault(site, {}).setdefault(label, dict(
+                    layers=prof["layers"], index=prof["index"], seeds=[], scores=[]))
+                entry["seeds"].append(s)
+                entry["scores"].append(prof["scores"])
+    for site in curves.values():
+        for entry in site.values():
+            per_block = list(zip(*entry["scores"]))
+            entry["mean"] = [statistics.fmean(v) for v in per_block]
+            entry["std"] = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_block]
+            means = [statistics.fmean(v) for v in entry["scores"]]  # over blocks, per seed
+            entry["block_mean"], entry["block_mean_std"] = (
+                statistics.fmean(means), statistics.stdev(means) if len(means) > 1 else 0.0)
+    return dict(images=int(len(images)), image_seed=seed, split="test", curves=curves)
+
+
+def plot_collapse(collapse: dict, output: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    colors = {"v2": "tab:blue", "v1": "tab:red", "plain": "tab:green"}
+    for site, entries in collapse["curves"].items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+        for label, e in sorted(entries.items()):
+            kind = label.split()[0]
+            style = dict(ls="--", alpha=0.6) if "random" in label else dict(ls="-", marker="o")
+            lo = [m - s for m, s in zip(e["mean"], e["std"])]
+            hi = [m + s for m, s in zip(e["mean"], e["std"])]
+            ax.plot(e["index"], e["mean"], color=colors.get(kind), markersize=3,
+                    label=f"{label} (n={len(e['seeds'])})", **style)
+            ax.fill_between(e["index"], lo, hi, color=colors.get(kind), alpha=0.15)
+        ax.set_xlabel("normalised block index (block k / (K-1))")
+        ax.set_ylabel("feature cosine distance (higher = more diverse)")
+        ax.set_title(f"Feature collapse after FCMAE, {site} site, "
+                     f"{collapse['images']} test images, mean ± std over seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = output / f"collapse_{site}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+# -- tables ----------------------------------------------------------------------------------
+def _ms(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "n/a"
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def summarise(records: dict, jobs: list[dict], nogrn: str) -> dict:
+    arms = {}
+    for arm, pre, block in ARMS:
+        done = [records[j["name"]] for j in jobs
+                if j.get("arm") == arm and "error" not in records.get(j["name"], {"error": 1})]
+        top1 = [r["best_top1"] for r in done]
+        arms[arm] = dict(top1=top1, seeds=[j["seed"] for j in jobs if j.get("arm") == arm and
+                                           "error" not in records.get(j["name"], {"error": 1})],
+                         final_top1=[r["final_top1"] for r in done],
+                         mean=statistics.fmean(top1) if top1 else None,
+                         std=statistics.stdev(top1) if len(top1) > 1 else (0.0 if top1 else None))
+    pre = {}
+    for kind in ("v2", nogrn):
+        done = [records[j["name"]] for j in jobs if j["kind"] == "pretrain" and j["block"] == kind
+                and "error" not in records.get(j["name"], {"error": 1})]
+        pre[kind] = dict(last_loss=[r["last_loss"] for r in done],
+                         seconds=[r["seconds"] for r in done])
+    return dict(arms=arms, pretrain=pre)
+
+
+def format_tables(results: dict) -> str:
+    nogrn = results["no_grn_block"]
+    name = {"v1": "V1 block (layer scale 1e-6)", "plain": "plain block (no layer scale)"}[nogrn]
+    arms, base = results["summary"]["arms"], results["summary"]["arms"]["none/none"]
+    rows = [f"Fine-tuned top-1 (%) on {results['test_images']} test images, mean ± std over "
+            f"seeds (n = runs that finished); no-GRN = {name}", "",
+            "| GRN in pretraining | GRN in fine-tuning | top-1 (%) | n | vs none/none | "
+            "paper, ConvNeXt-B IN-1K |", "|---|---|---|---|---|---|"]
+    label = {"grn/grn": ("yes", "yes"), "grn/none": ("yes", "removed"),
+             "none/grn": ("no", "added (fresh)"), "none/none": ("no", "no"),
+             "scratch V2": ("no pretraining", "yes (V2)"),
+             "scratch no-GRN": ("no pretraining", "no")}
+    for arm, *_ in ARMS:
+        a = arms[arm]
+        diff = ""
+        if a["top1"] and base["top1"] and arm != "none/none":
+            d = [x - y for x, y in _paired(a, base)]
+            diff = _ms(d) + " (paired)" if d else ""
+        rows.append(f"| {label[arm][0]} | {label[arm][1]} | {_ms(a['top1'])} | {len(a['top1'])} "
+                    f"| {diff} | {PAPER[arm]} |")
+    pre = results["summary"]["pretrain"]
+    rows += ["", "FCMAE loss at the last step: " + "; ".join(
+        f"{k}: {_ms(v['last_loss'], 4)}" for k, v in pre.items())]
+    col = results.get("collapse")
+    if col and col["curves"]:
+        rows += ["", f"Feature cosine distance after FCMAE, averaged over the blocks, mean ± std "
+                     f"over seeds ({col['images']} test images; higher = more diverse):", "",
+                 "| encoder | block site | expansion site |", "|---|---|---|"]
+        labels = sorted(set(col["curves"].get("block", {})) | set(col["curves"].get("expansion", {})))
+        for lab in labels:
+            cells = []
+            for site in ("block", "expansion"):
+                e = col["curves"].get(site, {}).get(lab)
+                cells.append(f"{e['block_mean']:.3f} ± {e['block_mean_std']:.3f}" if e else "n/a")
+            rows.append(f"| {lab} | {cells[0]} | {cells[1]} |")
+        rows += ["", "Per block, expansion site (mean over seeds, blocks in forward order):", "",
+                 "| encoder | per block |", "|---|---|"]
+        for lab, e in sorted(col["curves"].get("expansion", {}).items()):
+            rows.append(f"| {lab} | {' '.join(f'{m:.3f}' for m in e['mean'])} |")
+    return "\n".join(rows)
+
+
+def _paired(a: dict, b: dict):
+    other = dict(zip(b["seeds"], b["top1"]))
+    return [(x, other[s]) for s, x in zip(a["seeds"], a["top1"]) if s in other]
+
+
+# -- main ------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", choices=list(BUDGETS), default="smoke")
+    p.add_argument("--data", help="an IDX folder, an ImageFolder tree or 'builtin' (default: "
+                                  f"{FASHION_MNIST} if installed, else builtin)")
+    p.add_argument("--output", default="runs/grn_study",
+                   help="tables and plots; a folder that is not empty is left alone and "
+                        "OUTPUT-2, OUTPUT-3, ... is used")
+    p.add_argument("--work", help="where the training runs go (default OUTPUT/runs)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--seeds", type=int, help="seeds per arm (budget default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--jobs", type=int, help="training processes side by side (1: in this "
+                                            "process); budget default")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--deadline", type=float,
+                   help="seconds after which no run starts (running ones are killed 25 s later); "
+                        "budget default, 0 for none")
+    p.add_argument("--no-grn-block", choices=("v1", "plain"), default="v1",
+                   help="the block without GRN: v1 (layer scale 1e-6, the paper's baseline) or "
+                        "plain (neither GRN nor layer scale)")
+    p.add_argument("--run-job", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run_job:
+        return _child_main(args.run_job)
+
+    budget = dict(BUDGETS[args.budget])
+    args.seeds = args.seeds if args.seeds is not None else budget["seeds"]
+    jobs_n = args.jobs if args.jobs is not None else budget["jobs"]
+    deadline = budget["deadline_s"] if args.deadline is None else (args.deadline or None)
+    if args.seeds < 1 or jobs_n < 1 or args.threads < 1:
+        p.error("--seeds, --jobs and --threads must be >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible here")
+    data = args.data or default_data()
+    if data != "builtin" and not Path(data).is_dir():
+        p.error(f"--data {data}: no such folder")
+
+    out = fresh_folder(args.output)
+    if out != Path(args.output).expanduser():
+        print(f"{args.output} is not empty; writing to {out}", flush=True)
+    out.mkdir(parents=True)
+    work = Path(args.work) if args.work else out / "runs"
+    work = fresh_folder(work)
+    work.mkdir(parents=True)
+
+    t0 = time.time()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    source = describe_data(data)
+    run_data = subset_folder(data, work / "fashion_subset", budget["pretrain_images"],
+                             budget["test_images"])
+    used = source if run_data == data else f"{source}, seeded subset: {describe_data(run_data)}"
+    print(f"data: {used}", flush=True)
+    print(f"budget {args.budget}: {args.seeds} seeds, {jobs_n} process(es), device "
+          f"{args.device}, no-GRN block {args.no_grn_block}", flush=True)
+    jobs = plan(args, budget, run_data, work)
+
+    import torch
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine() or "cpu")
+    collapse: dict = {}
+    state = dict(final=False)
+
+    def write(records: dict) -> list[str]:
+        """results.json and results.md from what has finished so far: rewritten after every
+        run, so even a study killed from outside leaves its latest table."""
+        results = dict(
+            command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            budget=args.budget, budget_values=budget, data=used,
+            test_images=_count(run_data, "val"), no_grn_block=args.no_grn_block,
+            blocks=BLOCKS, finetune_recipe=FINETUNE, pretrain_recipe=PRETRAIN,
+            seeds=list(range(args.seed, args.seed + args.seeds)), jobs=jobs_n,
+            threads=args.threads, deadline_s=deadline, device=args.device,
+            device_name=device_name, cpu_count=os.cpu_count(), torch=torch.__version__,
+            load_average_start=load0,
+            load_average_now=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            complete=state["final"],
+            runs={name: dict(rec, config=next(j["config"] for j in jobs if j["name"] == name))
+                  for name, rec in records.items()},
+            summary=summarise(records, jobs, args.no_grn_block), collapse=collapse,
+            wall_seconds=time.time() - t0)
+        if collapse.get("curves") and "plots" not in collapse:
+            collapse["plots"] = plot_collapse(collapse, out)
+        failed = [n for n, r in records.items() if "error" in r]
+        missing = len(jobs) - len(records)
+        footer = (f"\n\nbudget {args.budget}, {used}; {args.seeds} seeds; device {device_name}, "
+                  f"{jobs_n} process(es) x {args.threads} thread(s); wall "
+                  f"{results['wall_seconds']:.0f} s"
+                  + (f"; {len(failed)} run(s) did not finish: {', '.join(failed)}"
+                     if failed else "")
+                  + (f"; IN PROGRESS: {missing} run(s) still to come" if missing else ""))
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=list))
+        (out / "results.md").write_text(format_tables(results) + footer + "\n")
+        return [format_tables(results) + footer, failed]
+
+    def on_done(job, record, records):
+        pretrains = [j for j in jobs if j["kind"] == "pretrain"]
+        if job["kind"] == "pretrain" and all(j["name"] in records for j in pretrains):
+            t = time.time()
+            collapse.update(collapse_curves(records, jobs, run_data, budget, 0,
+                                            args.no_grn_block))
+            collapse["seconds"] = time.time() - t
+            print(f"collapse curves measured ({time.time() - t:.0f} s)", flush=True)
+        write(records)
+
+    records = execute(jobs, jobs_n, deadline, work, on_done)
+    state["final"] = True
+    text, failed = write(records)
+    print(text, flush=True)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}", flush=True)
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":

@@ -307,45 +307,26 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import torch
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from ..detection.model import detector_from_config
+    from ..detection.visualize import load_detector, predict_and_draw
     from ..training.distributed import pick_device
-    from ..transfer.engine import read_model_file
 
     images = check_images(args.images)
-    ckpt = read_model_file(args.checkpoint, "detection")
-    classes = ckpt.get("classes") or ckpt["config"].get("class_names") or []
-    model = detector_from_config(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    model, classes = load_detector(args.checkpoint)
     device = pick_device(args.device)
-    model.to(device).eval()
+    model.to(device)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
         target = new_png(out, path)
         try:
-            pil = Image.open(path).convert("RGB")
+            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
-        pixels = F.pil_to_tensor(pil)
-        with torch.no_grad():
-            pred = model([F.to_dtype(pixels, torch.float32, scale=True).to(device)])[0]
-        keep = pred["scores"] >= args.score_thresh
-        boxes, labels, scores = pred["boxes"][keep].cpu(), pred["labels"][keep].cpu(), \
-            pred["scores"][keep].cpu()
-        drawn = pixels
-        if "masks" in pred and keep.any():
-            drawn = draw_segmentation_masks(drawn, pred["masks"][keep][:, 0].cpu() > 0.5,
-                                            alpha=0.45)
-        names = [f"{classes[int(l) - 1] if 0 < int(l) <= len(classes) else int(l)} {s:.2f}"
-                 for l, s in zip(labels, scores)]
-        if len(boxes):
-            drawn = draw_bounding_boxes(drawn, boxes, labels=names, width=2)
+        drawn, found = predict_and_draw(model, pixels, classes, args.score_thresh, device)
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
-        print(f"{path}: {len(boxes)} objects -> {target}" + "".join(
-            f"\n  {n}  box {[round(v) for v in b.tolist()]}" for n, b in zip(names, boxes)))
+        print(f"{path}: {len(found)} objects -> {target}" + "".join(
+            f"\n  {n} {s:.2f}  box {[round(v) for v in b]}" for n, s, b in found))
     return 0

@@ -129,14 +129,11 @@ def _train(args) -> int:
 
 
 def _load(checkpoint):
-    from ..segmentation.model import segmenter_from_config
+    from ..segmentation.visualize import load_segmenter
     from ..transfer.engine import read_model_file
 
-    ckpt = read_model_file(checkpoint, "segmentation")
-    model = segmenter_from_config(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    classes = ckpt.get("classes") or ckpt["config"].get("class_names") or []
-    return model, classes, ckpt
+    model, classes = load_segmenter(checkpoint)
+    return model, classes, read_model_file(checkpoint, "segmentation")
 
 
 def _eval(args) -> int:
@@ -175,27 +172,17 @@ def _eval(args) -> int:
     return 0
 
 
-def palette(n: int):
-    """A fixed colour per class (golden-ratio hues), the same in every image and run."""
-    import colorsys
-    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
-            for i in range(n)]
-
-
 def _predict(args) -> int:
-    import torch
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
-    from torchvision.utils import draw_segmentation_masks
 
+    from ..segmentation.visualize import load_segmenter, predict_and_draw
     from ..training.distributed import pick_device
 
     images = check_images(args.images)
-    model, classes, ckpt = _load(args.checkpoint)
+    model, classes = load_segmenter(args.checkpoint)
     device = pick_device(args.device)
-    model.to(device).eval()
-    n = ckpt["config"]["num_classes"]
-    colours = palette(n)
+    model.to(device)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
@@ -204,16 +191,8 @@ def _predict(args) -> int:
             pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
-        with torch.no_grad():
-            x = F.to_dtype(pixels, torch.float32, scale=True)[None].to(device)
-            pred = model(x)["out"].argmax(1)[0].cpu()
-        present = pred.unique().tolist()
-        masks = torch.stack([pred == c for c in present])
-        drawn = draw_segmentation_masks(pixels, masks, alpha=args.alpha,
-                                        colors=[colours[c] for c in present])
+        drawn, share = predict_and_draw(model, pixels, classes, args.alpha, device)
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
-        share = {(classes[c] if c < len(classes) else str(c)): float((pred == c).float().mean())
-                 for c in present}
         print(f"{path} -> {target}: " + ", ".join(
             f"{k} {100 * v:.0f}%" for k, v in sorted(share.items(), key=lambda kv: -kv[1])))
     return 0

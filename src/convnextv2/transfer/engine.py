@@ -306,7 +306,7 @@ def _train(task: Task, cfg: TransferConfig, info, out: Path) -> dict:
                     if info.is_main:
                         bar.write(f"step {global_step}: " + ", ".join(
                             f"{k} {v:.2f}" for k, v in last_eval.items()
-                            if not k.startswith(("bbox_AR", "segm_AR"))))
+                            if k.endswith(("_AP", "_AP50", "_AP75", "mIoU", "Acc"))))
                 if global_step % save_interval == 0 or global_step == stop_at:
                     if batches_done == steps_per_epoch:
                         epoch, batches_done = epoch + 1, 0

@@ -187,3 +187,21 @@ def builtin_scenes(cache: str | Path | None = None, **overrides) -> dict:
         except OSError:  # another process finished first: use its copy
             shutil.rmtree(tmp, ignore_errors=True)
     return dict(detection=final / "detection", segmentation=final / "segmentation")
+
+
+def write_unlabelled(folder: str | Path, n: int, size: int = 128, seed: int = 0,
+                     objects: tuple[int, int] = (2, 6)) -> Path:
+    """``n`` scenes as plain images (no annotations) from the training garments: the
+    unlabelled pool FCMAE pretrains on. A different ``seed`` from the labelled set's gives
+    other scenes."""
+    from ..data import build_dataset
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    source = build_dataset("builtin", "train")
+    garments, labels = np.asarray(source.images), np.asarray(source.targets)
+    rng = np.random.default_rng([seed, 2])
+    for i in range(n):
+        image, _, _, _ = compose_scene(rng, garments, labels, size, objects)
+        Image.fromarray(image).save(folder / f"unlabelled_{i:05d}.jpg", quality=95)
+    return folder

@@ -105,9 +105,10 @@ def _load_pickle(path: Path, trust_pickle: bool = False) -> object:
             f"({_unpickler_reason(text)}). It is truncated or corrupt, not a PyTorch checkpoint, "
             "or a pickle that needs more than tensors and plain containers; untrusted pickles "
             f"are never run with weights_only=False here. {trusted_conversion_hint(path)}") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt "
-                              f"({type(e).__name__}: {e})") from e
+    except Exception as e:  # torch's legacy reader fails on foreign bytes in many ways
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt, or no "
+                              f"checkpoint at all ({type(e).__name__}: "
+                              f"{' '.join(str(e).split()) or 'no details'})") from e
 
 
 def unwrap(obj: object, key: str | None = None) -> dict[str, torch.Tensor]:

@@ -84,3 +84,78 @@ def require_classifier(model, checkpoint) -> None:
         raise ValueError(f"{checkpoint} has no classifier head (an encoder only, e.g. pretrain's "
                          f"encoder.safetensors); fine-tune it first: convnextv2 finetune "
                          f"--finetune {checkpoint} --data DATA --output RUN")
+
+
+MAX_IMG_SIZE = 4096  # 4096 px is already ~8 GB of activations for the smallest variant
+
+
+def check_img_size(img_size, config: dict, flag: str = "--img-size") -> None:
+    """Refuse an input size the network cannot take: below its total stride the last
+    downsampling has no pixel left (a deep RuntimeError otherwise), and sizes beyond
+    ``MAX_IMG_SIZE`` exhaust memory before any message could be printed."""
+    if img_size is None:
+        return
+    stride = int(config.get("stem_stride", 4)) * 8
+    if img_size < stride:
+        raise ValueError(f"{flag} {img_size} is smaller than the network's total stride {stride} "
+                         f"px; use at least {stride} (a multiple of {stride} fits best)")
+    if img_size > MAX_IMG_SIZE:
+        raise ValueError(f"{flag} {img_size} is larger than {MAX_IMG_SIZE} px, far beyond what "
+                         f"these models are made for; use e.g. 224 or 384")
+
+
+def writable_folder(folder, flag: str = "--output"):
+    """``folder`` created if needed and proven writable, or a one-line PermissionError: the
+    bare OSError ("[Errno 17] File exists") does not say which option is wrong or why."""
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag} {folder}: cannot write there ({e.strerror or e}); pick a "
+                              f"folder you can write to") from None
+    return folder
+
+
+def writable_file(path, flag: str = "--output", example: str = "out.png"):
+    """A file path whose folder can be written and which is not itself a folder."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name (e.g. {path / example})")
+    writable_folder(path.parent, flag)
+    return path
+
+
+def expand_images(items) -> list:
+    """Image paths from the command line: files as given, folders as the image files directly
+    inside them (name order). A missing path or an image-less folder is a one-line error."""
+    from pathlib import Path
+
+    from ..data import IMAGE_EXTENSIONS, image_files
+
+    paths = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = image_files(path)
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no image files (expected "
+                                        f"{', '.join(IMAGE_EXTENSIONS)} directly inside)")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    return paths
+
+
+def at_least(flag: str, value, low) -> None:
+    """A numeric option below its minimum is a one-line error naming both."""
+    if value is not None and value < low:
+        raise ValueError(f"{flag} must be >= {low}, got {value}")

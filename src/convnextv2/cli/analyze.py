@@ -151,11 +151,15 @@ def sample_images(data: str, count: int, img_size: int, in_chans: int, split: st
 def run_collapse(args) -> int:
     from ..analysis.collapse import collapse_profile, save_collapse_plot
 
+    from ._guard import at_least, writable_folder
+
     labels = args.labels or [default_label(s) for s in args.checkpoint]
     if len(labels) != len(args.checkpoint):
         raise ValueError(f"--labels gives {len(labels)} names for {len(args.checkpoint)} checkpoints")
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, value in (("--images", args.images), ("--img-size", args.img_size),
+                        ("--batch-size", args.batch_size)):
+        at_least(flag, value, 1)
+    out = writable_folder(args.output)
     images_by_chans: dict[int, object] = {}
     results = []
     for spec, label in zip(args.checkpoint, labels):
@@ -193,10 +197,14 @@ def _plain(config: dict) -> dict:
 def run_activations(args) -> int:
     from ..analysis.activations import layer_activation, save_activation_grid
 
+    from ._guard import at_least, writable_file
+
+    at_least("--max-channels", args.max_channels, 1)
+    at_least("--img-size", args.img_size, 1)
+    output = writable_file(args.output or f"activations_{args.layer.replace('.', '_')}.png")
     model = load_encoder(args.checkpoint, args.seed)
     image = load_image(args.image, args.img_size, model.config["in_chans"])
     act = layer_activation(model, image, args.layer)
-    output = Path(args.output or f"activations_{args.layer.replace('.', '_')}.png")
     save_activation_grid(act, output, title=f"{default_label(args.checkpoint)}: {args.layer} "
                                            f"on {Path(args.image).name}",
                          max_channels=args.max_channels)

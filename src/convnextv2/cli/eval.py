@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..recipes.evaluate import class_names, load_classifier, plot_confusion
     from ..recipes.finetune import _default_img_size
 
-    from ._guard import require_classifier
+    from ._guard import check_img_size, require_classifier
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--img-size", args.img_size, 1)):
@@ -48,6 +48,7 @@ def run(args) -> int:
     require_classifier(model, args.checkpoint)
     in_chans = model.config["in_chans"]
     img_size = args.img_size or info.get("img_size") or _default_img_size(args.data)
+    check_img_size(int(img_size), model.config)
     ds = build_dataset(args.data, args.split, eval_transform(int(img_size), in_chans,
                                                              args.crop_pct), labelled=True)
     num_classes = model.config["num_classes"]

@@ -28,8 +28,12 @@ def run(args) -> int:
     from ..recipes.evaluate import load_classifier
     from ..tools.export import export_model
 
-    from ._guard import require_classifier
+    from ._guard import check_img_size, require_classifier, writable_file
 
+    if args.format == "onnx" and not 7 <= args.opset <= 20:
+        raise ValueError(f"--opset {args.opset}: the ONNX exporter writes opsets 7 to 20 "
+                         f"(default 17)")
+    writable_file(args.out, "OUT", "model.onnx" if args.format == "onnx" else "model.pt")
     if not args.atol > 0:
         raise ValueError(f"--atol must be a positive tolerance, got {args.atol}")
     if args.img_size is not None and args.img_size < 1:
@@ -37,6 +41,7 @@ def run(args) -> int:
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
     require_classifier(model, args.checkpoint)
     img_size = int(args.img_size or info.get("img_size") or 224)
+    check_img_size(img_size, model.config)
     try:
         rep = export_model(model, args.out, args.format, img_size=img_size, atol=args.atol,
                            opset=args.opset)

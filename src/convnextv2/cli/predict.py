@@ -30,19 +30,20 @@ def run(args) -> int:
     from ..data import eval_transform
     from ..recipes.evaluate import class_names, load_classifier, predict
 
-    from ._guard import require_classifier
+    from ._guard import check_img_size, expand_images, require_classifier
     from ..data import open_image
 
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     if args.img_size is not None and args.img_size < 1:
         raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
-    paths = _expand(args.images)
+    paths = expand_images(args.images)
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
     require_classifier(model, args.checkpoint)
     images = [_read(p, open_image) for p in paths]  # every file is checked before any work
     model.to(args.device)
     img_size = int(args.img_size or info.get("img_size") or 224)
+    check_img_size(img_size, model.config)
     names = class_names(model.config["num_classes"], info.get("class_names"))
     results = predict(model, images, eval_transform(img_size, model.config["in_chans"]),
                       names, args.topk, args.device)
@@ -55,28 +56,6 @@ def run(args) -> int:
         for label, prob in top:
             print(f"  {prob * 100:6.2f}%  {label}")
     return 0
-
-
-def _expand(items) -> list:
-    """Image paths from the command line: files as given, folders as the images in them."""
-    from pathlib import Path
-
-    from ..data import IMAGE_EXTENSIONS, image_files
-
-    paths = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = image_files(path)
-            if not found:
-                raise FileNotFoundError(f"folder {path} holds no image files (expected "
-                                        f"{', '.join(IMAGE_EXTENSIONS)} directly inside)")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    return paths
 
 
 def _read(path, open_image):

@@ -150,3 +150,45 @@ def test_synthetic_scenes_are_deterministic_and_consistent(tmp_path):
         m = mask_utils.decode(ann["segmentation"]).astype(bool)
         assert (sem[m] == ann["category_id"] + 1).all()
     assert set(np.unique(sem)) <= set(range(12)) and (sem == 1).mean() > 0.3
+
+
+def test_cli_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
+    """The command line end to end on the built-in scenes: a run, a refused second run in the
+    same folder, ``--resume auto``, eval and predict (PNGs)."""
+    from convnextv2.cli import main
+    from convnextv2.training import read_metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiny = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--workers", "0",
+            "--no-progress", "--eval-batch-size", "16"]
+    run = tmp_path / "det"
+    assert main(["detect", "train", "--data", "builtin", "--output", str(run),
+                 "--max-steps", "2", "--fpn-channels", "16", "--box-head-dim", "32",
+                 "--mask-head-dim", "8", *tiny]) == 0
+    assert {"model.pt", "metrics.jsonl", "curves.png", "checkpoint-00000002.pt"} <= {
+        p.name for p in run.iterdir()}
+    assert main(["detect", "train", "--data", "builtin", "--output", str(run),
+                 "--max-steps", "2", *tiny]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", "builtin", "--output", str(run), "--resume",
+                 "auto", "--max-steps", "3", "--fpn-channels", "16", "--box-head-dim", "32",
+                 "--mask-head-dim", "8", *tiny]) == 0
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "val"]
+    assert steps == [2, 3]
+    image = next((tmp_path / "cache" / "convnextv2").glob("scenes-*/detection/val/*.jpg"))
+    assert main(["detect", "predict", "--checkpoint", str(run), str(image), "--output",
+                 str(tmp_path / "pred"), "--score-thresh", "0"]) == 0
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+
+    seg = tmp_path / "seg"
+    assert main(["segment", "train", "--data", "builtin", "--output", str(seg), "--max-steps",
+                 "2", "--channels", "16", "--aux-channels", "8", *tiny]) == 0
+    assert main(["segment", "eval", "--checkpoint", str(seg / "model.pt"), "--data", "builtin",
+                 "--batch-size", "16", "--workers", "0", "--no-progress"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["segment", "predict", "--checkpoint", str(seg), str(image), "--output",
+                 str(tmp_path / "segpred")]) == 0
+    assert (tmp_path / "segpred" / f"{image.stem}.png").is_file()
+    # a detection model is not a segmentation model
+    assert main(["segment", "predict", "--checkpoint", str(run / "model.pt"), str(image),
+                 "--output", str(tmp_path / "x")]) == 2

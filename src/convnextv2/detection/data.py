@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,10 @@ class CocoDetection(Dataset):
                                 dtype=torch.int64),
             image_id=image_id)
         if self.masks:
-            m = (np.stack([self.coco.annToMask(a) for a in anns]) if anns
-                 else np.zeros((0, h, w), np.uint8))
+            with warnings.catch_warnings():  # pycocotools' own numpy-2 deprecation notice
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = (np.stack([self.coco.annToMask(a) for a in anns]) if anns
+                     else np.zeros((0, h, w), np.uint8))
             target["masks"] = tv_tensors.Mask(torch.from_numpy(m))
         image = tv_tensors.Image(v2.functional.pil_to_tensor(image))
         if self.transforms is not None:

@@ -27,6 +27,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 log = logging.getLogger("convnextv2.data")
+_said: set[str] = set()  # scan warnings already given in this process
+
+
+def _warn_once(message: str) -> None:
+    """Log a scan warning once per process: recipes may open the same folder twice (e.g. for
+    the figures and for training), and the same line twice reads like two problems."""
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -113,8 +122,8 @@ class _FileDataset(Dataset):
             else:
                 self._unreadable.append(str(path))
         if self._unreadable:
-            log.warning("warning: %s: skipped %d unreadable image(s), e.g. %s", root,
-                        len(self._unreadable), self._unreadable[0])
+            _warn_once(f"warning: {root}: skipped {len(self._unreadable)} unreadable "
+                       f"image(s), e.g. {self._unreadable[0]}")
         if not good:
             raise FileNotFoundError(f"{root}: no readable images (extensions: "
                                     f"{', '.join(IMAGE_EXTENSIONS)})")
@@ -178,8 +187,7 @@ class ImageFolderDataset(_FileDataset):
             raise EmptyClassError(f"{root}: class folder(s) without images: {', '.join(empty)} "
                                   f"(--strict-data refuses them; add images or remove the folder)")
         if empty:
-            log.warning("warning: %s: class folder(s) without images: %s", root,
-                        ", ".join(empty))
+            _warn_once(f"warning: {root}: class folder(s) without images: {', '.join(empty)}")
         super().__init__(samples, classes, transform, strict, root)
 
 

@@ -12,7 +12,12 @@ from convnextv2.recipes.finetune import (FinetuneConfig, LinearProbe, build_fine
 from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
-TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1, in_chans=1)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_arch):
+    """The toy network for 1-channel 32 px images (8 px patches)."""
+    return dict(toy_arch, stem_stride=1, in_chans=1)
 
 # hand-written from the layer-decay rules of docs/recipes.md; "single": num_layers = sum(depths)
 ATTO_SINGLE = {
@@ -100,9 +105,9 @@ def test_recipes_and_overrides():
     assert resolve(FinetuneConfig(model="tiny", epochs=10, warmup_epochs=8))["warmup_epochs"] == 8
 
 
-def test_linear_probe_freezes_encoder_and_folds_bn():
+def test_linear_probe_freezes_encoder_and_folds_bn(toy):
     torch.manual_seed(0)
-    model = create_model("atto", num_classes=3, **TOY)
+    model = create_model("atto", num_classes=3, **toy)
     probe = LinearProbe(model, 5)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["head.fc.1.weight", "head.fc.1.bias"]
@@ -120,13 +125,13 @@ def _save_native(model, path):
     save_checkpoint(model, path)
 
 
-def test_head_reinitialised_from_encoder_only_and_wrong_size_checkpoints(tmp_path):
+def test_head_reinitialised_from_encoder_only_and_wrong_size_checkpoints(tmp_path, toy):
     torch.manual_seed(0)
-    src = create_model("atto", num_classes=5, **TOY)
+    src = create_model("atto", num_classes=5, **toy)
     with torch.no_grad():
         src.head.fc.weight.fill_(1.0)
     _save_native(src, tmp_path / "with_head.safetensors")
-    encoder = create_model("atto", num_classes=0, **TOY)
+    encoder = create_model("atto", num_classes=0, **toy)
     encoder.load_state_dict({k: v for k, v in src.state_dict().items()
                              if not k.startswith("head.fc")})
     _save_native(encoder, tmp_path / "encoder.safetensors")
@@ -140,8 +145,14 @@ def test_head_reinitialised_from_encoder_only_and_wrong_size_checkpoints(tmp_pat
         assert model.config["stem_stride"] == 1 and model.config["in_chans"] == 1
 
 
-def _tiny_run(tmp_path, **kw):
-    cfg = dict(model=None, model_kwargs=dict(TOY), data="builtin", output=str(tmp_path / "run"),
+def _saved_recipe(path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["recipe"]
+
+
+def _tiny_run(tmp_path, toy, **kw):
+    cfg = dict(model=None, model_kwargs=dict(toy), data="builtin", output=str(tmp_path / "run"),
                epochs=2, batch_size=16, max_steps_per_epoch=6, train_subset=400, val_subset=300,
                recipe="tiny",
                lr=2e-3, model_ema_decay=0.5, progress=False, img_size=32)
@@ -149,13 +160,13 @@ def _tiny_run(tmp_path, **kw):
     return finetune(FinetuneConfig(**cfg))
 
 
-def test_finetune_ema_is_evaluated_and_saved(tmp_path):
+def test_finetune_ema_is_evaluated_and_saved(tmp_path, toy):
     from torch.utils.data import DataLoader
 
     from convnextv2.data import build_dataset, eval_transform
     from convnextv2.recipes.evaluate import evaluate, load_classifier
 
-    s = _tiny_run(tmp_path)
+    s = _tiny_run(tmp_path, toy)
     model, ema = s["model"], s["ema"]
     diffs = [(a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
                                                          ema.state_dict().values())
@@ -176,26 +187,31 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path):
     from_state, _ = load_classifier(tmp_path / "run" / "checkpoint-00000012.pt", key="ema")
     for k, v in ema.state_dict().items():  # the run state carries the EMA weights too
         torch.testing.assert_close(from_state.state_dict()[k], v)
-    for name in ("accuracy.png", "loss.png", "best.safetensors", "summary.json",
+    for name in ("accuracy.png", "loss.png", "best.safetensors", "best_ema.safetensors",
+                 "summary.json",
                  "checkpoint-00000012.pt"):
         assert (tmp_path / "run" / name).is_file()
 
     # resume auto continues after epoch 2 and appends epoch 3 only
-    s3 = _tiny_run(tmp_path, epochs=3, resume="auto")
+    s3 = _tiny_run(tmp_path, toy, epochs=3, resume="auto")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
     assert s3["final"]["epoch"] == 3
 
 
-def test_linear_probe_run_keeps_encoder_and_saves_plain_model(tmp_path):
+def test_linear_probe_run_keeps_encoder_and_saves_plain_model(tmp_path, toy):
     from convnextv2.recipes.evaluate import load_classifier
 
     torch.manual_seed(0)
-    encoder = create_model("atto", num_classes=0, **TOY)
+    encoder = create_model("atto", num_classes=0, **toy)
     _save_native(encoder, tmp_path / "encoder.safetensors")
-    s = _tiny_run(tmp_path, linear_probe=True, finetune=str(tmp_path / "encoder.safetensors"),
+    s = _tiny_run(tmp_path, toy, linear_probe=True, recipe="auto", finetune=str(tmp_path / "encoder.safetensors"),
                   epochs=1, lr=1e-2)
     assert s["ema"] is None  # the probe recipe has no EMA
+    # the preset "auto" chose is what the run records, not "auto"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["recipe"] == config["hyperparameters"]["recipe"] == "atto"
+    assert s["recipe"] == "atto" and _saved_recipe(tmp_path / "run" / "last.safetensors") == "atto"
     saved, info = load_classifier(tmp_path / "run" / "last.safetensors")
     assert isinstance(saved.head.fc, nn.Linear) and info["linear_probe"] is True
     for k, v in encoder.state_dict().items():  # frozen: identical to the checkpoint

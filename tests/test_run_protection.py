@@ -86,6 +86,15 @@ def test_resume_with_a_run_changing_option_is_refused(finished, pretrain_args, c
     assert T.latest_checkpoint(finished).name == "checkpoint-00000004.pt"
 
 
+def test_resume_auto_never_starts_over_finished_weights(finished, pretrain_args, capsys):
+    for p in T.list_checkpoints(finished):  # e.g. deleted by hand to save space
+        p.unlink()
+    before = _digest(finished)
+    assert main([*pretrain_args, "--output", str(finished), "--resume", "auto"]) == 2
+    assert "no checkpoint to continue from" in _one_line_error(capsys)
+    assert _digest(finished) == before
+
+
 def test_weight_files_are_world_readable(finished):
     for name in ("encoder.safetensors", "fcmae.safetensors", "checkpoint-00000002.pt"):
         assert (finished / name).stat().st_mode & 0o777 == 0o644, name

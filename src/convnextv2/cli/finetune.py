@@ -73,7 +73,8 @@ def add_arguments(p):
     g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"),
                    help="mix per batch, per pair or per element")
     g.add_argument("--remode", choices=("const", "rand", "pixel"), help="random-erasing fill")
-    g.add_argument("--layer-decay-mode", choices=("single", "group"))
+    g.add_argument("--layer-decay-mode", choices=("single", "group"),
+                   help="layer ids per block, or in groups of three blocks (3-3-27-3 networks)")
     g.add_argument("--aa", dest="auto_augment", help="RandAugment policy, or 'none'")
     g.add_argument("--train-interpolation", choices=("bicubic", "bilinear", "random"),
                    help="resize interpolation of the training crop")
@@ -81,8 +82,10 @@ def add_arguments(p):
                    metavar=("MIN", "MAX"), help="RandomResizedCrop area range (default 0.08 1)")
     g.add_argument("--betas", type=float, nargs=2, metavar=("B1", "B2"),
                    help="AdamW betas (default 0.9 0.999)")
-    g.add_argument("--model-ema", dest="model_ema", action="store_true", default=None)
-    g.add_argument("--no-model-ema", dest="model_ema", action="store_false")
+    g.add_argument("--model-ema", dest="model_ema", action="store_true", default=None,
+                   help="keep and evaluate an EMA of the weights (the presets do)")
+    g.add_argument("--no-model-ema", dest="model_ema", action="store_false",
+                   help="no EMA (needed with --fsdp)")
     g.add_argument("--model-ema-warmup", action="store_true",
                    help="timm's EMA decay warmup (useful for short runs)")
     g = p.add_argument_group("run")

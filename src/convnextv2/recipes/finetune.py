@@ -208,6 +208,8 @@ def check_hyperparameters(hp: dict, cfg: FinetuneConfig) -> None:
          hp["remode"])
     need(hp["crop_pct"] is None or 0 < hp["crop_pct"] <= 1, "crop-pct", "in (0, 1]",
          hp["crop_pct"])
+    need(hp["recount"] >= 1, "recount", ">= 1", hp["recount"])
+    need(hp["eps"] > 0, "eps", "> 0", hp["eps"])
     for name in ("train_subset", "val_subset", "max_steps_per_epoch"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, name.replace("_", "-"), ">= 1", value)

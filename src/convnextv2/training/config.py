@@ -128,11 +128,17 @@ def check_output(cfg: RunConfig) -> Path:
     out = Path(cfg.output).expanduser()
     check_writable(out, create=False)
     found = existing_run(out)
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
     if found and not cfg.resume and not cfg.overwrite:
-        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise ValueError(f"--output {cfg.output} already holds a run ({shown}); continue it with "
                          f"--resume auto, choose a new --output, or add --overwrite to move "
                          f"the old run aside to {aside_name(out).name}")
+    weights = [n for n in found if n.endswith(".safetensors")]
+    if cfg.resume == "auto" and weights and not any(n.startswith("checkpoint-") for n in found):
+        raise ValueError(f"--resume auto: {cfg.output} holds weights ({', '.join(weights)}) but no "
+                         f"checkpoint to continue from, and starting over would replace them; "
+                         f"choose a new --output, or add --overwrite instead of --resume to move "
+                         f"the old run aside")
     return out
 
 

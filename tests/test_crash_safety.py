@@ -50,17 +50,15 @@ from convnextv2.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
-ARGS = ["pretrain", "--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24",
-        "32", "--stem-stride", "1", "--img-size", "32", "--batch-size", "4", "--decoder-dim",
-        "16", "--workers", "0", "--deterministic", "--no-progress", "--device", "cpu",
-        "--recon-every", "0", "--epochs", "2", "--blr", "1e-2", "--save-every-steps", "2",
-        "--keep-last", "2"]
+RUN = ["--img-size", "32", "--batch-size", "4", "--decoder-dim", "16", "--workers", "0",
+       "--deterministic", "--no-progress", "--device", "cpu", "--recon-every", "0", "--epochs",
+       "2", "--blr", "1e-2", "--save-every-steps", "2", "--keep-last", "2"]
 
 
-def _start(data, out, resume=False, **hooks):
+def _start(data, out, arch, resume=False, **hooks):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.update({k: str(v) for k, v in hooks.items()})
-    argv = [*ARGS, "--data", str(data), "--output", str(out)]
+    argv = ["pretrain", *arch, *RUN, "--data", str(data), "--output", str(out)]
     if resume:
         argv += ["--resume", "auto"]
     return subprocess.Popen([sys.executable, "-c", DRIVER, *argv], env=env, text=True,
@@ -77,7 +75,7 @@ def _losses(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, make_images):
+def runs(tmp_path_factory, make_images, toy_cli):
     """16 images, batch 4: 4 steps per epoch, 8 in all; checkpoints every 2 steps.
 
     Three processes at once: the uninterrupted reference, one killed after step 3 (its last
@@ -86,9 +84,9 @@ def runs(tmp_path_factory, make_images):
     root = tmp_path_factory.mktemp("crash")
     data = make_images(root / "images", 16)
     dirs = {name: root / name for name in ("reference", "between", "in_save")}
-    procs = {"reference": _start(data, dirs["reference"]),
-             "between": _start(data, dirs["between"], CNX_KILL_AFTER_STEP=3),
-             "in_save": _start(data, dirs["in_save"], CNX_KILL_IN_SAVE=2)}
+    procs = {"reference": _start(data, dirs["reference"], toy_cli),
+             "between": _start(data, dirs["between"], toy_cli, CNX_KILL_AFTER_STEP=3),
+             "in_save": _start(data, dirs["in_save"], toy_cli, CNX_KILL_IN_SAVE=2)}
     first = {name: _finish(p) for name, p in procs.items()}
     # snapshot what the crash left on disk before the resumes change it
     left = {name: sorted(p.name for p in dirs[name].iterdir()) for name in ("between", "in_save")}
@@ -96,7 +94,8 @@ def runs(tmp_path_factory, make_images):
     torn = root / "torn.tmp"  # a copy: the resume removes the orphaned temp file
     for p in dirs["in_save"].glob(".checkpoint-*.tmp"):
         torn.write_bytes(p.read_bytes())
-    resumed = {name: _start(data, dirs[name], resume=True) for name in ("between", "in_save")}
+    resumed = {name: _start(data, dirs[name], toy_cli, resume=True)
+               for name in ("between", "in_save")}
     second = {name: _finish(p) for name, p in resumed.items()}
     return dict(dirs=dirs, first=first, left=left, left_metrics=left_metrics, second=second,
                 torn=torn)

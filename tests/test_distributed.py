@@ -18,9 +18,7 @@ import torch
 from convnextv2 import training as T
 from convnextv2.cli import main
 
-ARCH = ["--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32",
-        "--stem-stride", "1"]
-PRETRAIN = ["pretrain", *ARCH, "--img-size", "32", "--decoder-dim", "16", "--workers", "0",
+PRETRAIN_RUN = ["--img-size", "32", "--decoder-dim", "16", "--workers", "0",
             "--no-progress", "--device", "cpu", "--recon-every", "0", "--epochs", "2",
             "--blr", "0.2", "--keep-last", "0", "--save-every-steps", "1"]
 ATOL = 1e-5
@@ -56,7 +54,7 @@ def _losses(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, make_images):
+def runs(tmp_path_factory, make_images, toy_cli):
     """16 images; global batch 8 = 1 process x 8 = 2 processes x 4: 2 steps per epoch.
 
     - ``one``: one process (in this test process), 4 steps, a checkpoint after each;
@@ -83,11 +81,12 @@ def runs(tmp_path_factory, make_images):
     make_images(root / "ft" / "train", 16, seed=4, classes=["a", "b"])
     shutil.copytree(val, root / "ft" / "val")
     procs["finetune"] = _torchrun(
-        "finetune", *ARCH, "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--aa",
+        "finetune", *toy_cli, "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--aa",
         "none", "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema",
         "--no-progress", "--device", "cpu", "--data", root / "ft", "--output", root / "ft-run")
 
     one, ddp, fsdp = root / "one", root / "ddp", root / "fsdp"
+    PRETRAIN = ["pretrain", *toy_cli, *PRETRAIN_RUN]
     assert main([*PRETRAIN, "--batch-size", "8", "--data", str(data), "--output", str(one)]) == 0
     fsdp.mkdir()
     shutil.copy(one / "checkpoint-00000002.pt", fsdp)
@@ -133,7 +132,7 @@ def test_effective_batch_and_rank_zero_only_logging(runs):
 
 
 def test_fsdp_resumes_a_plain_checkpoint_and_writes_plain_checkpoints(runs):
-    from convnextv2.recipes.pretrain import PretrainConfig, build_fcmae
+    from convnextv2.recipes.pretrain import PretrainConfig, build_fcmae, pretrain_param_groups
 
     step3 = runs["fsdp_step3"]
     assert all(type(v) is torch.Tensor for v in step3.values())  # gathered, not DTensors
@@ -144,7 +143,7 @@ def test_fsdp_resumes_a_plain_checkpoint_and_writes_plain_checkpoints(runs):
     plain = build_fcmae(cfg)
     plain.load_state_dict(step3, strict=True)
     state = T.load_run_state(runs["fsdp"] / "checkpoint-00000003.pt")
-    plain_optim = torch.optim.AdamW(T.param_groups(plain, 0.05))
+    plain_optim = torch.optim.AdamW(pretrain_param_groups(plain, cfg))
     plain_optim.load_state_dict(state["optimizer"])  # positions, not DTensor names
     # the encoder file written at the end of the sharded run is the gathered encoder
     encoder = {k[len("encoder."):]: v for k, v in step3.items() if k.startswith("encoder.")

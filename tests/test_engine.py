@@ -71,7 +71,8 @@ def _run(out, **kw):
 
 
 def _steps(out):
-    return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in T.read_metrics(out / "steps.jsonl")]
+    records = T.read_metrics(out / "steps.jsonl")
+    return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in records]
 
 
 def _positions(out):

@@ -205,7 +205,8 @@ def test_linear_probe_run_keeps_encoder_and_saves_plain_model(tmp_path, toy):
     torch.manual_seed(0)
     encoder = create_model("atto", num_classes=0, **toy)
     _save_native(encoder, tmp_path / "encoder.safetensors")
-    s = _tiny_run(tmp_path, toy, linear_probe=True, recipe="auto", finetune=str(tmp_path / "encoder.safetensors"),
+    s = _tiny_run(tmp_path, toy, linear_probe=True, recipe="auto",
+                  finetune=str(tmp_path / "encoder.safetensors"),
                   epochs=1, lr=1e-2)
     assert s["ema"] is None  # the probe recipe has no EMA
     # the preset "auto" chose is what the run records, not "auto"

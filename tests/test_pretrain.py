@@ -34,6 +34,11 @@ def image_folder(tmp_path_factory, make_images):
     return make_images(tmp_path_factory.mktemp("images"), 18, classes=["b", "a"], size=(40, 36))
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def losses(run_dir):
     return [(r["step"], r["loss"], r["lr"]) for r in T.read_metrics(run_dir / "metrics.jsonl")]
 
@@ -42,8 +47,9 @@ def losses(run_dir):
 def straight_run(image_folder, tmp_path_factory, tiny_args):
     """2 epochs x 4 steps (18 images, batch 4: the last 2 images of each epoch are dropped)."""
     out = tmp_path_factory.mktemp("straight")
+    tensorboard = ["--log-dir", str(out / "tb")] if _has_tensorboard() else []
     rc = main(["pretrain", *tiny_args, "--data", str(image_folder), "--output", str(out),
-               "--epochs", "2", "--blr", "1e-2", "--recon-every", "2"])
+               "--epochs", "2", "--blr", "1e-2", "--recon-every", "2", *tensorboard])
     assert rc == 0
     return out
 
@@ -86,6 +92,23 @@ def test_run_writes_every_file(straight_run):
     assert (state["epoch"], state["batches_done"], state["global_step"]) == (2, 0, 8)
     assert state["args"]["depths"] == [1, 1, 1, 1]
     assert {"reconstruction.png", "reconstruction_ep0002.png"} <= names
+
+
+def test_log_dir_holds_the_step_scalars_and_the_reconstructions(straight_run):
+    if not _has_tensorboard():
+        pytest.skip("tensorboard is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight_run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert loss == [(s, pytest.approx(v, rel=1e-6)) for s, v, _ in losses(straight_run)]
+    # the epoch-2 figure and the final one, as logged PNGs of the figure's size
+    images = events.Images("reconstruction")
+    assert [e.step for e in images] == [8, 8]
+    from PIL import Image
+    with Image.open(straight_run / "reconstruction.png") as figure:
+        assert (images[-1].width, images[-1].height) == figure.size
 
 
 def test_fcmae_file_round_trips(straight_run, image_folder):

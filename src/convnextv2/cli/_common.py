@@ -12,10 +12,10 @@ def add_v1_block_argument(group) -> None:
                        help="ConvNeXt V1 block for ablations: no GRN, layer scale 1e-6")
 
 
-def add_architecture_arguments(group) -> None:
+def add_architecture_arguments(group, in_chans_default: str = "the checkpoint's, else 3") -> None:
     """How both recipes reshape a variant (small images, custom sizes, the V1 ablation)."""
     group.add_argument("--in-chans", type=int, default=None,
-                       help="input channels (default: the checkpoint's, else 3)")
+                       help=f"input channels (default: {in_chans_default})")
     group.add_argument("--stem-stride", type=int, default=None,
                        help="stem kernel = stride (default 4; patch size = 8 x this)")
     group.add_argument("--depths", type=int, nargs=4, default=None, metavar="N",

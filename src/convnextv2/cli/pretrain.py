@@ -10,7 +10,7 @@ EPILOG = """examples:
       --epochs 10 --batch-size 64 --output runs/fmnist
   convnextv2 pretrain ... --resume auto            # continue the newest checkpoint in --output
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
-  torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...   # see docs/distributed.md
+  torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...  # docs/distributed.md
 
 --data: an ImageFolder tree (train/ is used), a class-folder root or a plain folder of images
 (labels are ignored), a Fashion-MNIST IDX folder, or 'builtin' (packaged Fashion-MNIST subset).
@@ -23,7 +23,7 @@ def add_arguments(p):
     d = PretrainConfig()
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help=f"encoder variant (default {d.model})")
-    add_architecture_arguments(g)
+    add_architecture_arguments(g, in_chans_default="3")
     g.add_argument("--decoder-dim", type=int, default=d.decoder_dim, help="decoder width (512)")
     g.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="decoder blocks (1)")
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio,

@@ -11,6 +11,9 @@ from the checkpoint (written by `finetune`), ImageNet's for 1000-class models, e
 index. 16-bit images are scaled to 8 bits as in training."""
 
 
+BATCH = 64  # images classified at once
+
+
 def add_arguments(p):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--key", help="entry of a training checkpoint to use: model_ema (official "
@@ -25,28 +28,30 @@ def add_arguments(p):
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
-    from ..data import eval_transform
+    import torch
+
+    from ..data import eval_transform, open_image
     from ..recipes.evaluate import class_names, load_classifier, predict
+    from ._guard import at_least, check_img_size, expand_images, require_classifier
 
-    from ._guard import check_img_size, expand_images, require_classifier
-    from ..data import open_image
-
-    if args.topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {args.topk}")
-    if args.img_size is not None and args.img_size < 1:
-        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    at_least("--topk", args.topk, 1)
+    at_least("--img-size", args.img_size, 1)
     paths = expand_images(args.images)
     model, info = load_classifier(args.checkpoint, args.model, key=args.key)
     require_classifier(model, args.checkpoint)
-    images = [_read(p, open_image) for p in paths]  # every file is checked before any work
-    model.to(args.device)
     img_size = int(args.img_size or info.get("img_size") or 224)
     check_img_size(img_size, model.config)
+    model.to(args.device)
     names = class_names(model.config["num_classes"], info.get("class_names"))
-    results = predict(model, images, eval_transform(img_size, model.config["in_chans"]),
-                      names, args.topk, args.device)
+    transform = eval_transform(img_size, model.config["in_chans"])
+    # a folder may hold thousands of images: decode and classify them a batch at a time, and
+    # print only when all are done, so an unreadable file never leaves half an answer behind
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(paths), BATCH):
+            images = [_read(p, open_image) for p in paths[start:start + BATCH]]
+            results += predict(model, images, transform, names, args.topk, args.device)
     if args.json:
         print(json.dumps([dict(image=str(p), top=[dict(label=c, probability=pr) for c, pr in r])
                           for p, r in zip(paths, results)]))
@@ -56,7 +61,6 @@ def run(args) -> int:
         for label, prob in top:
             print(f"  {prob * 100:6.2f}%  {label}")
     return 0
-
 
 def _read(path, open_image):
     """The decoded image, or a one-line error naming the file and what is wrong with it."""

@@ -6,60 +6,13 @@ metadata, or ImageNet's names for 1000-class models.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None,
-             device: torch.device | str = "cpu", amp: str = "none",
-             progress: bool = False, desc: str = "eval") -> dict:
-    """Cross-entropy loss, top-1 and top-5 accuracy (percent), per-class accuracy and the
-    confusion matrix (rows: true class, columns: predicted) over ``loader``'s batches.
-
-    ``top5`` is top-min(5, classes). Batches may be ``(x, y)`` or ``(x, y, index)``.
-    ``amp``: "none", "bf16" or "fp16" autocast (the training engine's modes).
-    """
-    from ..training.step import autocast
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    total_loss, n, correct1, correct5 = 0.0, 0, 0, 0
-    confusion = None
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for batch in batches:
-        x, y = batch[0].to(device), batch[1].to(device)
-        with autocast(device, amp or "none"):
-            logits = model(x)
-        logits = logits.float()
-        c = logits.shape[1]
-        if confusion is None:
-            confusion = torch.zeros(num_classes or c, num_classes or c, dtype=torch.long)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, c), dim=1).indices
-        hits = top == y[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        n += len(y)
-        k = confusion.shape[0]
-        idx = y.cpu() * k + top[:, 0].cpu()
-        confusion += torch.bincount(idx, minlength=k * k).view(k, k)
-    if was_training:
-        model.train()
-    if n == 0:
-        raise ValueError("evaluation data is empty")
-    support = confusion.sum(dim=1)
-    per_class = (confusion.diag().float() / support.clamp(min=1) * 100).tolist()
-    return dict(loss=total_loss / n, top1=100.0 * correct1 / n, top5=100.0 * correct5 / n,
-                count=n, per_class_top1=[p if s > 0 else None for p, s in zip(per_class, support)],
-                confusion=confusion.tolist())
+# the scoring loop is the training engine's (validation during fine-tuning uses it too)
+from ..training.dist_eval import evaluate  # noqa: F401  (part of this module's API)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,

@@ -1,4 +1,4 @@
-"""Distributed evaluation that counts every sample exactly once.
+"""Classifier evaluation, in one process or distributed so that every sample counts once.
 
 ``DistributedSampler`` pads the dataset to a multiple of the world size by repeating samples,
 which would count those twice in the accuracy. Here rank r evaluates samples r, r + W, r + 2W,
@@ -7,11 +7,63 @@ confusion matrix, count) are added with one all-reduce before the ratios are tak
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .distributed import DistInfo
+from .step import autocast
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None,
+             device: torch.device | str = "cpu", amp: str = "none",
+             progress: bool = False, desc: str = "eval") -> dict:
+    """Cross-entropy loss, top-1 and top-5 accuracy (percent), per-class accuracy and the
+    confusion matrix (rows: true class, columns: predicted) over ``loader``'s batches.
+
+    ``top5`` is top-min(5, classes). Batches may be ``(x, y)`` or ``(x, y, index)``.
+    ``amp``: "none", "bf16" or "fp16" autocast (the training engine's modes).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total_loss, n, correct1, correct5 = 0.0, 0, 0, 0
+    confusion = None
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    for batch in batches:
+        x, y = batch[0].to(device), batch[1].to(device)
+        with autocast(device, amp or "none"):
+            logits = model(x)
+        logits = logits.float()
+        c = logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(num_classes or c, num_classes or c, dtype=torch.long)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, c), dim=1).indices
+        hits = top == y[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        n += len(y)
+        k = confusion.shape[0]
+        idx = y.cpu() * k + top[:, 0].cpu()
+        confusion += torch.bincount(idx, minlength=k * k).view(k, k)
+    if was_training:
+        model.train()
+    if n == 0:
+        raise ValueError("evaluation data is empty")
+    support = confusion.sum(dim=1)
+    per_class = (confusion.diag().float() / support.clamp(min=1) * 100).tolist()
+    return dict(loss=total_loss / n, top1=100.0 * correct1 / n, top5=100.0 * correct5 / n,
+                count=n, per_class_top1=[p if s > 0 else None for p, s in zip(per_class, support)],
+                confusion=confusion.tolist())
 
 
 def shard_indices(n: int, info: DistInfo) -> list[int]:
@@ -33,10 +85,8 @@ def _world() -> int:
 def evaluate_distributed(model, loader, num_classes: int | None = None,
                          device: torch.device | str = "cpu", amp: str = "none",
                          progress: bool = False, desc: str = "eval") -> dict:
-    """``evaluate.evaluate`` over this rank's ``loader``, combined over all ranks: the same
+    """``evaluate`` over this rank's ``loader``, combined over all ranks: the same
     dict as a single-process evaluation of the whole dataset (``count`` = dataset size)."""
-    from ..recipes.evaluate import evaluate
-
     if _world() == 1:
         return evaluate(model, loader, num_classes, device, amp, progress, desc)
     if num_classes is None:

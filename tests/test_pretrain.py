@@ -239,7 +239,7 @@ def _reference_decoder(t: dict, latent, mask):
     return pred.reshape(n, pred.shape[1], -1).transpose(1, 2)
 
 
-def test_official_fcmae_file_with_its_decoder_loads_and_reconstructs(tmp_path, capsys):
+def test_official_fcmae_file_with_its_decoder_loads_and_reconstructs(tmp_path, image_folder):
     """An official-layout FCMAE checkpoint: the shared vectors' sparse encoder (MinkowskiEngine
     names and shapes) plus a decoder of the official shapes, wrapped in ``model``."""
     from PIL import Image
@@ -249,7 +249,9 @@ def test_official_fcmae_file_with_its_decoder_loads_and_reconstructs(tmp_path, c
     vectors = torch.load(VECTORS, weights_only=True)
     decoder = _official_decoder(16, 32, 32 * 32 * 3)  # patch 32 (stem 4), 3 channels
     path = tmp_path / "official_fcmae.pth"
-    torch.save({"model": {**vectors["official_fcmae_encoder"], **decoder}, "epoch": 1599}, path)
+    import argparse  # the official script pickles its options along with the weights
+    torch.save({"model": {**vectors["official_fcmae_encoder"], **decoder}, "epoch": 1599,
+                "args": argparse.Namespace(mask_ratio=0.6, norm_pix_loss=True)}, path)
 
     fcmae = load_fcmae(path)
     dense = load_model(vectors["official_dense"])  # the same network in the dense layout
@@ -274,6 +276,13 @@ def test_official_fcmae_file_with_its_decoder_loads_and_reconstructs(tmp_path, c
                  "--checkpoint", str(path), "--img-size", "64",
                  "--output", str(tmp_path / "recon.png")]) == 0
     assert (tmp_path / "recon.png").read_bytes()[:4] == b"\x89PNG"
+
+    # and pretraining continues from it: encoder and decoder as loaded at step 1 (lr 0)
+    pretrain(tiny_config(image_folder, tmp_path / "run", stem_stride=None, img_size=64,
+                         epochs=1, max_steps=1, blr=0.0, init=str(path)))
+    state = T.load_run_state(T.latest_checkpoint(tmp_path / "run"))
+    for k, v in fcmae.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
 
 
 def test_init_starts_from_an_fcmae_file_with_its_decoder(straight_run, image_folder, tmp_path):

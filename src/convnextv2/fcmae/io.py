@@ -113,7 +113,12 @@ def _read_state(path: Path) -> tuple[dict, dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         return load_file(str(path)), meta
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # e.g. an official checkpoint pickles its argparse.Namespace of options
+        from ..checkpoint.io import read_state_dict
+        state, meta, _ = read_state_dict(path)  # tolerates that; refuses real code, clearly
+        return state, meta
     meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a pretraining run state
         args = obj.get("args") if isinstance(obj.get("args"), dict) else {}

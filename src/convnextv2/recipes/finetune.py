@@ -475,6 +475,13 @@ class FinetuneData:
     skipped: int
     batches_per_epoch: int   # micro-batches, a multiple of the accumulation
     mixup_fn: object | None
+    datasets: tuple = ()     # train and val, for the skip count at the end
+
+    def skipped_now(self) -> int:
+        """Unreadable images skipped so far, counted across loader workers (files that fail
+        only when decoded are found during training, not when the folder is listed)."""
+        from ..data import count_skipped
+        return max(self.skipped, count_skipped(*self.datasets))
 
     @property
     def num_classes(self) -> int:
@@ -538,7 +545,8 @@ def build_data(cfg: FinetuneConfig, p: Plan, info: T.DistInfo) -> FinetuneData:
         raise ValueError(f"too few training batches ({batches}) for --accum-steps "
                          f"{cfg.accum_steps}: {len(train_ds)} images, batch {batch}")
     batches -= batches % cfg.accum_steps  # no half-accumulated step at an epoch's end
-    return FinetuneData(loader, val_loader, classes, skipped, batches, mixup_fn)
+    return FinetuneData(loader, val_loader, classes, skipped, batches, mixup_fn,
+                        (train_ds, val_ds))
 
 
 class _Epochs:
@@ -591,7 +599,8 @@ class _Epochs:
         train_time = time.time() - self.t_epoch
         record = dict(step=trainer.pos.global_step, epoch=epoch,
                       train_loss=trainer.loss_sum / max(trainer.seen, 1), lr=trainer.lr,
-                      img_per_s=trainer.seen * info.world_size / max(train_time, 1e-9))
+                      img_per_s=trainer.seen * info.world_size / max(train_time, 1e-9),
+                      skipped_images=self.data.skipped_now())
         scores, weights = self._scores()
         record.update(val_loss=scores["loss"], val_top1=scores["top1"], val_top5=scores["top5"])
         files = {"model": (scores["top1"], weights, "best.safetensors", "last.safetensors")}
@@ -644,7 +653,7 @@ class _Epochs:
                        epochs=self.hp["epochs"],
                        final=state["history"][-1] if state["history"] else None,
                        train_time_s=train_time, classes=self.data.classes, output=str(out),
-                       skipped_images=self.data.skipped, base_lr=base_lr,
+                       skipped_images=self.data.skipped_now(), base_lr=base_lr,
                        recipe=self.hp["recipe"], best=str(out / best_file),
                        last=str(out / "last.safetensors"), rank=info.rank,
                        global_step=self.trainer.pos.global_step)

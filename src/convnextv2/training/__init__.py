@@ -1,12 +1,14 @@
 """The generic training engine shared by ``convnextv2 pretrain`` and ``convnextv2 finetune``.
 
-- ``schedule``: warmup + half-cosine lr per iteration, ``param_groups`` without decay on
-  biases / 1-D / GRN parameters, the ``blr * batch / 256`` rule;
+- ``schedule``: ``WarmupCosineSchedule`` (warmup + half-cosine lr per step), ``param_groups``
+  with the fine-tuning exemptions (biases, 1-D tensors, GRN) or the official pretraining ones
+  (``PRETRAIN_NO_DECAY``), the ``blr * batch / 256`` rule;
 - ``runstate``: atomic checkpoints holding everything for an exact resume, keep-last-K,
   ``--resume auto|PATH``;
 - ``metrics``: ``metrics.jsonl`` (cut back to the resumed step on resume) and curve PNGs;
 - ``distributed``: torchrun / world-of-one setup, samplers, effective batch;
 - ``step``: bf16/fp16 autocast and gradient accumulation;
+- ``dist_eval``: classifier evaluation that counts every sample once across processes;
 - ``data_order``: sample order and augmentation keyed by (seed, epoch, index);
 - ``config``: the run options both recipes share and the checks of ``--output``;
 - ``loop``: the engine (``Trainer``: ``train_one_epoch``, ``resume``, ``save_state``).

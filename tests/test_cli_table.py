@@ -273,7 +273,7 @@ CASES = [
     ("reconstruct-garbage-checkpoint", ["reconstruct", "--checkpoint", "{R}/garbage.pt",
                                         "--img-size", "32", "{R}/whole.jpg"], ["garbage.pt"]),
     ("reconstruct-evil-pickle", ["reconstruct", "--checkpoint", "{R}/evil.pt", "--img-size",
-                                 "32", "{R}/whole.jpg"], ["evil.pt", "never run"]),
+                                 "32", "{R}/whole.jpg"], ["evil.pt", "code"]),
     ("reconstruct-output-below-a-file", ["reconstruct", "--checkpoint", "{R}/fcmae.safetensors",
                                          "--img-size", "32", "--output", "{R}/a-file/r.png",
                                          "{R}/whole.jpg"], ["a-file"]),

@@ -12,6 +12,7 @@ without CUDA would otherwise fail only after the data has been read.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -23,8 +24,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def one_line(text: object) -> str:
-    """``text`` on a single line: exception messages from libraries may span several."""
-    return " ".join(str(text).split())
+    """``text`` on a single line, without terminal colour codes: exception messages from
+    libraries may span several lines, and torch's carry ANSI bold markers."""
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(text)).split())
 
 
 def check_device(device: str | None) -> None:

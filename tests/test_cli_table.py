@@ -286,7 +286,7 @@ CASES = [
     ("bench-batch-0", ["bench", "--batch", "0", "--device", "cpu"], ["--batch"]),
     # demo
     ("demo-output-below-a-file", ["demo", "--quick", "--output", "{R}/a-file/demo"], ["a-file"]),
-    ("demo-threads-0", ["demo", "--quick", "--threads", "0", "--output", "{R}/demo"],
+    ("demo-threads-negative", ["demo", "--quick", "--threads", "-1", "--output", "{R}/demo"],
      ["--threads"]),
     # no such command at all
     ("unknown-command", ["train"], ["train"]),

@@ -146,6 +146,8 @@ CASES = [
                                         "--weight-decay", "-0.05"], ["--weight-decay"]),
     ("pretrain-keep-last-negative", [*PRE, "--data", "{R}/data/train", "--output", "{RUN}",
                                      "--keep-last", "-1"], ["--keep-last"]),
+    ("pretrain-decoder-dim-0", [*PRE, "--decoder-dim", "0", "--data", "{R}/data/train",
+                                "--output", "{OUT}"], ["--decoder-dim"]),
     ("pretrain-missing-data", [*PRE, "--data", "{R}/nowhere", "--output", "{OUT}"], ["nowhere"]),
     ("pretrain-data-is-a-file", [*PRE, "--data", "{R}/a-file", "--output", "{OUT}"], ["a-file"]),
     ("pretrain-empty-data", [*PRE, "--data", "{R}/empty_folder", "--output", "{OUT}"],

@@ -319,9 +319,6 @@ def test_pretrain_counts_a_skip_made_in_a_worker_process(cut_jpeg_folder, tmp_pa
     assert records[-1]["skipped_images"] == 1  # 13 files, 1 skipped while decoding
 
 
-@pytest.mark.xfail(reason="finetune's summary.json takes the count before training; it must "
-                          "read convnextv2.data.count_skipped(...) at the end (recipes/finetune.py)",
-                   strict=False)
 def test_finetune_summary_counts_a_skip_made_in_a_worker_process(cut_jpeg_folder, tmp_path):
     import json
 

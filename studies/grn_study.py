@@ -373,7 +373,8 @@ def execute(jobs: list[dict], n_parallel: int, deadline_s: float | None, work: P
             spec_path.parent.mkdir(parents=True, exist_ok=True)
             spec_path.write_text(json.dumps(spec, default=list))
             log = open(work / "jobs" / f"{tag}.log", "w")
-            proc = subprocess.Popen([sys.executable, __file__, "--run-job", str(spec_path)],
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--run-job",
+                                     str(spec_path)],
                                     stdout=log, stderr=subprocess.STDOUT, env=_child_env())
             running[job["name"]] = (proc, log, spec["result"], time.time())
             print(f"[{time.time() - t0:5.0f} s] started {job['name']}", flush=True)
@@ -424,6 +425,7 @@ def collapse_curves(records: dict, jobs: list[dict], data: str, budget: dict, se
     from convnextv2.data import build_dataset, eval_transform
     from convnextv2.models.model import ConvNeXtV2
 
+    torch.set_num_threads(min(4, os.cpu_count() or 1))  # the training processes need the rest
     ds = build_dataset(data, "val", eval_transform(IMG_SIZE, 1))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     images = torch.stack([ds[i][0] for i in order[:budget["collapse_images"]].tolist()])
@@ -542,7 +544,7 @@ def format_tables(results: dict) -> str:
         rows += ["", f"Feature cosine distance after FCMAE, averaged over the blocks, mean ± std "
                      f"over seeds ({col['images']} test images; higher = more diverse):", "",
                  "| encoder | block site | expansion site |", "|---|---|---|"]
-        labels = sorted(set(col["curves"].get("block", {})) | set(col["curves"].get("expansion", {})))
+        labels = sorted({lab for site in col["curves"].values() for lab in site})
         for lab in labels:
             cells = []
             for site in ("block", "expansion"):
@@ -571,13 +573,18 @@ def main(argv=None) -> int:
     p.add_argument("--output", default="runs/grn_study",
                    help="tables and plots; a folder that is not empty is left alone and "
                         "OUTPUT-2, OUTPUT-3, ... is used")
-    p.add_argument("--work", help="where the training runs go (default OUTPUT/runs)")
+    p.add_argument("--work", help="where the training runs go (default OUTPUT/runs; for the gpu "
+                                  "budget a temporary folder, so that OUTPUT holds only the "
+                                  "tables and plots)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seeds", type=int, help="seeds per arm (budget default: 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--jobs", type=int, help="training processes side by side (1: in this "
                                             "process); budget default")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--max-steps", type=int,
+                   help="cap every run at this many optimizer steps per epoch (a dry run of a "
+                        "budget at a tiny scale; the results then mean nothing)")
     p.add_argument("--deadline", type=float,
                    help="seconds after which no run starts (running ones are killed 25 s later); "
                         "budget default, 0 for none")
@@ -590,6 +597,11 @@ def main(argv=None) -> int:
         return _child_main(args.run_job)
 
     budget = dict(BUDGETS[args.budget])
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            p.error("--max-steps must be >= 1")
+        budget.update(max_steps=args.max_steps, test_images=min(budget["test_images"] or 500, 500),
+                      collapse_images=min(budget["collapse_images"], 16))
     args.seeds = args.seeds if args.seeds is not None else budget["seeds"]
     jobs_n = args.jobs if args.jobs is not None else budget["jobs"]
     deadline = budget["deadline_s"] if args.deadline is None else (args.deadline or None)
@@ -607,9 +619,16 @@ def main(argv=None) -> int:
     if out != Path(args.output).expanduser():
         print(f"{args.output} is not empty; writing to {out}", flush=True)
     out.mkdir(parents=True)
-    work = Path(args.work) if args.work else out / "runs"
-    work = fresh_folder(work)
-    work.mkdir(parents=True)
+    if args.work:
+        work = fresh_folder(args.work)
+        work.mkdir(parents=True)
+    elif args.budget == "gpu":
+        import tempfile
+        work = Path(tempfile.mkdtemp(prefix="grn_work."))
+    else:
+        work = out / "runs"
+        work.mkdir(parents=True)
+    print(f"training runs go to {work}", flush=True)
 
     t0 = time.time()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

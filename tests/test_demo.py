@@ -32,7 +32,8 @@ def test_small_images_are_padded_not_resized_at_evaluation():
     assert torch.equal(eval_transform(28, 1)(img)[0], inner)
     assert eval_transform(32, 3)(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
     # above 32 px the usual resize + center crop applies
-    assert "Resize" in repr(eval_transform(64, 1)) and "FitToSize" not in repr(eval_transform(64, 1))
+    usual = repr(eval_transform(64, 1))
+    assert "Resize" in usual and "FitToSize" not in usual
 
 
 def test_small_image_training_crop_shifts_by_at_most_four_pixels():

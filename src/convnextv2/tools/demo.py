@@ -51,6 +51,7 @@ class DemoConfig:
     max_steps_per_epoch: int | None = None
     seed: int = 0                         # pretraining seed; fine-tuning uses seed .. seed+seeds-1
     threads: int | None = None            # torch threads; None: 1 on a busy machine, else default
+    jobs: int | None = None               # fine-tuning runs side by side; None: 2 if 2+ cores
     progress: bool = True
     finetune_overrides: dict = field(default_factory=dict)  # on top of the preset
 
@@ -59,7 +60,8 @@ class DemoConfig:
         return cls(output=output, quick=True, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                    pretrain_epochs=1, finetune_epochs=1, decoder_dim=32,
                    pretrain_batch_size=32, seeds=2, train_subset=256, val_subset=256,
-                   max_steps_per_epoch=4, progress=False, finetune_overrides=dict(batch_size=32))
+                   max_steps_per_epoch=4, progress=False, jobs=1,
+                   finetune_overrides=dict(batch_size=32))
 
 
 def _arch(cfg: DemoConfig) -> dict:
@@ -127,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     arch = _arch(cfg)
-    steps = 1 + 2 * cfg.seeds
+    steps = 2 + 2 * cfg.seeds
     t0 = time.time()
 
     print(f"using {threads} CPU thread(s) for torch" if not torch.cuda.is_available()
@@ -142,19 +144,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     encoder = str(out / "pretrain" / "encoder.safetensors")
 
     runs: dict[str, list[dict]] = {name: [] for name in ARMS}
-    k = 1
+    todo = []
     for i in range(cfg.seeds):
         seed = cfg.seed + i
         for name, ckpt, folder in ((ARMS[0], encoder, "finetune_pretrained"),
                                    (ARMS[1], None, "finetune_scratch")):
-            k += 1
-            kwargs = finetune_kwargs(cfg, cfg.data, str(out / f"{folder}_seed{seed}"), seed, ckpt)
-            print(f"[{k}/{steps}] fine-tuning {name}, seed {seed}: {kwargs['epochs']} epochs, "
-                  f"{cfg.train_subset or 'all'} labelled images", flush=True)
-            t = time.time()
-            s = finetune(FinetuneConfig(**kwargs))
-            runs[name].append(dict(seed=seed, summary=s, time_s=time.time() - t))
-            print(f"    top-1 {s['best_top1']:.2f}% ({time.time() - t:.0f} s)", flush=True)
+            todo.append((name, seed, finetune_kwargs(cfg, cfg.data,
+                                                     str(out / f"{folder}_seed{seed}"), seed,
+                                                     ckpt)))
+    jobs = cfg.jobs or _pick_jobs()
+    epochs = todo[0][2]["epochs"]
+    print(f"[2/{steps}] fine-tuning, {cfg.seeds} seed(s) x 2 arms, {epochs} epochs on "
+          f"{cfg.train_subset or 'all'} labelled images"
+          + (f", {jobs} runs side by side (1 torch thread each)" if jobs > 1 else ""),
+          flush=True)
+    for k, (name, seed, summary, seconds) in enumerate(_run_finetunes(todo, jobs), start=3):
+        runs[name].append(dict(seed=seed, summary=summary, time_s=seconds))
+        print(f"[{k}/{steps}] {name}, seed {seed}: top-1 {summary['best_top1']:.2f}% "
+              f"({seconds:.0f} s)", flush=True)
+    for name in runs:
+        runs[name].sort(key=lambda r: r["seed"])
 
     results = summarise(cfg, pre, pretrain_time, runs, time.time() - t0)
     results["machine"] = dict(torch_threads=threads, load_average_at_start=load_at_start,
@@ -166,6 +175,49 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(table, flush=True)
     print(f"report: {report}", flush=True)
     return results
+
+
+def _finetune_job(kwargs: dict, threads: int) -> tuple[dict, float]:
+    """One fine-tuning run, in this process or a worker; returns the picklable summary (the
+    model objects dropped) and the wall time."""
+    import torch
+
+    from ..recipes.finetune import FinetuneConfig, finetune
+
+    torch.set_num_threads(threads)
+    t = time.time()
+    summary = finetune(FinetuneConfig(**kwargs))
+    return {k: v for k, v in summary.items() if k not in ("model", "ema")}, time.time() - t
+
+
+def _run_finetunes(todo: list, jobs: int):
+    """Yield (arm, seed, summary, seconds) as runs finish. With ``jobs`` > 1 the runs go to
+    worker processes with one torch thread each: on 2 cores, two single-threaded tiny models
+    side by side finish sooner than one after the other with two threads each."""
+    if jobs <= 1:
+        for name, seed, kwargs in todo:
+            summary, seconds = _finetune_job(kwargs, torch_threads())
+            yield name, seed, summary, seconds
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_finetune_job, dict(kwargs, progress=False), 1): (name, seed)
+                   for name, seed, kwargs in todo}
+        for future in as_completed(futures):
+            summary, seconds = future.result()
+            yield (*futures[future], summary, seconds)
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _pick_jobs() -> int:
+    import os
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

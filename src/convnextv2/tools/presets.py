@@ -14,11 +14,14 @@ run has a few hundred. ``SMALL_IMAGE_SHORT`` is the preset chosen by this rule:
    values every official preset except atto uses) stay: they cost nothing in steps.
 3. **Schedule**: AdamW, half an epoch of linear warmup, then cosine to 1e-6 (the recipes have
    no one-cycle schedule; warmup + cosine is the closest shape they offer).
-4. **Free choices picked on held-out training images, never the test set**: the peak lr from
-   {1e-3, 2e-3, 4e-3} (both arms, best mean top-1) and, for the pretrained arm only, the
-   layer-wise lr decay from {0.9 (the official small-model value), 1.0}. ``holdout_split``
-   cuts the held-out images from the training split; ``studies/demo_preset_sweep.py`` runs the
-   choice and records it in ``docs/demo_preset.md``.
+4. **Free choices picked on held-out training images, never the test set**: the batch (64 or
+   32: twice the optimizer steps in the same epochs) and the peak lr (1e-3 to 8e-3), by the
+   from-scratch arm's held-out top-1 after 4 epochs. Tuning for the baseline, not for FCMAE,
+   keeps the comparison honest: any FCMAE gain is measured against the best scratch run we
+   found. The pretrained arm keeps the official small-model layer decay 0.9.
+   ``holdout_split`` sets 2,000 training images aside (FCMAE pretrains on the other 8,000);
+   ``studies/demo_preset_sweep.py`` runs such a comparison. The measurements are in the README's
+   Demo section: batch 32, lr 2e-3 won (66.5 %, against 64.2 % at 4e-3 and 62.3 % at batch 64).
 
 A network trained from scratch gets ``layer_decay=1.0`` whatever the preset: layer-wise decay is
 a device for keeping pretrained lower layers close to their start, meaningless for random ones.
@@ -29,13 +32,13 @@ import hashlib
 from pathlib import Path
 
 SMALL_IMAGE_SHORT = dict(
-    epochs=4, batch_size=64, lr=2e-3, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05,
+    epochs=4, batch_size=32, lr=2e-3, min_lr=1e-6, warmup_epochs=0.5, weight_decay=0.05,
     layer_decay=0.9, drop_path=0.0, smoothing=0.1, mixup=0.0, cutmix=0.0, reprob=0.0,
     auto_augment="none", model_ema=False,
 )
 
-# the candidates of step 4 (see the module docstring)
-LR_CANDIDATES = (1e-3, 2e-3, 4e-3)
+# the candidates studies/demo_preset_sweep.py compares (see the module docstring)
+LR_CANDIDATES = (2e-3, 4e-3, 8e-3)
 LAYER_DECAY_CANDIDATES = (0.9, 1.0)
 
 
@@ -53,8 +56,8 @@ def holdout_split(source: str, folder: str | Path, holdout: int, seed: int = 0) 
     ``holdout`` of them, chosen with ``seed``, and whose ``test`` split is those held-out
     *training* images. Fine-tuning on it validates on data the final test set never sees.
 
-    The folder name contains "fashion" so the class names stay Fashion-MNIST's; an existing
-    folder with the same content fingerprint is reused.
+    Name the folder with "fashion" in it to keep Fashion-MNIST's class names (the IDX reader
+    goes by the path). A folder already holding the same split (same fingerprint) is reused.
     """
     import numpy as np
 

@@ -29,8 +29,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0,
                    help="pretraining seed; fine-tuning uses SEED .. SEED+SEEDS-1")
     p.add_argument("--seeds", type=int, help="fine-tuning seeds per arm (default 3)")
-    p.add_argument("--threads", type=int, help="torch threads (on a busy shared machine 1 can "
-                                                "be much faster than 2)")
+    p.add_argument("--threads", type=int, help="torch threads for pretraining (on a busy shared "
+                                                "machine 1 can be much faster than 2); the "
+                                                "fine-tuning runs use 1 each, two at a time")
 
 
 def run(args) -> int:

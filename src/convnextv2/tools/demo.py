@@ -251,7 +251,7 @@ def summarise(cfg: DemoConfig, pre: dict, pretrain_time: float, runs: dict,
                     finetune_recipe={name: finetune_kwargs(cfg, cfg.data, "", 0, ckpt)
                                      for name, ckpt in zip(ARMS, ("encoder", None))},
                     finetune_images=cfg.train_subset or "all",
-                    val_images=cfg.val_subset or "all", quick=cfg.quick),
+                    val_images=cfg.val_subset or _count_test(cfg.data), quick=cfg.quick),
         pretrain=dict(time_s=pretrain_time, last_loss=pre.get("last_loss"),
                       steps=pre.get("global_step")),
         runs=rows, winner=max(rows, key=lambda r: r["top1"])["run"],
@@ -322,6 +322,11 @@ def _write_report(report: Path, out: Path, results: dict, runs: dict) -> None:
     fig.tight_layout()
     fig.savefig(report / "finetune_curves.png", dpi=100)
     plt.close(fig)
+
+
+def _count_test(data: str) -> int:
+    from ..data import build_dataset
+    return len(build_dataset(data, "val"))
 
 
 def _describe(data: str) -> str:

@@ -33,8 +33,17 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from .. import training as T
+from ..checkpoint import infer_config, load_checkpoint, save_checkpoint
+from ..data import build_dataset, count_skipped, eval_transform, is_idx_folder, train_transform
+from ..models.model import ConvNeXtV2
+from ..models.registry import model_config
+from ..models.variants import VARIANTS, resolve_name
+from ..training import fsdp, sample_key
+from ..training.dist_eval import evaluate, evaluate_distributed, sharded_loader
+from ..training.runstate import plain
 from .layer_decay import param_groups_layer_decay
 from ..training.config import RunConfig, check_fraction
 from ..training.schedule import clip_warmup_epochs
@@ -87,8 +96,6 @@ def auto_preset(model_name: str | None = None, depths=None, dims=None) -> str:
     """The one rule for ``--recipe auto``: the preset of the named variant nearest to the
     architecture trained, first by total block count, then by the first stage's width. A
     plain variant gets its own preset; a reshaped or checkpoint-inferred one the closest."""
-    from ..models.variants import VARIANTS, resolve_name
-
     if depths is None or dims is None:
         base = VARIANTS[resolve_name(model_name or "convnextv2_atto")]
         depths, dims = depths or base["depths"], dims or base["dims"]
@@ -238,8 +245,6 @@ def finetune_architecture(model_name: str | None, checkpoint: str | None = None,
     for depths and dims, then what the checkpoint stores or implies (its stem stride, input
     channels, GRN / layer scale; and depths and dims when no variant is named). A variant that
     does not match the checkpoint fails when loading, with the mis-shaped keys named."""
-    from ..models.registry import model_config
-
     config = dict(model_config(model_name)) if model_name else {}
     if checkpoint:
         stored = _checkpoint_config(checkpoint)
@@ -259,14 +264,11 @@ def build_finetune_model(model_name: str | None, num_classes: int, checkpoint: s
     """The model to fine-tune: architecture from ``finetune_architecture``, weights from
     ``checkpoint`` in any layout. The checkpoint's head is dropped and re-initialised (std
     ``head_init_std``) since fine-tuning starts a new classifier; returns (model, load report)."""
-    from ..models.model import ConvNeXtV2
-
     config = finetune_architecture(model_name, checkpoint, **model_kwargs)
     config.update(num_classes=num_classes, drop_path_rate=drop_path, head_init_scale=0.001)
     model = ConvNeXtV2(**config)
     report: dict = {}
     if checkpoint:
-        from ..checkpoint import load_checkpoint
         report = load_checkpoint(model, checkpoint, strict=True, drop_head=True)
         reinit_head(model, head_init_std)
     return model, report
@@ -274,7 +276,6 @@ def build_finetune_model(model_name: str | None, num_classes: int, checkpoint: s
 
 def _checkpoint_config(path: str) -> dict:
     """The architecture a checkpoint stores (native files) or implies by its tensor shapes."""
-    from ..checkpoint import infer_config
     return dict(infer_config(path))
 
 
@@ -339,7 +340,6 @@ def keyed_mixup(mixup_fn, x, y, seed: int, step: int, micro: int = 0):
     optimizer step, micro-batch): the global RNGs it reads are reseeded from that key for the
     call and restored afterwards. Every rank draws the same lambda for a step, as one process
     holding the whole global batch would."""
-    from ..training import sample_key
     with keyed_rng(sample_key(seed, step, micro, salt="mixup")):
         return mixup_fn(x, y)
 
@@ -354,7 +354,6 @@ def _criterion(hp: dict, mixup_active: bool):
 
 
 def _default_img_size(data: str) -> int:
-    from ..data import is_idx_folder
     return 32 if str(data) == "builtin" or is_idx_folder(Path(data)) else 224
 
 
@@ -372,8 +371,6 @@ class Plan:
 def plan(cfg: FinetuneConfig) -> Plan:
     """Resolve the architecture, the preset and the transforms, and check every value, without
     writing anything: a refused run leaves ``--output`` as it was."""
-    from ..data import eval_transform, train_transform
-
     arch = finetune_architecture(cfg.model, cfg.finetune, **cfg.architecture())
     named = cfg.model and not any(k in cfg.architecture() for k in ("depths", "dims"))
     hp = resolve(cfg, None if named else arch["depths"], None if named else arch["dims"])
@@ -401,6 +398,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     state is saved after every epoch and every ``save_every_steps`` optimizer steps;
     ``resume="auto"`` continues after the newest intact one.
     """
+    T.check_run_config(cfg)  # the shared options first, then the recipe's
     p = plan(cfg)
     with T.run_session(cfg) as (info, out):
         return _finetune(cfg, p, info, out)
@@ -417,7 +415,6 @@ def _finetune(cfg: FinetuneConfig, p: Plan, info: T.DistInfo, out: Path) -> dict
     probe = LinearProbe(model, data.num_classes) if cfg.linear_probe else None
     model.to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
-        from ..training import fsdp
         fsdp.shard(model, info)
     groups = param_groups_layer_decay(model, hp["weight_decay"], hp["layer_decay"],
                                       hp["layer_decay_mode"])
@@ -480,7 +477,6 @@ class FinetuneData:
     def skipped_now(self) -> int:
         """Unreadable images skipped so far, counted across loader workers (files that fail
         only when decoded are found during training, not when the folder is listed)."""
-        from ..data import count_skipped
         return max(self.skipped, count_skipped(*self.datasets))
 
     @property
@@ -490,7 +486,6 @@ class FinetuneData:
 
 def _subset(ds, n: int | None, seed: int):
     """``n`` images of ``ds`` drawn by ``seed`` (in dataset order), or ``ds`` itself."""
-    from torch.utils.data import Subset
     if not n:
         return ds
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
@@ -500,10 +495,6 @@ def _subset(ds, n: int | None, seed: int):
 def build_data(cfg: FinetuneConfig, p: Plan, info: T.DistInfo) -> FinetuneData:
     """The training and validation loaders and the mixup/cutmix function of the run."""
     from timm.data import Mixup
-    from torch.utils.data import DataLoader
-
-    from ..data import build_dataset
-    from ..training.dist_eval import sharded_loader
 
     hp, batch = p.hp, p.hp["batch_size"]
     train_ds = build_dataset(cfg.data, "train", p.train_tf, strict=cfg.strict_data,
@@ -576,25 +567,20 @@ class _Epochs:
 
     def _scores(self) -> tuple[dict, nn.Module]:
         """Validation of the model's weights (gathered first when sharded) and those weights."""
-        from ..training.dist_eval import evaluate_distributed
         cfg, info, amp = self.cfg, self.info, self.cfg.amp or "none"
         if cfg.fsdp and info.distributed:  # one gathered copy, scored and saved by rank 0
-            from ..models.model import ConvNeXtV2
-            from ..training import fsdp
-            from .evaluate import evaluate
             config = dict(self.model.config)
-            plain = fsdp.unsharded_copy(self.model, lambda: ConvNeXtV2(**config), info.device,
-                                        info.is_main)
+            gathered = fsdp.unsharded_copy(self.model, lambda: ConvNeXtV2(**config), info.device,
+                                           info.is_main)
             scores = T.broadcast_object(
-                evaluate(plain, self.data.val_loader, self.data.num_classes, info.device, amp)
+                evaluate(gathered, self.data.val_loader, self.data.num_classes, info.device, amp)
                 if info.is_main else None)
-            return scores, plain
+            return scores, gathered
         return evaluate_distributed(self.model, self.data.val_loader, self.data.num_classes,
                                     info.device, amp), self.model
 
     def end(self, epoch: int) -> None:
         """Validate after epoch ``epoch`` (1-based), save weights, log and plot."""
-        from ..training.dist_eval import evaluate_distributed
         trainer, info, amp = self.trainer, self.info, self.cfg.amp or "none"
         train_time = time.time() - self.t_epoch
         record = dict(step=trainer.pos.global_step, epoch=epoch,
@@ -661,8 +647,6 @@ class _Epochs:
             _write_json(out / "summary.json", summary)
         model = self.model
         if cfg.fsdp and info.distributed:
-            from ..models.model import ConvNeXtV2
-            from ..training import fsdp
             config = dict(model.config)
             model = fsdp.unsharded_copy(model, lambda: ConvNeXtV2(**config), info.device,
                                         info.is_main)
@@ -674,7 +658,6 @@ class _Epochs:
 
 def _save_weights(model: nn.Module, path: Path, metadata: dict) -> None:
     """Native safetensors with ``metadata``; a linear-probe head is folded to a Linear first."""
-    from ..checkpoint import save_checkpoint
     if isinstance(getattr(model.head, "fc", None), nn.Sequential):
         model = LinearProbe.folded(model)
     save_checkpoint(model, path, layout="native", metadata=_string_metadata(metadata))
@@ -686,5 +669,4 @@ def _string_metadata(metadata: dict) -> dict[str, str]:
 
 
 def _write_json(path: Path, obj) -> None:
-    from ..training.runstate import plain
     path.write_text(json.dumps(plain(obj), indent=2))

@@ -27,9 +27,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
 from .. import training as T
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data import (IndexedDataset, build_dataset, describe_source, eval_transform, mean_std,
+                    pretrain_transform)
 from ..fcmae import io as fcmae_io
+from ..fcmae.fcmae import FCMAE
+from ..fcmae.masking import keyed_mask
+from ..models.registry import create_model
+from ..training import fsdp
 from ..training.config import RunConfig, check_writable
 from ..training.loop import NonFiniteLossError, seed_everything, set_deterministic  # noqa: F401
 
@@ -82,9 +90,11 @@ def check_output_writable(output: str | Path) -> Path:
 
 def _check_config(cfg: PretrainConfig) -> None:
     """Refuse values that cannot train, before anything is written."""
-    for name in ("epochs", "batch_size", "img_size"):
+    for name in ("epochs", "batch_size", "img_size", "decoder_dim"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.decoder_depth < 0:
+        raise ValueError(f"--decoder-depth must be >= 0, got {cfg.decoder_depth}")
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise ValueError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}: the loss is "
                          f"computed on the masked patches only, so 0 leaves nothing to learn")
@@ -104,9 +114,7 @@ def _check_config(cfg: PretrainConfig) -> None:
 
 
 def build_fcmae(cfg: PretrainConfig):
-    from ..fcmae.fcmae import FCMAE
-    from ..models.registry import create_model
-
+    """The FCMAE module of ``cfg``: the encoder variant (reshaped as asked) and the decoder."""
     encoder = create_model(cfg.model, num_classes=0, **cfg.architecture())
     fcmae = FCMAE(encoder, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
                   decoder_embed_dim=cfg.decoder_dim, norm_pix_loss=cfg.norm_pix_loss,
@@ -132,7 +140,6 @@ def load_init(fcmae, path: str) -> str:
     except ValueError as e:
         if "with a decoder" not in str(e):
             raise
-        from ..checkpoint import load_checkpoint
         load_checkpoint(fcmae.encoder, path, strict=True, drop_head=True)
         return f"--init {path}: encoder weights (the file has no decoder; it starts fresh)"
     try:
@@ -179,8 +186,6 @@ class _EncoderWeights:
 def save_encoder(encoder, path: Path, metadata: dict[str, str]) -> Path:
     """The encoder in the native layout through the checkpoint module (loads with
     ``create_model(name, pretrained=path)`` whatever the model's number of classes)."""
-    from ..checkpoint import save_checkpoint
-
     save_checkpoint(_EncoderWeights(encoder), path, layout="native", metadata=metadata)
     return path
 
@@ -194,8 +199,6 @@ def _reconstruction_saver():
 def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
     """The same first images (deterministic resize, no random crop) and the same mask for
     every reconstruction figure of a run."""
-    from ..data import build_dataset, eval_transform
-    from ..fcmae.masking import keyed_mask
 
     ds = build_dataset(cfg.data, "train", eval_transform(cfg.img_size, cfg.in_chans, crop_pct=1.0))
     n = min(RECON_IMAGES, len(ds))
@@ -208,10 +211,6 @@ def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
 def build_loader(cfg: PretrainConfig, info: T.DistInfo):
     """The training data: order keyed by (seed, epoch), augmentation by (seed, epoch, index).
     Returns ``(dataset, loader)``; batches are ``(images, targets, indices)``."""
-    from torch.utils.data import DataLoader
-
-    from ..data import IndexedDataset, build_dataset, pretrain_transform
-
     base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
                          strict=cfg.strict_data)
     dataset = IndexedDataset(T.KeyedAugmentDataset(base, cfg.seed))
@@ -227,15 +226,13 @@ def build_loader(cfg: PretrainConfig, info: T.DistInfo):
 # -- the run ---------------------------------------------------------------------------------
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run FCMAE pretraining; returns a summary dict (steps, last loss, written files)."""
+    T.check_run_config(cfg)  # the shared options first, then the recipe's
     _check_config(cfg)
     with T.run_session(cfg) as (info, out):
         return _pretrain(cfg, info, out)
 
 
 def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
-    from ..data import describe_source
-    from ..fcmae.masking import keyed_mask
-
     base, loader = build_loader(cfg, info)
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
@@ -246,7 +243,6 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     init_note = load_init(fcmae, cfg.init) if cfg.init else None
     fcmae.to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
-        from ..training import fsdp
         fsdp.shard(fcmae, info)
     eff = T.effective_batch(cfg.batch_size, cfg.accum_steps, info.world_size)
     base_lr = cfg.lr if cfg.lr is not None else T.scaled_lr(cfg.blr, eff)
@@ -272,9 +268,6 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
 
 def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: dict,
            notes: list) -> dict:
-    from ..data import describe_source
-    from ..fcmae.masking import keyed_mask
-
     info, fcmae = trainer.info, trainer.model
     grid = (cfg.img_size // fcmae.patch_size,) * 2
     figures = _Figures(cfg, fcmae, info, trainer.out, log)
@@ -308,7 +301,6 @@ class _Figures:
     """The loss curve and reconstruction grids (rank 0), also sent to TensorBoard."""
 
     def __init__(self, cfg: PretrainConfig, fcmae, info, out: Path, log: T.RunLog):
-        from ..data import mean_std
         self.cfg, self.fcmae, self.info, self.out, self.log = cfg, fcmae, info, out, log
         self.saver = _reconstruction_saver() if info.is_main else None
         self.batch = fixed_recon_batch(cfg, fcmae.patch_size) if self.saver else None
@@ -334,11 +326,9 @@ class _Figures:
 
 def _finish(cfg: PretrainConfig, trainer: T.Trainer, figures: _Figures, facts: dict) -> dict:
     """The final files (loss curve, reconstruction, encoder and FCMAE weights) and the summary."""
-    from ..data import describe_source
 
     info, out, fcmae, pos = trainer.info, trainer.out, trainer.model, trainer.pos
     if cfg.fsdp:  # the files and figures come from one full copy on rank 0
-        from ..training import fsdp
         fcmae = fsdp.unsharded_copy(fcmae, lambda: build_fcmae(cfg), info.device, info.is_main)
     files = {}
     if info.is_main:

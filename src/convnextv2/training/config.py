@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..models.variants import block_kwargs
+from .runstate import plain, remove_orphaned_temps
+from .step import AMP_MODES
+
 # the files a training run leaves in its output folder; one of them means "a run lives here"
 RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "encoder.safetensors",
              "fcmae.safetensors", "best.safetensors", "best_ema.safetensors", "last.safetensors",
@@ -65,7 +69,6 @@ class RunConfig:
 
     def architecture(self) -> dict:
         """Constructor keyword arguments given by the architecture fields (None = not set)."""
-        from ..models.registry import block_kwargs
         arch = {k: getattr(self, k) for k in ("in_chans", "stem_stride") if getattr(self, k)}
         for k in ("depths", "dims"):
             if getattr(self, k):
@@ -78,8 +81,6 @@ class RunConfig:
 
 def check_run_config(cfg: RunConfig) -> None:
     """Refuse impossible run options up front, naming the flag and what it accepts."""
-    from .step import AMP_MODES
-
     def need(ok: bool, flag: str, accepted: str, value) -> None:
         if not ok:
             raise ValueError(f"--{flag} must be {accepted}, got {value}")
@@ -89,6 +90,11 @@ def check_run_config(cfg: RunConfig) -> None:
     need(cfg.batch_size is None or cfg.batch_size >= 1, "batch-size", ">= 1", cfg.batch_size)
     need(cfg.img_size is None or cfg.img_size >= 1, "img-size", ">= 1", cfg.img_size)
     need(cfg.in_chans is None or cfg.in_chans >= 1, "in-chans", ">= 1", cfg.in_chans)
+    need(cfg.stem_stride is None or cfg.stem_stride >= 1, "stem-stride", ">= 1", cfg.stem_stride)
+    need(not cfg.depths or min(cfg.depths) >= 1, "depths", "four numbers >= 1",
+         " ".join(map(str, cfg.depths or ())))
+    need(not cfg.dims or min(cfg.dims) >= 1, "dims", "four numbers >= 1",
+         " ".join(map(str, cfg.dims or ())))
     need(cfg.keep_last >= 0, "keep-last", ">= 0 (0 keeps every checkpoint)", cfg.keep_last)
     need(cfg.save_every_steps >= 0, "save-every-steps", ">= 0 (0: at epoch ends only)",
          cfg.save_every_steps)
@@ -151,7 +157,6 @@ def prepare_output(cfg: RunConfig, out: Path) -> Path | None:
         shutil.move(str(out), str(moved))
         print(f"--overwrite: moved the old run in {out} to {moved}", flush=True)
     check_writable(out, create=True)
-    from .runstate import remove_orphaned_temps
     removed = remove_orphaned_temps(out)
     if removed:
         print(f"removed {len(removed)} unfinished checkpoint write(s) left by an interrupted "
@@ -200,7 +205,6 @@ def compare_resumed_args(saved: dict, now: dict, must_match: Sequence[str],
                          may_change: Sequence[str]) -> tuple[list[str], list[str]]:
     """Fields of a run's saved arguments that differ now: (refused, warned). Only fields the
     saved run recorded are compared (older checkpoints lack some)."""
-    from .runstate import plain
     differ = lambda k: k in saved and k in now and plain(now[k]) != saved[k]  # noqa: E731
     show = lambda k: f"{k} ({saved[k]} -> {plain(now[k])})"  # noqa: E731
     return ([show(k) for k in must_match if differ(k)],

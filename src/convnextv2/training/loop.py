@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
+from . import fsdp
 from .config import RunConfig, check_output, check_run_config, compare_resumed_args, \
     prepare_output
 from .metrics import MetricsLog, Throughput
@@ -276,10 +277,7 @@ class Trainer:
         return True
 
     def _apply(self, state: dict, path: Path) -> None:
-        if self.cfg.fsdp:
-            from .fsdp import apply_run_state as apply
-        else:
-            apply = apply_run_state
+        apply = fsdp.apply_run_state if self.cfg.fsdp else apply_run_state
         try:
             pos = apply(state, model=self.model, optimizer=self.optimizer,
                         scaler=self.stepper.scaler)
@@ -302,8 +300,7 @@ class Trainer:
         """Write the run state at the current position (rank 0; with FSDP every rank helps
         gather the full weights). Returns the file on rank 0."""
         if self.cfg.fsdp:
-            from .fsdp import full_state_views
-            src_model, src_optim = full_state_views(self.model, self.optimizer)
+            src_model, src_optim = fsdp.full_state_views(self.model, self.optimizer)
         else:
             src_model, src_optim = self.model, self.optimizer
         if self.info.is_main:

@@ -18,17 +18,21 @@ from convnextv2.cli import main
 
 # RandAugment, random erasing, mixup + cutmix, drop path and EMA all on: every random draw of
 # the recipe must come back identically after a resume. A large lr makes the steps matter.
-ARGS = ["finetune", "--data", "builtin", "--depths", "1", "1", "1", "1", "--dims", "8", "16",
-        "24", "32", "--stem-stride", "1", "--train-subset", "24", "--val-subset", "16",
-        "--batch-size", "4", "--epochs", "2", "--lr", "5e-3", "--warmup-epochs", "0",
-        "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--aa", "rand-m9-mstd0.5-inc1",
-        "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--deterministic",
-        "--no-progress", "--device", "cpu", "--save-every-steps", "2", "--keep-last", "3"]
+RUN = ["--data", "builtin", "--train-subset", "24", "--val-subset", "16",
+       "--batch-size", "4", "--epochs", "2", "--lr", "5e-3", "--warmup-epochs", "0",
+       "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--aa", "rand-m9-mstd0.5-inc1",
+       "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--deterministic",
+       "--no-progress", "--device", "cpu", "--save-every-steps", "2", "--keep-last", "3"]
 STEPS = 12  # 24 images / batch 4 = 6 steps per epoch, 2 epochs
 
 
-def _run(out, *extra):
-    assert main([*ARGS, "--output", str(out), *extra]) == 0
+@pytest.fixture(scope="module")
+def args(toy_cli):
+    return ["finetune", *toy_cli, *RUN]
+
+
+def _run(args, out, *extra):
+    assert main([*args, "--output", str(out), *extra]) == 0
 
 
 def _steps(out):
@@ -41,15 +45,15 @@ def _checkpoints(out):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, args):
     root = tmp_path_factory.mktemp("ft_resume")
     whole, cut = root / "whole", root / "cut"
-    _run(whole)
-    _run(cut, "--max-steps", "4")                          # stops inside epoch 1
+    _run(args, whole)
+    _run(args, cut, "--max-steps", "4")                     # stops inside epoch 1
     cut_after_first = (_checkpoints(cut), _steps(cut))
-    _run(cut, "--resume", "auto", "--max-steps", "9")      # resumes mid-epoch, stops in epoch 2
+    _run(args, cut, "--resume", "auto", "--max-steps", "9")  # resumes mid-epoch, stops in 2
     cut_after_second = _checkpoints(cut)
-    _run(cut, "--resume", "auto")                          # to the end
+    _run(args, cut, "--resume", "auto")                     # to the end
     return dict(whole=whole, cut=cut, cut_after_first=cut_after_first,
                 cut_after_second=cut_after_second)
 
@@ -116,26 +120,26 @@ def test_keyed_mixup_depends_on_the_key_only_and_restores_the_rngs():
     assert any(not torch.equal(ya, o) for o in others)  # another step, another draw
 
 
-def test_bad_run_options_are_named(tmp_path, capsys):
-    base = [a for a in ARGS if a not in ("--model-ema",)]
+def test_bad_run_options_are_named(tmp_path, capsys, args):
+    base = [a for a in args if a not in ("--model-ema",)]
     assert main([*base, "--output", str(tmp_path / "a"), "--max-steps", "0"]) == 2
     assert "--max-steps" in capsys.readouterr().err
     assert main([*base, "--output", str(tmp_path / "b"), "--fsdp"]) == 2
     assert "--no-model-ema" in capsys.readouterr().err
 
 
-FSDP_ARGS = ["finetune", "--data", "builtin", "--depths", "1", "1", "1", "1", "--dims", "8",
-             "16", "24", "32", "--stem-stride", "1", "--train-subset", "16", "--val-subset", "8",
-             "--epochs", "1", "--lr", "5e-3", "--warmup-epochs", "0", "--mixup", "0",
-             "--cutmix", "0", "--aa", "none", "--reprob", "0", "--drop-path", "0",
-             "--no-model-ema", "--no-progress", "--device", "cpu", "--deterministic"]
+FSDP_RUN = ["--data", "builtin", "--train-subset", "16", "--val-subset", "8", "--epochs", "1",
+            "--lr", "5e-3", "--warmup-epochs", "0", "--mixup", "0", "--cutmix", "0", "--aa",
+            "none", "--reprob", "0", "--drop-path", "0", "--no-model-ema", "--no-progress",
+            "--device", "cpu", "--deterministic"]
 
 
-def test_fsdp_two_processes_match_one_process_and_load_single_process(tmp_path):
+def test_fsdp_two_processes_match_one_process_and_load_single_process(tmp_path, toy_cli):
     """2 gloo processes x 4 images, sharded, against 1 process x 8 images: same parameters
     (float summation order aside); the sharded run's files are plain single-process files."""
     from convnextv2.recipes.evaluate import load_classifier
 
+    FSDP_ARGS = ["finetune", *toy_cli, *FSDP_RUN]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -167,8 +171,8 @@ def test_fsdp_two_processes_match_one_process_and_load_single_process(tmp_path):
         json.loads((tmp_path / "one" / "summary.json").read_text())["final"]["val_top1"])
 
 
-def test_loader_workers_do_not_change_the_augmentation(runs, tmp_path):
+def test_loader_workers_do_not_change_the_augmentation(runs, tmp_path, args):
     """Each image's augmentation is keyed by (seed, epoch, index), not drawn from whichever
     worker process loads it: 2 workers repeat the 0-worker run's losses exactly."""
-    _run(tmp_path / "w2", "--workers", "2", "--max-steps", "3")
+    _run(args, tmp_path / "w2", "--workers", "2", "--max-steps", "3")
     assert _steps(tmp_path / "w2") == _steps(runs["whole"])[:3]

@@ -54,7 +54,7 @@ def _losses(run):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, make_images, toy_cli):
+def runs(tmp_path_factory, make_images, toy_cli, toy_arch):
     """16 images; global batch 8 = 1 process x 8 = 2 processes x 4: 2 steps per epoch.
 
     - ``one``: one process (in this test process), 4 steps, a checkpoint after each;
@@ -72,8 +72,7 @@ def runs(tmp_path_factory, make_images, toy_cli):
     from convnextv2.checkpoint import save_checkpoint
     from convnextv2.models.registry import create_model
     torch.manual_seed(0)
-    classifier = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                              stem_stride=1)
+    classifier = create_model("atto", num_classes=2, stem_stride=1, **toy_arch)
     save_checkpoint(classifier, root / "clf.safetensors", layout="native")
     eval_args = ["eval", "--checkpoint", root / "clf.safetensors", "--data", val, "--img-size",
                  "32", "--device", "cpu", "--batch-size", "2", "--json"]
@@ -131,15 +130,14 @@ def test_effective_batch_and_rank_zero_only_logging(runs):
     assert len(T.read_metrics(runs["ddp"] / "metrics.jsonl")) == 4  # one writer
 
 
-def test_fsdp_resumes_a_plain_checkpoint_and_writes_plain_checkpoints(runs):
+def test_fsdp_resumes_a_plain_checkpoint_and_writes_plain_checkpoints(runs, toy_arch):
     from convnextv2.recipes.pretrain import PretrainConfig, build_fcmae, pretrain_param_groups
 
     step3 = runs["fsdp_step3"]
     assert all(type(v) is torch.Tensor for v in step3.values())  # gathered, not DTensors
     _assert_close(step3, _weights_of_state(runs["one"] / "checkpoint-00000003.pt"))
     # loads strictly into a single-process model
-    cfg = PretrainConfig(model="atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1,
-                         img_size=32, decoder_dim=16)
+    cfg = PretrainConfig(model="atto", stem_stride=1, img_size=32, decoder_dim=16, **toy_arch)
     plain = build_fcmae(cfg)
     plain.load_state_dict(step3, strict=True)
     state = T.load_run_state(runs["fsdp"] / "checkpoint-00000003.pt")

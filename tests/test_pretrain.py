@@ -125,7 +125,7 @@ def test_encoder_loads_into_create_model(straight_run):
     fcmae = load_fcmae(straight_run / "fcmae.safetensors")
     # an encoder-only file: loads into a classifier of any size (head left as initialised)
     model = create_model("atto", pretrained=str(straight_run / "encoder.safetensors"),
-                         depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
+                         depths=TOY_DEPTHS, dims=TOY_DIMS, stem_stride=1)
     assert model.head.fc.out_features == 1000
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.forward_features(x), fcmae.encoder.forward_features(x))

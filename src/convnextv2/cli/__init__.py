@@ -45,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as e:  # a command whose module is not written yet
-            if e.name and e.name.startswith("convnextv2.cli"):
-                continue
-            raise
+        module = _load(name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
                            epilog=getattr(module, "EPILOG", None),
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,8 @@ BUILTIN_DEFAULTS = dict(img_size=128, scale_range=(0.75, 1.25), anchor_sizes=(8,
                         mask_head_dim=64, depths=(1, 1, 2, 1), dims=(24, 48, 96, 192),
                         rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
                         rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-                        box_batch_size_per_image=64, box_detections_per_img=20, eval_batch_size=8)
+                        box_batch_size_per_image=32, box_positive_fraction=0.5,
+                        box_detections_per_img=20, roi_canonical_scale=48, eval_batch_size=8)
 
 
 # -- options shared with ``convnextv2 segment`` ---------------------------------------------
@@ -260,7 +261,8 @@ def _train(args) -> int:
                                                "mask_head_dim") if getattr(args, k) is not None}
     if builtin:
         detector = {**{k: v for k, v in builtin.items() if k.startswith(("rpn_", "box_", "fpn",
-                                                                         "anchor", "mask_head"))},
+                                                                         "anchor", "mask_head",
+                                                                         "roi_"))},
                     **detector}
     scale_range = None if args.no_jitter else pick(args, "scale_range", *d)
     task = DetectionTask(_data(args), img_size=pick(args, "img_size", *d),

@@ -19,7 +19,7 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -49,6 +49,7 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
                    max_size: int = 1333, anchor_sizes: Sequence[int] = COCO_ANCHOR_SIZES,
                    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                    box_head_dim: int = 1024, mask_head_dim: int = 256,
+                   roi_canonical_scale: int = 224,
                    image_mean: Sequence[float] = IMAGENET_MEAN,
                    image_std: Sequence[float] = IMAGENET_STD, **rcnn_kwargs) -> nn.Module:
     """torchvision's ``MaskRCNN`` (``masks=True``) or ``FasterRCNN`` on ``backbone``.
@@ -59,7 +60,10 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
     longer at most ``max_size``) and normalises with ``image_mean``/``image_std``.
     ``anchor_sizes``: one size per FPN level (5). ``box_head_dim`` (the two-layer box MLP) and
     ``mask_head_dim`` (the four-conv mask head) are torchvision's 1024 and 256 by default;
-    smaller values suit small images and CPUs. ``rcnn_kwargs`` go to torchvision
+    smaller values suit small images and CPUs. ``roi_canonical_scale``: the box side that RoI
+    align takes from the stride-16 level (FPN paper: 224, for ~800 px images); scale it with
+    the image size, or small images pool every object from the shallow stride-4 level.
+    ``rcnn_kwargs`` go to torchvision
     (``rpn_post_nms_top_n_train``, ``box_detections_per_img``, ``box_score_thresh`` ...).
     """
     if num_classes < 1:
@@ -69,10 +73,15 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
     backbone = backbone if backbone is not None else build_backbone("convnextv2_tiny")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
                               (tuple(float(a) for a in aspect_ratios),) * len(anchor_sizes))
-    heads = dict(box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
+    levels = ["0", "1", "2", "3"]
+    heads = dict(box_roi_pool=MultiScaleRoIAlign(levels, 7, 2,
+                                                 canonical_scale=roi_canonical_scale),
+                 box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
                  box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1))
     if masks:
-        heads.update(mask_head=MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1),
+        heads.update(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2,
+                                                      canonical_scale=roi_canonical_scale),
+                     mask_head=MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1),
                      mask_predictor=MaskRCNNPredictor(mask_head_dim, mask_head_dim,
                                                       num_classes + 1))
     cls = MaskRCNN if masks else FasterRCNN
@@ -84,6 +93,7 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
                         max_size=int(max_size), anchor_sizes=[int(s) for s in anchor_sizes],
                         aspect_ratios=[float(a) for a in aspect_ratios],
                         box_head_dim=int(box_head_dim), mask_head_dim=int(mask_head_dim),
+                        roi_canonical_scale=int(roi_canonical_scale),
                         image_mean=[float(m) for m in image_mean],
                         image_std=[float(s) for s in image_std],
                         backbone=backbone_config(backbone), rcnn=dict(rcnn_kwargs))

@@ -12,8 +12,6 @@ dropped), the official dense or FCMAE files, timm and Hugging Face layouts.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
@@ -82,6 +80,3 @@ def backbone_config(backbone: ConvNeXtBackbone) -> dict:
             "drop_path_rate")
     return {k: backbone.config[k] for k in keys if k in backbone.config}
 
-
-def shapes_of(depths: Sequence[int], dims: Sequence[int]) -> str:
-    return f"depths {list(depths)}, dims {list(dims)}"

@@ -38,16 +38,19 @@ class TransferDemoConfig:
     n_train: int = 256
     n_val: int = 64
     n_unlabelled: int = 768
+    label_set: str = "coarse"            # top / trousers / footwear / bag ("fine": 10 classes)
+    objects: tuple = (2, 4)              # garments per scene
+    scale: tuple = (0.3, 0.55)           # garment side as a fraction of the canvas
     depths: tuple = (1, 1, 2, 1)
     dims: tuple = (24, 48, 96, 192)
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 3
     pretrain_batch_size: int = 32
     pretrain_lr: float = 2e-3
     decoder_dim: int = 64
     mask_ratio: float = 0.6
-    iters: int | None = None             # None: 240 (detection, batch 4) / 200 (segmentation, batch 8)
+    iters: int | None = None             # None: 240 (detection, batch 4) / 160 (segmentation, batch 8)
     batch_size: int | None = None
-    lr: float = 2e-3
+    lr: float | None = None              # None: 1e-3 (detection) / 2e-3 (segmentation)
     layer_decay: float = 0.9
     seed: int = 0
     threads: int | None = None
@@ -94,13 +97,17 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
         torch.set_num_threads(1)  # 1 thread beats 2 on a busy 2-core machine for these sizes
     t0 = time.time()
     detection = cfg.task == "detection"
-    iters = cfg.iters or (240 if detection else 200)
+    iters = cfg.iters or (240 if detection else 160)
     batch = cfg.batch_size or (4 if detection else 8)
+    lr = cfg.lr or (1e-3 if detection else 2e-3)
 
     _say(cfg, f"[1/4] writing {cfg.n_train} + {cfg.n_val} labelled scenes and "
               f"{cfg.n_unlabelled} unlabelled ones ({cfg.size} px) to {out / 'data'}")
-    paths = write_synthetic(out / "data", cfg.n_train, cfg.n_val, cfg.size, cfg.seed)
-    pool = write_unlabelled(out / "data" / "unlabelled", cfg.n_unlabelled, cfg.size, cfg.seed)
+    paths = write_synthetic(out / "data", cfg.n_train, cfg.n_val, cfg.size, cfg.seed,
+                            objects=tuple(cfg.objects), label_set=cfg.label_set,
+                            scale=tuple(cfg.scale))
+    pool = write_unlabelled(out / "data" / "unlabelled", cfg.n_unlabelled, cfg.size, cfg.seed,
+                            tuple(cfg.objects), tuple(cfg.scale))
     for p in sorted((paths["detection"] / "train").iterdir()):  # training images, no labels
         shutil.copyfile(p, pool / p.name)
     arch = dict(depths=tuple(cfg.depths), dims=tuple(cfg.dims))
@@ -136,7 +143,7 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
             output=str(out / ("pretrained" if ckpt else "scratch")), pretrained=
             str(ckpt) if ckpt else None, depths=None if ckpt else shape[0],
             dims=None if ckpt else shape[1], iters=iters, batch_size=batch,
-            eval_batch_size=16, lr=cfg.lr, weight_decay=0.05,
+            eval_batch_size=16, lr=lr, weight_decay=0.05,
             layer_decay=cfg.layer_decay if ckpt else 1.0,
             layer_decay_mode="layer_wise" if detection else "stage_wise",
             schedule="cosine" if detection else "poly", warmup_iters=max(1, iters // 12),
@@ -175,8 +182,9 @@ def _task(cfg: TransferDemoConfig, paths: dict):
             fpn_channels=64, box_head_dim=256, mask_head_dim=64,
             anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=300,
             rpn_post_nms_top_n_train=150, rpn_pre_nms_top_n_test=300,
-            rpn_post_nms_top_n_test=100, box_batch_size_per_image=64,
-            box_detections_per_img=20))
+            rpn_post_nms_top_n_test=100, box_batch_size_per_image=32,
+            box_positive_fraction=0.5, box_detections_per_img=20,
+            roi_canonical_scale=48))
     from ..segmentation.train import SegmentationTask
     return SegmentationTask(paths["segmentation"], crop=cfg.size, scale=(cfg.size, cfg.size),
                             ratio_range=(0.75, 1.25),

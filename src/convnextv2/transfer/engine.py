@@ -337,7 +337,3 @@ def plot_run(out: Path, metric: str) -> None:
     T.plot_curves(train_rows, out / "curves.png", keys=loss_keys, title="training losses")
     T.plot_curves(val_rows, out / "val_curve.png", keys=[metric], title=f"validation {metric}")
 
-
-def describe_lr_groups(groups: list[dict]) -> list[tuple[int, float, int]]:
-    """(layer id, lr scale, parameter count) per group: for logs and docs."""
-    return [(g["layer_id"], g["lr_scale"], sum(p.numel() for p in g["params"])) for g in groups]

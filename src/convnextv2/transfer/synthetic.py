@@ -13,8 +13,13 @@ The scenes are written in the formats real data comes in, so they go through the
   and image folders ``train/`` and ``val/``;
 - ``segmentation/``: the ADE20K layout, ``images/{training,validation}/*.jpg`` and mask PNGs
   ``annotations/{training,validation}/*.png`` with ADE20K's label convention: 0 is "ignore"
-  (here the soft anti-aliased rim of each garment), 1 is the background, 2..11 the ten garment
-  classes, so reading with ``reduce_zero_label`` gives background 0, garments 1..10, ignore 255.
+  (here the soft anti-aliased rim of each garment), 1 is the background, 2.. the garment
+  classes, so reading with ``reduce_zero_label`` gives background 0, garments 1.., ignore 255.
+
+``label_set="fine"`` keeps Fashion-MNIST's ten classes; ``"coarse"`` groups them by silhouette
+into top / trousers / footwear / bag, which the demos use: a few CPU minutes of training are
+not enough to tell a shirt from a pullover at 30 px, and the comparison needs a task both runs
+can make progress on.
 
 Training scenes use the subset's training garments, validation scenes its test garments.
 """
@@ -31,6 +36,27 @@ DARK_LEVEL = 12   # gray levels below this, reachable from the border, are not g
 CORE = 0.6        # resized silhouette coverage from which a pixel is in the instance mask
 RIM = 0.15        # coverage in [RIM, CORE): the soft rim, "ignore" in the semantic map
 SPLITS = {"train": "training", "val": "validation"}
+# "coarse" classes: garments grouped by silhouette, a task a small network can learn in a few
+# CPU minutes; "fine" keeps Fashion-MNIST's ten classes (shirt vs T-shirt vs pullover...)
+COARSE = {"top": (0, 2, 3, 4, 6), "trousers": (1,), "footwear": (5, 7, 9), "bag": (8,)}
+LABEL_SETS = ("fine", "coarse")
+
+
+def class_names(label_set: str) -> list[str]:
+    from ..data import FASHION_MNIST_CLASSES
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"label set {label_set!r}: choose one of {', '.join(LABEL_SETS)}")
+    return list(FASHION_MNIST_CLASSES) if label_set == "fine" else list(COARSE)
+
+
+def _class_map(label_set: str) -> np.ndarray:
+    """Fashion-MNIST label -> scene class index (0-based)."""
+    if label_set == "fine":
+        return np.arange(10)
+    table = np.zeros(10, np.int64)
+    for i, members in enumerate(COARSE.values()):
+        table[list(members)] = i
+    return table
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -111,21 +137,23 @@ def compose_scene(rng: np.random.Generator, garments: np.ndarray, labels: np.nda
 
 def write_synthetic(output: str | Path, n_train: int = 200, n_val: int = 50, size: int = 128,
                     seed: int = 0, objects: tuple[int, int] = (2, 6),
-                    min_area: int = 40) -> dict:
+                    min_area: int = 40, label_set: str = "fine",
+                    scale: tuple[float, float] = (0.22, 0.5)) -> dict:
     """Write ``n_train`` + ``n_val`` scenes under ``output`` (``detection/``, ``segmentation/``);
     returns the paths. Instances with fewer than ``min_area`` visible pixels are painted into
     the ignore label and left out of the COCO file, so nothing visible goes unlabelled."""
     from pycocotools import mask as mask_utils
 
-    from ..data import FASHION_MNIST_CLASSES, build_dataset
+    from ..data import build_dataset
 
     out = Path(output)
     det, seg = out / "detection", out / "segmentation"
-    categories = [dict(id=i + 1, name=n, supercategory="garment")
-                  for i, n in enumerate(FASHION_MNIST_CLASSES)]
+    names, to_class = class_names(label_set), _class_map(label_set)
+    categories = [dict(id=i + 1, name=n, supercategory="garment") for i, n in enumerate(names)]
     for split, count in (("train", n_train), ("val", n_val)):
         source = build_dataset("builtin", split)
-        garments, labels = np.asarray(source.images), np.asarray(source.targets)
+        garments = np.asarray(source.images)
+        labels = to_class[np.asarray(source.targets)]
         rng = np.random.default_rng([seed, 0 if split == "train" else 1])
         img_dir, seg_img, seg_ann = det / split, seg / "images" / SPLITS[split], \
             seg / "annotations" / SPLITS[split]
@@ -133,7 +161,7 @@ def write_synthetic(output: str | Path, n_train: int = 200, n_val: int = 50, siz
             d.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for i in range(count):
-            image, ids, rim, classes = compose_scene(rng, garments, labels, size, objects)
+            image, ids, rim, classes = compose_scene(rng, garments, labels, size, objects, scale)
             name = f"scene_{i:05d}.jpg"
             Image.fromarray(image).save(img_dir / name, quality=95)
             shutil.copyfile(img_dir / name, seg_img / name)
@@ -157,11 +185,12 @@ def write_synthetic(output: str | Path, n_train: int = 200, n_val: int = 50, siz
         coco = dict(info=dict(description=f"synthetic Fashion-MNIST scenes, seed {seed}"),
                     images=images, annotations=annotations, categories=categories)
         (det / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-    (seg / "classes.txt").write_text("\n".join(["background"] + FASHION_MNIST_CLASSES) + "\n")
+    (seg / "classes.txt").write_text("\n".join(["background"] + names) + "\n")
     return dict(detection=det, segmentation=seg)
 
 
-BUILTIN = dict(n_train=256, n_val=64, size=128, seed=0)
+BUILTIN = dict(n_train=256, n_val=64, size=128, seed=0, label_set="coarse", objects=(2, 4),
+               scale=(0.3, 0.55))
 
 
 def builtin_scenes(cache: str | Path | None = None, **overrides) -> dict:
@@ -175,7 +204,7 @@ def builtin_scenes(cache: str | Path | None = None, **overrides) -> dict:
     params = dict(BUILTIN, **overrides)
     base = Path(cache or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
         / "convnextv2"
-    name = "scenes-{n_train}-{n_val}-{size}px-seed{seed}".format(**params)
+    name = "scenes-{n_train}-{n_val}-{size}px-seed{seed}-{label_set}-{objects[1]}obj".format(**params)
     final = base / name
     if not (final / "complete").is_file():
         base.mkdir(parents=True, exist_ok=True)
@@ -190,7 +219,8 @@ def builtin_scenes(cache: str | Path | None = None, **overrides) -> dict:
 
 
 def write_unlabelled(folder: str | Path, n: int, size: int = 128, seed: int = 0,
-                     objects: tuple[int, int] = (2, 6)) -> Path:
+                     objects: tuple[int, int] = (2, 6),
+                     scale: tuple[float, float] = (0.22, 0.5)) -> Path:
     """``n`` scenes as plain images (no annotations) from the training garments: the
     unlabelled pool FCMAE pretrains on. A different ``seed`` from the labelled set's gives
     other scenes."""
@@ -202,6 +232,6 @@ def write_unlabelled(folder: str | Path, n: int, size: int = 128, seed: int = 0,
     garments, labels = np.asarray(source.images), np.asarray(source.targets)
     rng = np.random.default_rng([seed, 2])
     for i in range(n):
-        image, _, _, _ = compose_scene(rng, garments, labels, size, objects)
+        image, _, _, _ = compose_scene(rng, garments, labels, size, objects, scale)
         Image.fromarray(image).save(folder / f"unlabelled_{i:05d}.jpg", quality=95)
     return folder

@@ -55,7 +55,10 @@ class SegmentationTask(Task):
         return build_segmenter(len(classes), backbone, **self.head_kwargs)
 
     def prepare_distributed(self, model, info):
-        if info.distributed and getattr(model, "config", {}).get("norm", "bn") == "bn":
+        """SyncBatchNorm in the heads under multi-GPU DDP (PyTorch's SyncBatchNorm is
+        GPU-only: CPU processes keep per-process BatchNorm statistics)."""
+        if (info.distributed and info.device.type == "cuda"
+                and getattr(model, "config", {}).get("norm", "bn") == "bn"):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 

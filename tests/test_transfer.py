@@ -192,3 +192,32 @@ def test_cli_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
     # a detection model is not a segmentation model
     assert main(["segment", "predict", "--checkpoint", str(run / "model.pt"), str(image),
                  "--output", str(tmp_path / "x")]) == 2
+
+
+def test_both_models_train_under_bf16_autocast():
+    """``--amp bf16``: losses stay finite and gradients reach the backbone (CPU autocast)."""
+    from convnextv2.detection import build_detector
+    from convnextv2.segmentation import build_segmenter, segmentation_loss
+    from convnextv2.training import autocast
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    det = build_detector(2, build_backbone(None, **TINY), min_size=64, max_size=64,
+                         fpn_channels=16, box_head_dim=16, mask_head_dim=8)
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 12:44] = 1
+    target = [dict(boxes=torch.tensor([[12., 10, 44, 40]]), labels=torch.tensor([2]),
+                   masks=masks)]
+    with autocast(cpu, "bf16"):
+        losses = det([torch.rand(3, 64, 64)], target)
+    total = sum(v.float() for v in losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert det.backbone.body.body.stem.conv.weight.grad.abs().sum() > 0
+    seg = build_segmenter(3, build_backbone(None, **TINY), channels=16, aux_channels=8)
+    with autocast(cpu, "bf16"):
+        out = seg(torch.rand(2, 3, 64, 64))
+        loss = segmentation_loss(out, torch.randint(0, 3, (2, 64, 64)))["loss"]
+    assert out["out"].dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(loss) and seg.backbone.body.stem.conv.weight.grad.abs().sum() > 0

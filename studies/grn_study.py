@@ -105,7 +105,7 @@ BUDGETS = {
                 jobs=2, workers=0, deadline_s=None),
     # one H100, about 150 s of training in 6 processes sharing the GPU
     "gpu": dict(arch=ARCH, seeds=3, pretrain_images=None, test_images=None,
-                finetune_images=10000, pretrain_epochs=5, finetune_epochs=4, pretrain_batch=256,
+                finetune_images=10000, pretrain_epochs=4, finetune_epochs=4, pretrain_batch=256,
                 finetune_batch=128, pretrain_lr=2e-3, collapse_images=256, max_steps=None,
                 jobs=6, workers=2, deadline_s=130),
 }
@@ -415,9 +415,10 @@ def _last_line(path: Path) -> str:
 
 # -- feature collapse after pretraining ------------------------------------------------------
 def collapse_curves(records: dict, jobs: list[dict], data: str, budget: dict, seed: int,
-                    nogrn: str) -> dict:
+                    device: str = "cpu") -> dict:
     """Diversity per block for every FCMAE encoder and a random init of each block kind,
-    at both sites, on the same ``collapse_images`` test images. Runs on the CPU."""
+    at both sites, on the same ``collapse_images`` test images (on ``device``: the scheduler
+    waits meanwhile, so a GPU keeps the pause to a second or two)."""
     import torch
 
     from convnextv2.analysis.collapse import collapse_profile
@@ -439,6 +440,7 @@ def collapse_curves(records: dict, jobs: list[dict], data: str, budget: dict, se
         models[f"{kind} random init"] = ConvNeXtV2(num_classes=10, **budget["arch"],
                                                    **BLOCKS[kind])
         for label, model in models.items():
+            model.to(device)
             for site in ("block", "expansion"):
                 prof = collapse_profile(model, images, batch_size=64, site=site)
                 entry = curves.setdefault(site, {}).setdefault(label, dict(
@@ -472,7 +474,10 @@ def plot_collapse(collapse: dict, output: Path) -> list[str]:
             hi = [m + s for m, s in zip(e["mean"], e["std"])]
             ax.plot(e["index"], e["mean"], color=colors.get(kind), markersize=3,
                     label=f"{label} (n={len(e['seeds'])})", **style)
-            ax.fill_between(e["index"], lo, hi, color=colors.get(kind), alpha=0.15)
+            ax.fill_between(e["index"], lo, hi, color=colors.get(kind),
+                            alpha=0.07 if "random" in label else 0.2)
+        top = max(max(h for h in e["mean"]) for e in entries.values())
+        ax.set_ylim(0, max(0.55, top + 0.05))  # from 0, as the paper's Fig. 4: collapse -> 0
         ax.set_xlabel("normalised block index (block k / (K-1))")
         ax.set_ylabel("feature cosine distance (higher = more diverse)")
         ax.set_title(f"Feature collapse after FCMAE, {site} site, "
@@ -620,8 +625,8 @@ def main(argv=None) -> int:
         print(f"{args.output} is not empty; writing to {out}", flush=True)
     out.mkdir(parents=True)
     if args.work:
-        work = fresh_folder(args.work)
-        work.mkdir(parents=True)
+        work = fresh_folder(args.work)          # absent or empty
+        work.mkdir(parents=True, exist_ok=True)
     elif args.budget == "gpu":
         import tempfile
         work = Path(tempfile.mkdtemp(prefix="grn_work."))
@@ -684,7 +689,7 @@ def main(argv=None) -> int:
         if job["kind"] == "pretrain" and all(j["name"] in records for j in pretrains):
             t = time.time()
             collapse.update(collapse_curves(records, jobs, run_data, budget, 0,
-                                            args.no_grn_block))
+                                            "cuda" if args.device.startswith("cuda") else "cpu"))
             collapse["seconds"] = time.time() - t
             print(f"collapse curves measured ({time.time() - t:.0f} s)", flush=True)
         write(records)

@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 {
   date -u +"start %Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  echo "cpu cores: $(nproc)"
+  echo "cpu cores: $(getconf _NPROCESSORS_ONLN)"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   time "$PY" studies/grn_study.py --budget gpu --device cuda --data "$DATA" \
     --output "$OUT/grn" --work "$WORK" "$@"

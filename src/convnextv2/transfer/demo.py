@@ -48,7 +48,7 @@ class TransferDemoConfig:
     pretrain_lr: float = 2e-3
     decoder_dim: int = 64
     mask_ratio: float = 0.6
-    iters: int | None = None             # None: 240 (detection, batch 4) / 160 (segmentation, batch 8)
+    iters: int | None = None             # None: 480 (detection, batch 2) / 160 (segmentation, batch 8)
     batch_size: int | None = None
     lr: float | None = None              # None: 1e-3 (detection) / 2e-3 (segmentation)
     layer_decay: float = 0.9
@@ -97,8 +97,8 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
         torch.set_num_threads(1)  # 1 thread beats 2 on a busy 2-core machine for these sizes
     t0 = time.time()
     detection = cfg.task == "detection"
-    iters = cfg.iters or (240 if detection else 160)
-    batch = cfg.batch_size or (4 if detection else 8)
+    iters = cfg.iters or (480 if detection else 160)
+    batch = cfg.batch_size or (2 if detection else 8)
     lr = cfg.lr or (1e-3 if detection else 2e-3)
 
     _say(cfg, f"[1/4] writing {cfg.n_train} + {cfg.n_val} labelled scenes and "

@@ -221,3 +221,22 @@ def test_both_models_train_under_bf16_autocast():
     assert out["out"].dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert torch.isfinite(loss) and seg.backbone.body.stem.conv.weight.grad.abs().sum() > 0
+
+
+def test_quick_transfer_demo(tmp_path, capsys):
+    """``convnextv2 demo --task segmentation --quick``: pretrain, two runs, a table; a second
+    call writes next to the first instead of into it."""
+    from convnextv2.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--task", "segmentation", "--quick", "--output", str(out)]) == 0
+    table = (out / "report" / "table.md").read_text()
+    assert "| FCMAE-pretrained |" in table and "| from scratch |" in table
+    assert {"prediction_pretrained.png", "prediction_scratch.png", "results.json"} <= {
+        p.name for p in (out / "report").iterdir()}
+    assert (out / "pretrain" / "encoder.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["demo", "--task", "segmentation", "--quick", "--output", str(out),
+                 "--pretrained", str(out / "pretrain" / "encoder.safetensors")]) == 0
+    assert (tmp_path / "demo-2" / "report" / "table.md").is_file()
+    assert "using the given encoder" in capsys.readouterr().out

@@ -122,3 +122,30 @@ def test_tiny_overfit_reaches_high_miou(tmp_path):
     summary = train(task, cfg)
     assert summary["metrics"]["mIoU"] > 70, summary["metrics"]
     assert summary["metrics"]["aAcc"] > 90, summary["metrics"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopping after 3 steps and resuming with --resume auto ends on the same weights as an
+    uninterrupted run (data order, augmentation, dropout and optimizer state all restored)."""
+    from convnextv2.segmentation.train import SegmentationTask
+    from convnextv2.transfer.engine import TransferConfig, train
+    from convnextv2.transfer.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path / "scenes", n_train=6, n_val=2, size=64, seed=4)["segmentation"]
+    task = SegmentationTask(root, crop=48, scale=(64, 64), ratio_range=(0.75, 1.25),
+                            head_kwargs=dict(channels=16, aux_channels=8))
+
+    def run(output, **kw):
+        cfg = TransferConfig(output=str(output), iters=6, batch_size=2, lr=1e-3, workers=0,
+                             eval_batch_size=2, eval_interval=6, progress=False, seed=3,
+                             drop_path=0.1, **TINY, **kw)
+        return train(task, cfg)
+
+    run(tmp_path / "straight")
+    run(tmp_path / "resumed", max_steps=4)  # crosses an epoch boundary (3 steps per epoch)
+    run(tmp_path / "resumed", resume="auto")
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

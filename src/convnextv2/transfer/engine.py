@@ -162,9 +162,12 @@ def read_model_file(path: str | Path, task: str) -> dict:
 
 
 def _loader(dataset, sampler, cfg, collate, info, batch_size, drop_last=True):
+    # its own generator: starting an iterator draws a seed, which must not come from the
+    # global RNG that drop path uses, or a resumed run would diverge from an uninterrupted one
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=cfg.workers, persistent_workers=False,
-                      pin_memory=info.device.type == "cuda", drop_last=drop_last)
+                      pin_memory=info.device.type == "cuda", drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def train(task: Task, cfg: TransferConfig) -> dict:
@@ -204,7 +207,8 @@ def _train(task: Task, cfg: TransferConfig, info, out: Path) -> dict:
                          f"{cfg.batch_size} x {info.world_size} processes; lower --batch-size")
     val_loader = sharded_loader(val_set, info, batch_size=cfg.eval_batch_size,
                                             collate_fn=task.collate(False),
-                                            num_workers=cfg.workers)
+                                            num_workers=cfg.workers,
+                                            generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = len(loader)
     total = cfg.iters or cfg.epochs * steps_per_epoch
     eval_interval = cfg.eval_interval or steps_per_epoch if cfg.epochs else \

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 HELP = "Built-in demo: FCMAE-pretrain, fine-tune and compare with training from scratch."
 EPILOG = """examples:
-  convnextv2 demo                       # under 10 minutes on 2 CPU cores
+  convnextv2 demo                       # ~5 min on 2 idle CPU cores, longer when busy
   convnextv2 demo --output runs/demo --quick
 
 On the packaged Fashion-MNIST subset: FCMAE pretraining of a small ConvNeXt V2 (32 px, stem

@@ -8,7 +8,7 @@ stride-16 map (loss weight 0.4) gives the middle of the backbone a direct gradie
 Widths follow the ConvNeXt UPerNet configuration: 512 channels in the head, 256 in the
 auxiliary head, dropout 0.1 before each classifier.
 
-The heads use BatchNorm (SyncBatchNorm under DDP, see ``convert_sync_batchnorm``) as that
+The heads use BatchNorm (SyncBatchNorm under multi-GPU DDP, see ``SegmentationTask``) as that
 configuration does; ``norm="gn"`` switches to GroupNorm for per-process batches of 1-2. The
 backbone itself has only LayerNorm.
 """

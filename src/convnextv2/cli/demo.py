@@ -35,6 +35,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.threads is not None and args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     if args.task != "classification":
         from ..transfer.demo import run_from_args
         return run_from_args(args)

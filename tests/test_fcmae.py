@@ -41,6 +41,8 @@ def test_patchify_order_against_a_hand_built_example():
                         expect = ch * 10000 + (row * p + i) * 100 + col * p + j
                         assert patches[0, cell, (i * p + j) * c + ch] == expect
     assert torch.equal(m.unpatchify(patches, (h // p, w // p)), imgs)
+    rows = torch.tensor([0, 4, 5])  # flat cell indices: gathered rows equal patchify's rows
+    assert torch.equal(m.patches_at(imgs, rows), patches.reshape(-1, p * p * c)[rows])
 
 
 def test_unpatchify_inverts_patchify():

@@ -8,7 +8,10 @@ import convnextv2
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masked_dense import masked_dense_forward_features
 from convnextv2.fcmae.masking import random_mask
-from convnextv2.fcmae.sparse import SparseLayout, morton_offsets, sparse_forward_features
+from convnextv2.fcmae.sparse import (SparseLayout, check_mask, depthwise_conv,
+                                     depthwise_weight_grad, mask_order, morton_offsets,
+                                     sparse_forward_features)
+from convnextv2.models.grn import grn_reference, grn_rows
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 SMALL = dict(depths=(2, 1, 2, 1), dims=(8, 16, 24, 32))
@@ -255,4 +258,125 @@ def test_inference_without_grad_matches_dense():
     with torch.no_grad():
         out_s, out_d = sparse.forward_encoder(imgs, mask), dense.forward_encoder(imgs, mask)
         assert (out_s - out_d).abs().max() <= 1e-5 * out_d.abs().max()
-        assert abs(sparse(imgs, mask)[0].item() - dense(imgs, mask)[0].item()) <= 1e-5
+        loss_d = dense(imgs, mask)[0].item()
+        assert abs(sparse(imgs, mask)[0].item() - loss_d) <= 1e-5 * abs(loss_d)
+
+
+# -- no host syncs, known counts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_training_step_reads_nothing_back_from_the_device(backend):
+    """On the meta device tensors have shapes but no values: any host read (nonzero, .item(),
+    bool(tensor), int(tensor)) raises. So a whole training step that runs there (masks given
+    or drawn, forward, backward, fused AdamW) reads nothing back: on a GPU, no sync."""
+    sparse, _ = make_pair(seed=13)
+    model = sparse.set_backend(backend).to("meta").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    imgs = torch.empty(2, 3, 64, 96, device="meta")
+    for mask in (torch.empty(2, 6, device="meta"), None):
+        loss, pred, mask_out = model(imgs, mask)
+        assert loss.shape == () and pred.shape == (2, 6, 32 * 32 * 3) and mask_out.shape == (2, 6)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert model(imgs, mask_out)[1].shape == (2, 6, 32 * 32 * 3)
+
+
+def test_layout_from_a_known_count_equals_the_counted_one():
+    mask = random_mask(3, (3, 4), 0.6, generator=torch.Generator().manual_seed(2))
+    counted = SparseLayout.from_mask(mask, (3, 4))
+    known = SparseLayout.from_mask(mask, (3, 4), num_visible=4)
+    assert counted.num_visible == known.num_visible == 4
+    assert torch.equal(counted.visible, known.visible)
+    assert all(torch.equal(a, b) for a, b in zip(counted.flat_index, known.flat_index))
+
+
+def test_mask_order_is_visible_then_masked_each_ascending():
+    mask = torch.tensor([[1., 0., 1., 0., 0.], [0., 1., 1., 1., 0.]])
+    assert mask_order(mask).tolist() == [[1, 3, 4, 0, 2], [0, 4, 1, 2, 3]]
+
+
+def test_masks_are_checked_where_they_are_used():
+    good = torch.tensor([[1., 0., 1., 0.], [0., 1., 1., 0.]])
+    check_mask(good, 2)
+    with pytest.raises(ValueError, match="expected 1"):
+        check_mask(good, 1)
+    with pytest.raises(ValueError, match="0 .visible. or 1"):
+        check_mask(good * 0.5, 2)
+    with pytest.raises(ValueError, match="same number of visible cells"):
+        check_mask(torch.tensor([[1., 0., 1., 0.], [0., 0., 1., 0.]]), 2)
+
+
+def test_depthwise_weight_grad_equals_the_library_backward():
+    """The CPU weight gradient (a forward conv with the batch folded into the channels)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 9, 11).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 5, 9, 11).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 1, 7, 7)
+    ref = torch.ops.aten.convolution_backward(g, x, w, None, (1, 1), (3, 3), (1, 1), False,
+                                              (0, 0), 5, (False, True, False))[1]
+    got = depthwise_weight_grad(g, x, w)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_depthwise_conv_with_the_fast_weight_gradient_equals_the_module():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(6, 6, 7, padding=3, groups=6)
+    x = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    weight = torch.randn(2, 6, 7, 9)
+    out, ref = depthwise_conv(conv, x), conv(x2)
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+    got = torch.autograd.grad((out * weight).sum(), (x, conv.weight, conv.bias))
+    want = torch.autograd.grad((ref * weight).sum(), (x2, conv.weight, conv.bias))
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+# -- the decoder at masked cells only ----------------------------------------------------------
+
+def test_grn_rows_are_the_rows_of_grn_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([1, 4, 9, 10, 12, 13, 20, 25, 29])  # three per sample
+    weight = torch.randn(9, 6, dtype=torch.float64)
+    for gelu in (False, True):
+        got = grn_rows(x, gamma, beta, rows, gelu=gelu)
+        full = grn_reference(torch.nn.functional.gelu(x) if gelu else x, gamma, beta)
+        ref = full.reshape(-1, 6)[rows].view(3, 3, 6)
+        assert (got - ref).abs().max() <= 1e-12 * ref.abs().max()
+        g1 = torch.autograd.grad((got.reshape(9, 6) * weight).sum(), (x, gamma, beta))
+        g2 = torch.autograd.grad((ref.reshape(9, 6) * weight).sum(), (x, gamma, beta))
+        for a, b in zip(g1, g2):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_masked_decoder_gives_the_loss_and_gradients_of_the_full_decoder(backend):
+    sparse, _ = make_pair(seed=14, decoder_dim=16)
+    rows_only = sparse.set_backend(backend)
+    full = copy.deepcopy(rows_only)
+    full.masked_decoder = False
+    imgs = torch.randn(3, 3, 96, 64)
+    mask = rows_only.random_mask(imgs)
+    loss_r, pred_r, _ = rows_only(imgs, mask)
+    loss_f, pred_f, _ = full(imgs, mask)
+    assert abs(loss_r.item() - loss_f.item()) <= 1e-6 * abs(loss_f.item())
+    masked = mask.bool()
+    assert (pred_r[masked] - pred_f[masked]).abs().max() <= 1e-5 * pred_f.abs().max()
+    assert torch.all(pred_r[~masked] == 0)  # not computed in training
+    loss_r.backward()
+    loss_f.backward()
+    for (name, pr), (_, pf) in zip(rows_only.named_parameters(), full.named_parameters()):
+        if pf.grad is None:
+            assert pr.grad is None, name
+            continue
+        assert (pr.grad - pf.grad).abs().max() <= 1e-5 * pf.grad.abs().max(), name
+    rows_only.eval()  # evaluation predicts every cell, as reconstructions need
+    with torch.no_grad():
+        assert (rows_only(imgs, mask)[1] - pred_f).abs().max() <= 1e-5 * pred_f.abs().max()

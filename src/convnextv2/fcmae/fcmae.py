@@ -1,4 +1,4 @@
-"""FCMAE: fully convolutional masked autoencoder pretraining for ConvNeXt V2 (SPEC section 2).
+"""FCMAE: fully convolutional masked autoencoder pretraining for ConvNeXt V2 (docs/design.md).
 
 ``FCMAE.encoder`` is a plain dense ``ConvNeXtV2``: pretraining trains its own parameters, so
 ``fcmae.encoder.state_dict()`` loads into an ordinary model with no conversion. The encoder runs
@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masked_dense import masked_dense_forward_features
-from .masking import keyed_mask, random_mask  # noqa: F401  (public mask functions)
+from .masking import keyed_mask, num_visible, random_mask  # noqa: F401  (public mask functions)
+from ..models.grn import grn_rows
 from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
-from .sparse import check_input, sparse_forward_features
+from .sparse import (_compiling, check_input, check_mask, count_visible, depthwise_conv,
+                     mask_order, region, sparse_forward_features)
 
 BACKENDS = ("sparse", "dense")
 NORM_PIX_EPS = 1e-6
@@ -31,11 +33,27 @@ class FCMAE(nn.Module):
         decoder_depth, decoder_embed_dim: decoder blocks and their width.
         norm_pix_loss: regress each patch normalised by its own mean and (unbiased) variance.
         backend: ``"sparse"`` or ``"dense"`` (masked dense convolution).
+        masked_decoder: in a training forward (``model.train()``, autograd on), run the part of
+            the last decoder block after GRN's statistics (GRN, second Linear, skip) and the
+            prediction layer only at masked cells, the only cells the loss reads. Same loss
+            and gradients up to float rounding; the returned ``pred`` is then zero at visible
+            cells. Evaluation (``eval()`` or ``torch.no_grad()``) always predicts every cell.
+
+    Masks and host syncs: every sample keeps the same number of cells. A mask on the CPU is
+    counted on the host (free; uneven masks raise for the sparse backend). A mask on an
+    accelerator, and any mask inside torch.compile, is taken to keep
+    ``int(L * (1 - mask_ratio))`` cells, checked by an asynchronous device assert, so the
+    training step never waits for the device.
+
+    Speed: ``torch.compile(fcmae, fullgraph=True)`` compiles forward and backward as one graph
+    (either backend); ``fast.compile_regions`` compiles per block, and ``fast.TrainStep``
+    captures a whole training step as a CUDA graph (docs/benchmarks.md).
     """
 
     def __init__(self, encoder: str | ConvNeXtV2, *, mask_ratio: float = 0.6,
                  decoder_depth: int = 1, decoder_embed_dim: int = 512, norm_pix_loss: bool = True,
-                 backend: str = "sparse", encoder_kwargs: dict | None = None):
+                 backend: str = "sparse", encoder_kwargs: dict | None = None,
+                 masked_decoder: bool = True):
         super().__init__()
         if isinstance(encoder, str):
             encoder = create_model(encoder, **{"num_classes": 0, **(encoder_kwargs or {})})
@@ -48,6 +66,7 @@ class FCMAE(nn.Module):
         self.encoder = encoder
         self.mask_ratio = float(mask_ratio)
         self.norm_pix_loss = bool(norm_pix_loss)
+        self.masked_decoder = bool(masked_decoder)
         self.patch_size = encoder.total_stride
         self.in_chans = encoder.config["in_chans"]
         self.set_backend(backend)
@@ -76,9 +95,27 @@ class FCMAE(nn.Module):
         return h // p, w // p
 
     def random_mask(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A mask for ``imgs`` with this model's ratio (global RNG unless ``generator``)."""
+        """A mask for ``imgs`` with this model's ratio, on the images' device (drawn there with
+        that device's default RNG unless ``generator``)."""
         return random_mask(imgs.shape[0], self.grid_size(imgs), self.mask_ratio,
                            generator=generator, device=imgs.device)
+
+    def visible_count(self, mask: torch.Tensor) -> int | None:
+        """Cells each sample of ``mask`` keeps, known without waiting for the device.
+
+        A CPU mask (outside torch.compile) is counted on the host: ``None`` when the counts
+        differ between samples (only the dense backend accepts that; the sparse backend
+        raises). Any other mask keeps ``int(L * (1 - mask_ratio))`` cells by contract
+        (``check_mask`` asserts it asynchronously).
+        """
+        if mask.device.type == "cpu" and not _compiling():
+            try:
+                return count_visible(mask)
+            except ValueError:
+                if self.backend == "sparse":
+                    raise
+                return None
+        return num_visible(mask.shape[1], self.mask_ratio)
 
     # -- patches ---------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -89,6 +126,16 @@ class FCMAE(nn.Module):
         x = imgs.permute(0, 2, 3, 1).contiguous()  # NHWC first: two cheap copies beat one slow
         x = x.view(n, hp, p, wp, p, c).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(n, hp * wp, p * p * c)
+
+    def patches_at(self, imgs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``patchify(imgs)`` rows at the flat cell indices ``rows`` (into N*L): (len, p*p*C),
+        gathered straight from the image (nothing is copied for the other cells)."""
+        p = self.patch_size
+        n, c = imgs.shape[:2]
+        hp, wp = self.grid_size(imgs)
+        sample, cell = rows // (hp * wp), rows % (hp * wp)
+        x = imgs.reshape(n, c, hp, p, wp, p)[sample, :, cell // wp, :, cell % wp, :]  # (M, C, p, p)
+        return x.permute(0, 2, 3, 1).reshape(rows.shape[0], p * p * c)
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W); ``grid_hw`` = (H/p, W/p), square when omitted."""
@@ -112,7 +159,8 @@ class FCMAE(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, d3, H/p, W/p) features of the visible cells; masked cells are exactly zero."""
         if self.backend == "sparse":
-            return sparse_forward_features(self.encoder, imgs, mask)
+            check_input(self.encoder, imgs, mask)
+            return sparse_forward_features(self.encoder, imgs, mask, self.visible_count(mask))
         return masked_dense_forward_features(self.encoder, imgs, mask)
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,15 +192,97 @@ class FCMAE(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None):
-        """Returns ``(loss, pred, mask)``; the mask is drawn at random when not given."""
+        """Returns ``(loss, pred, mask)``; the mask is drawn at random when not given.
+
+        No device-to-host sync for masks on the images' device (see the class notes); with
+        ``masked_decoder`` in training, ``pred`` holds predictions at masked cells only.
+        """
         if mask is None:
             mask = self.random_mask(imgs)
         check_input(self.encoder, imgs, mask)
-        latent = self.forward_encoder(imgs, mask)
-        pred = self.forward_decoder(latent, mask)
-        loss = self.forward_loss(imgs, pred, mask)
+        rows_only = self._rows_only()
+        kp = self.visible_count(mask) if (self.backend == "sparse" or rows_only) else None
+        order = None
+        if kp is not None:
+            if mask.device.type != "cpu" or _compiling():
+                check_mask(mask, kp)  # asynchronous; CPU masks were counted on the host
+            order = mask_order(mask)
+        if self.backend == "sparse":
+            latent = sparse_forward_features(self.encoder, imgs, mask, kp, order=order, check=False)
+        else:
+            latent = masked_dense_forward_features(self.encoder, imgs, mask)
+        cells = mask.shape[1]
+        if not rows_only or kp is None or kp == cells:
+            pred = self.forward_decoder(latent, mask)
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        n = mask.shape[0]
+        rows = (order[:, kp:] + torch.arange(n, device=mask.device).view(n, 1) * cells).reshape(-1)
+        loss, pred = region(self, "masked_tail", FCMAE._masked_tail)(self, imgs, latent, mask, rows)
         return loss, pred, mask
+
+    def _masked_tail(self, imgs, latent, mask, rows):
+        """Decoder, prediction and loss at the masked cells ``rows``; the full-shape ``pred``
+        (zero at visible cells). One function, so that it can be compiled as one region."""
+        n, cells = mask.shape
+        pred_rows = self.forward_decoder_rows(latent, mask, rows)
+        loss = self.forward_loss_rows(imgs, pred_rows, rows)
+        pred = pred_rows.new_zeros(n * cells, pred_rows.shape[-1]).index_copy_(0, rows, pred_rows)
+        return loss, pred.view(n, cells, -1)
+
+    # -- training: decoder output and loss at masked cells only ----------------------------
+    def _rows_only(self) -> bool:
+        return (self.masked_decoder and self.training and torch.is_grad_enabled()
+                and len(self.decoder) > 0 and self.decoder[-1]._fusable())
+
+    def forward_decoder_rows(self, latent: torch.Tensor, mask: torch.Tensor,
+                             rows: torch.Tensor) -> torch.Tensor:
+        """``forward_decoder`` at the cells ``rows`` only (flat indices into N*L, the same
+        number per sample, grouped by sample): (len(rows), p*p*C).
+
+        Every cell is still decoded up to the last block's GRN statistics (its depthwise conv
+        needs all neighbours and GRN's norm all cells); GRN's output, the second Linear, the
+        skip connection and the prediction layer run at ``rows`` only.
+        """
+        n, _, hp, wp = latent.shape
+        x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
+        m = mask.reshape(n, hp, wp, 1).to(x.dtype)
+        x = x * (1 - m) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * m
+        x = x.permute(0, 3, 1, 2)
+        for block in self.decoder[:-1]:
+            x = block(x)
+        out = _block_rows(self.decoder[-1], x, rows)
+        return F.linear(out, self.pred.weight.flatten(1), self.pred.bias)
+
+    def forward_loss_rows(self, imgs: torch.Tensor, pred_rows: torch.Tensor,
+                          rows: torch.Tensor) -> torch.Tensor:
+        """``forward_loss`` when ``pred_rows`` are the predictions at exactly the masked cells
+        ``rows``: the mean of their per-patch errors."""
+        with torch.no_grad():
+            target = self.patches_at(imgs, rows).float()
+            if self.norm_pix_loss:
+                target = target - target.mean(dim=-1, keepdim=True)
+                var = (target * target).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+                target.mul_((var + NORM_PIX_EPS).rsqrt_())
+        # every row has the same p*p*C values: the mean of the per-patch means is the mean
+        return F.mse_loss(pred_rows.float(), target)
 
     def extra_repr(self) -> str:
         return (f"patch_size={self.patch_size}, mask_ratio={self.mask_ratio}, "
-                f"norm_pix_loss={self.norm_pix_loss}, backend={self.backend!r}")
+                f"norm_pix_loss={self.norm_pix_loss}, backend={self.backend!r}, "
+                f"masked_decoder={self.masked_decoder}")
+
+
+def _block_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` at the cells ``rows`` (flat into N*H*W): (len(rows), C), channels-last rows.
+
+    For a block with GRN + exact GELU and no hooks (``Block._fusable``), as the decoder's.
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c = x.shape[:2]
+    y = block.norm(depthwise_conv(block.dwconv, x).permute(0, 2, 3, 1))
+    h = grn_rows(block.pwconv1(y), block.grn.gamma, block.grn.beta, rows, gelu=True)
+    out = F.linear(h, block.pwconv2.weight, block.pwconv2.bias)      # (N, M, C)
+    skip = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, rows)
+    if not isinstance(block.drop_path, nn.Identity) and block.training:
+        out = block.drop_path(out)                                   # one draw per sample
+    return skip + out.reshape(-1, c)

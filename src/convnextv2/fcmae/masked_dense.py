@@ -14,7 +14,7 @@ from torch import nn
 from ..models.grn import grn_linear
 from .masking import upsample_mask
 from ..models.model import Block, ConvNeXtV2
-from .sparse import LEVELS, check_input
+from .sparse import LEVELS, check_input, region
 
 
 def stage_keep_masks(mask: torch.Tensor, grid_hw, dtype) -> list[torch.Tensor]:
@@ -61,11 +61,12 @@ def masked_dense_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: t
                                   ) -> torch.Tensor:
     """The encoder's (N, d3, H/p, W/p) map with masked cells exactly 0, computed densely."""
     grid_hw = check_input(model, imgs, mask)
+    block_fn = region(model, "masked_block", masked_block)
     keeps = stage_keep_masks(mask, grid_hw, imgs.dtype if imgs.is_floating_point() else torch.float32)
     x = model.stem(imgs.contiguous(memory_format=torch.channels_last)).mul_(keeps[0])  # as the model
     for k, stage in enumerate(model.stages):
         if k > 0:
             x = stage.downsample(x).mul_(keeps[k])
         for block in stage.blocks:
-            x = masked_block(block, x, keeps[k])
+            x = block_fn(block, x, keeps[k])
     return x

@@ -13,7 +13,7 @@ import torch
 
 
 def num_visible(num_cells: int, mask_ratio: float) -> int:
-    """Cells every sample keeps (SPEC: ``int(L * (1 - mask_ratio))``)."""
+    """Cells every sample keeps (the official count: ``int(L * (1 - mask_ratio))``)."""
     if not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     return int(num_cells * (1 - mask_ratio))
@@ -30,10 +30,14 @@ def _mask_from_noise(noise: torch.Tensor, len_keep: int) -> torch.Tensor:
 def random_mask(batch: int, grid_hw: Sequence[int], mask_ratio: float,
                 generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
-    """A fresh random mask (N, L) for a batch; ``generator`` makes it reproducible."""
+    """A fresh random mask (N, L) for a batch; ``generator`` makes it reproducible.
+
+    Without a generator the noise is drawn on ``device`` itself (its default RNG): on a GPU
+    nothing is copied from the host, so drawing a mask never waits for the device.
+    """
     h, w = (int(v) for v in grid_hw)
     len_keep = num_visible(h * w, mask_ratio)
-    gen_device = generator.device if generator is not None else "cpu"
+    gen_device = generator.device if generator is not None else (device or "cpu")
     noise = torch.rand(batch, h * w, generator=generator, device=gen_device)
     return _mask_from_noise(noise, len_keep).to(device or gen_device)
 

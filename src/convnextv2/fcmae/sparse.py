@@ -14,46 +14,125 @@ the visible outputs back (submanifold semantics: outputs only at visible sites, 
 neighbours count as zero).
 
 Everything uses the dense model's own parameters, so gradients land on the dense model.
+
+No host syncs: the layout is built from the mask with a stable sort (``mask_order``) and the
+number of visible cells K, which the caller knows from the mask ratio (``SparseLayout.from_mask(
+..., num_visible=K)``); there is no ``nonzero`` and nothing is read back from the device. The mask
+is checked with an asynchronous device assert (at once, with a ValueError, for CPU masks). Z-order
+offsets are computed on the device and cached per device. So the forward and backward compile
+as one graph (``torch.compile(fullgraph=True)``) and a whole training step can be captured in a
+CUDA graph (``fast.TrainStep``).
+
+On the CPU the depthwise conv's weight gradient runs as a forward conv with the batch folded into
+the channels (``depthwise_weight_grad``): oneDNN's own depthwise weight-gradient kernel is 5-20x
+slower than its forward kernel for the same work.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from torch import nn
 
+from ..models.grn import _autocast_dtype, autocast_off
 from ..models.model import Block, ConvNeXtV2
 
 LEVELS = 3  # downsamplings between stage 0 and the patch grid (stage 3)
 
 
-@lru_cache(maxsize=None)
-def _morton_offsets_list(side: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    levels = side.bit_length() - 1
-    dys, dxs = [], []
-    for z in range(side * side):
-        dy = dx = 0
-        for j in range(levels):
-            dx |= ((z >> (2 * j)) & 1) << j
-            dy |= ((z >> (2 * j + 1)) & 1) << j
-        dys.append(dy)
-        dxs.append(dx)
-    return tuple(dys), tuple(dxs)
+def _compiling() -> bool:
+    """True while dynamo traces (torch.compile): no host reads of tensors, no Python caches."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _morton_bits(side: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z-order (dy, dx) computed on ``device`` from an arange: no host data, no copy to it."""
+    z = torch.arange(side * side, device=device)
+    dy, dx = torch.zeros_like(z), torch.zeros_like(z)
+    for j in range(side.bit_length() - 1):
+        dx = dx | (((z >> (2 * j)) & 1) << j)
+        dy = dy | (((z >> (2 * j + 1)) & 1) << j)
+    return dy, dx
+
+
+_OFFSETS: dict = {}  # (side, device) -> (dy, dx): made once per device, then reused
 
 
 def morton_offsets(side: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dx) of the side*side cells of a square block in recursive 2x2 (Z) order.
 
-    Consecutive groups of four are 2x2 squares ordered (0,0), (0,1), (1,0), (1,1).
+    Consecutive groups of four are 2x2 squares ordered (0,0), (0,1), (1,0), (1,1). Computed
+    on the device itself (no host-to-device copy) and cached per (side, device) in eager mode.
     """
     if side < 1 or side & (side - 1):
         raise ValueError(f"side must be a power of two, got {side}")
-    dys, dxs = _morton_offsets_list(side)
-    return (torch.tensor(dys, dtype=torch.long, device=device),
-            torch.tensor(dxs, dtype=torch.long, device=device))
+    device = torch.device(device if device is not None else "cpu")
+    if _compiling():
+        return _morton_bits(side, device)
+    key = (side, device)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = _morton_bits(side, device)
+    return _OFFSETS[key]
+
+
+def region(module: nn.Module, name: str, default):
+    """The function that computes region ``name`` of ``module``: its compiled version when
+    ``fast.compile_regions`` compiled it (per-block regional compilation), else ``default``.
+    Inside an outer torch.compile the plain function is traced, never a nested compiled one."""
+    regions = module.__dict__.get("_fast_regions")
+    if regions is None or _compiling():
+        return default
+    return regions.get(name, default)
+
+
+def count_visible(mask: torch.Tensor) -> int:
+    """Visible cells per sample of a CPU mask, checked to be the same in every sample.
+
+    Reads the mask on the host: free for a CPU tensor, a device-to-host sync for any other
+    (which is why the training step passes the count it knows from the mask ratio instead).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be (N, L), got shape {tuple(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask values must be 0 (visible) or 1 (masked)")
+    counts = (mask == 0).sum(dim=1)
+    if mask.shape[0] and bool((counts != counts[0]).any()):
+        raise ValueError(
+            "the sparse backend needs the same number of visible cells in every sample, got "
+            f"{sorted(set(counts.tolist()))}; use backend='dense' for such masks")
+    return int(counts[0]) if mask.shape[0] else 0
+
+
+def check_mask(mask: torch.Tensor, num_visible: int) -> None:
+    """Every sample keeps ``num_visible`` cells and values are 0/1.
+
+    A CPU mask outside torch.compile is checked at once (ValueError). Otherwise the check is
+    an asynchronous device assert (``torch._assert_async``): no host sync; a bad mask fails
+    the next synchronising call with a device-side assertion.
+    """
+    if mask.device.type == "cpu" and not _compiling():
+        got = count_visible(mask)
+        if got != num_visible:
+            raise ValueError(f"mask keeps {got} cells per sample, expected {num_visible} "
+                             "(int(L * (1 - mask_ratio)))")
+        return
+    vis = mask == 0
+    ok = ((vis | (mask == 1)).all() & (vis.sum(dim=1) == num_visible).all())
+    torch._assert_async(ok, "FCMAE mask: values must be 0/1 and every sample must keep "
+                            "int(L * (1 - mask_ratio)) visible cells")
+
+
+def mask_order(mask: torch.Tensor) -> torch.Tensor:
+    """(N, L) cell indices: the visible cells ascending, then the masked cells ascending.
+
+    A stable sort of the 0/1 mask: shapes depend on nothing but the mask's shape, so there is
+    no ``nonzero`` and no host sync; ``order[:, :K]`` are the visible cells when each sample
+    keeps K.
+    """
+    return torch.argsort(mask.ne(0).to(torch.int32), dim=1, stable=True)
 
 
 @dataclass
@@ -80,19 +159,34 @@ class SparseLayout:
         return self.visible.shape[1]
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, grid_hw) -> "SparseLayout":
+    def from_mask(cls, mask: torch.Tensor, grid_hw, num_visible: int | None = None,
+                  order: torch.Tensor | None = None, check: bool = True) -> "SparseLayout":
+        """The layout of ``mask`` (N, L), 1 = masked.
+
+        ``num_visible``: the cells every sample keeps. Given, nothing is read back from the
+        device (the mask is checked asynchronously unless ``check=False``, or at once when it
+        lies on the CPU). Omitted, it is counted from the mask: free on the CPU, one
+        device-to-host sync on an accelerator, impossible inside torch.compile.
+        ``order``: ``mask_order(mask)`` when the caller has it already.
+        """
         hp, wp = (int(v) for v in grid_hw)
         n, cells = mask.shape
         if cells != hp * wp:
             raise ValueError(f"mask has {cells} cells per sample, the {hp}x{wp} grid needs {hp * wp}")
-        vis = mask == 0
-        counts = vis.sum(dim=1)
-        if n and bool((counts != counts[0]).any()):
-            raise ValueError(
-                "the sparse backend needs the same number of visible cells in every sample, got "
-                f"{sorted(set(counts.tolist()))}; use backend='dense' for such masks")
-        kp = int(counts[0]) if n else 0
-        visible = vis.nonzero()[:, 1].view(n, kp)
+        if num_visible is None:
+            if _compiling():
+                raise ValueError("inside torch.compile the number of visible cells must be "
+                                 "given (num_visible=); it cannot be read from the mask")
+            kp = count_visible(mask)
+        else:
+            kp = int(num_visible)
+            if not 0 <= kp <= cells:
+                raise ValueError(f"num_visible must be in [0, {cells}], got {kp}")
+            if check:
+                check_mask(mask, kp)
+        if order is None:
+            order = mask_order(mask)
+        visible = order[:, :kp]
         rows, cols = visible // wp, visible % wp
         stage_hw, flat_index = [], []
         batch_offset = torch.arange(n, device=mask.device).view(n, 1, 1)
@@ -138,7 +232,7 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
     sites is a gather of the (full-grid) input gradient, which itself is a forward depthwise
     conv with the flipped kernel (faster on CPU than the generic backward kernel). The
     zero-filled input grid is kept for the weight gradient (memory of one stage map per block,
-    the same as the dense network keeps).
+    the same as the dense network keeps). Plain tensor ops only: torch.compile traces it whole.
     """
 
     @staticmethod
@@ -168,12 +262,74 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
             grad_x = _from_grid(F.conv2d(grad_grid, flipped, None, padding=pad, groups=c),
                                 flat_index).view_as(grad_y)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad_grid, grid, weight, None, (1, 1), (pad, pad), (1, 1), False, (0, 0), c,
-                (False, True, False))[1]
+            grad_weight = depthwise_weight_grad(grad_grid, grid, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, c).sum(0)
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
+                          ) -> torch.Tensor:
+    """Weight gradient of a stride-1 'same' depthwise conv: (C, 1, k, k).
+
+    On the CPU, oneDNN's depthwise weight-gradient kernel is 5-20x slower than its forward
+    kernel for the same work. The same numbers come from a forward depthwise conv: fold the
+    batch into the channels, use the output gradient of each (sample, channel) as a kernel the
+    size of the map, and sum the (k x k) outputs over the batch. 2-6x faster here. Elsewhere
+    (cuDNN) and inside torch.compile, the library's own backward runs.
+    """
+    n, c, h, w = inp.shape
+    k = weight.shape[-1]
+    pad = k // 2
+    if inp.device.type != "cpu" or _compiling() or n * c * h * w == 0:
+        return torch.ops.aten.convolution_backward(
+            grad_out, inp, weight, None, (1, 1), (pad, pad), (1, 1), False, (0, 0), c,
+            (False, True, False))[1]
+    # input: all (sample, channel) planes as the channels of one image, channels-last memory
+    planes = inp.permute(2, 3, 0, 1).reshape(1, h, w, n * c).permute(0, 3, 1, 2)
+    kernels = grad_out.contiguous().view(n * c, 1, h, w)
+    out = F.conv2d(planes, kernels, None, padding=pad, groups=n * c)     # (1, N*C, k, k)
+    return out.view(n, c, k, k).sum(0, dtype=torch.float32).unsqueeze(1).to(weight.dtype)
+
+
+class _DepthwiseCPU(torch.autograd.Function):
+    """A 'same' stride-1 depthwise conv whose weight gradient uses ``depthwise_weight_grad``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        pad = weight.shape[-1] // 2
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=pad, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        pad = weight.shape[-1] // 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-1, -2), None, padding=pad, groups=x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = depthwise_weight_grad(grad, x, weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a depthwise 'same' conv (the blocks' 7x7); on the CPU in eager mode with
+    the fast weight gradient of ``depthwise_weight_grad``, elsewhere the module itself."""
+    if (x.device.type != "cpu" or _compiling() or not torch.is_grad_enabled()
+            or conv.weight.shape[0] != x.shape[1] or conv.groups != x.shape[1]
+            or conv.stride != (1, 1) or conv.dilation != (1, 1)
+            or tuple(conv.padding) != (conv.weight.shape[-2] // 2, conv.weight.shape[-1] // 2)
+            or conv._forward_hooks or conv._forward_pre_hooks):
+        return conv(x)
+    dtype = _autocast_dtype(x)
+    weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+    with autocast_off(x):
+        return _DepthwiseCPU.apply(x.to(dtype), weight, bias)
 
 
 def _to_grid(x: torch.Tensor, flat_index: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
@@ -193,13 +349,10 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
                        hw: tuple[int, int]) -> torch.Tensor:
     """Depthwise conv with outputs at the sites only, masked neighbours counting as zero."""
     weight, bias = conv.weight, conv.bias
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif bias is not None:
-        bias = bias.to(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    dtype = _autocast_dtype(x)  # autocast's dtype when it is on, else x's
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    with autocast_off(x):
         return _SubmanifoldDepthwise.apply(x, weight, bias, flat_index, x.shape[0], *hw)
 
 
@@ -223,12 +376,13 @@ def sparse_downsample(downsample, x: torch.Tensor) -> torch.Tensor:
 
 def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     """The encoder on the visible sites: (N, Kp, d3), one row per visible patch."""
+    block_fn = region(model, "sparse_block", sparse_block)
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
         if k > 0:
             x = sparse_downsample(stage.downsample, x)
         for block in stage.blocks:
-            x = sparse_block(block, x, layout.flat_index[k], layout.stage_hw[k])
+            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k])
     return x
 
 
@@ -257,11 +411,17 @@ def check_input(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> tu
     return hp, wp
 
 
-def sparse_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor
-                            ) -> torch.Tensor:
-    """The encoder's (N, d3, H/p, W/p) map computed on visible cells; masked cells exactly 0."""
+def sparse_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor,
+                            num_visible: int | None = None, *, order: torch.Tensor | None = None,
+                            check: bool = True) -> torch.Tensor:
+    """The encoder's (N, d3, H/p, W/p) map computed on visible cells; masked cells exactly 0.
+
+    ``num_visible``: the cells each sample keeps, known to the caller (FCMAE knows it from
+    its mask ratio): then nothing is read back from the device. Omitted, it is counted from
+    the mask. ``order`` and ``check``: see ``SparseLayout.from_mask``.
+    """
     grid_hw = check_input(model, imgs, mask)
-    layout = SparseLayout.from_mask(mask, grid_hw)
+    layout = SparseLayout.from_mask(mask, grid_hw, num_visible, order=order, check=check)
     if layout.num_visible == 0:  # everything masked (tiny grids): nothing to compute
         return imgs.new_zeros(imgs.shape[0], model.num_features, *grid_hw)
     return scatter_to_grid(sparse_encode(model, imgs, layout), layout)

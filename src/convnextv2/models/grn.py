@@ -13,6 +13,8 @@ backward for the same reason.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,19 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 or an unknown device type
         pass
     return x.dtype
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def autocast_off(x: torch.Tensor):
+    """Autocast switched off for ``x``'s device (a no-op context on the meta device, which
+    autocast does not know: shape-only runs, e.g. checking that nothing reads values back)."""
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -66,9 +81,12 @@ def grn_scale(x: torch.Tensor) -> torch.Tensor:
 
 def _norm_stats(x3: torch.Tensor):
     """(Gx, mean_c Gx + eps, Nx) in float32 for a (N, K, C) tensor; each (N, 1, C) or (N, 1, 1)."""
-    # (vector_norm allocates nothing the size of x3; x3 * x3 would: on CPU fresh large
-    # buffers cost page faults that make them slower than the arithmetic)
-    gx = torch.linalg.vector_norm(x3, ord=2, dim=1, keepdim=True, dtype=_acc(x3))
+    if x3.device.type == "cpu" and x3.dtype == torch.float32 and not _compiling():
+        # on the CPU, vector_norm over the middle axis is 1.5-20x slower than squaring and
+        # summing (measured on (32, K, C) site lists, the temporary included)
+        gx = x3.square().sum(dim=1, keepdim=True).sqrt_()
+    else:
+        gx = torch.linalg.vector_norm(x3, ord=2, dim=1, keepdim=True, dtype=_acc(x3))
     denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS
     return gx, denom, gx / denom
 
@@ -224,7 +242,7 @@ def grn_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight:
     fold = x3.shape[1] >= weight.shape[0]
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x3, gamma, beta, weight, bias, res3))
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x):
         if fold and grad:
             out = _GRNLinearFunction.apply(x3, gamma, beta, weight, bias, res3, gelu)
         elif fold:
@@ -244,6 +262,60 @@ def grn_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight:
     if residual is not None and res3 is None:
         out = residual + out
     return out
+
+
+class _GRNRowsFunction(torch.autograd.Function):
+    """GRN(act(x)) at a subset of rows: statistics over all K sites of each sample, output only
+    at ``rows`` (flat indices into N*K, the same number per sample), with a fused backward."""
+
+    @staticmethod
+    def forward(ctx, x3, gamma, beta, rows, gelu):
+        n, _, c = x3.shape
+        h = F.gelu(x3) if gelu else x3
+        gx, denom, nx = _norm_stats(h)
+        scale = torch.addcmul(torch.ones_like(nx), gamma.to(nx.dtype), nx)
+        hm = h.reshape(-1, c).index_select(0, rows).view(n, -1, c)
+        ctx.gelu = gelu
+        ctx.save_for_backward(x3, h if gelu else None, gamma, rows, gx, denom, nx, scale)
+        return torch.addcmul(beta.to(h.dtype), hm, scale.to(h.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x3, h, gamma, rows, gx, denom, nx, scale = ctx.saved_tensors
+        h = x3 if h is None else h
+        n, _, c = h.shape
+        acc = gx.dtype
+        g = grad_out.to(h.dtype)
+        hm = h.reshape(-1, c).index_select(0, rows).view(n, -1, c)
+        gx_dot = (g * hm).sum(dim=1, keepdim=True, dtype=acc)           # (N, 1, C)
+        grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
+        grad_beta = g.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
+        t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
+        grad_h = (h * t.to(h.dtype)).reshape(-1, c)                     # through the norm
+        grad_h.index_add_(0, rows, (g * scale.to(g.dtype)).reshape(-1, c))
+        grad_h = grad_h.view_as(h)
+        if ctx.gelu:
+            grad_h = torch.ops.aten.gelu_backward(grad_h, x3)
+        return grad_h, grad_gamma, grad_beta, None, None
+
+
+def grn_rows(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, rows: torch.Tensor,
+             gelu: bool = False) -> torch.Tensor:
+    """``grn(act(x))`` evaluated only at ``rows``: (N, M, C) from x (N, ..., C).
+
+    GRN's norm still sees every site of a sample (the result is exactly the rows of the full
+    GRN output); only the output, and what follows it, is restricted to the rows. ``rows`` are
+    flat indices into the N * K sites (K = sites per sample), M per sample, grouped by sample.
+    ``gelu=True`` applies exact GELU to ``x`` first. Statistics in float32 as in ``grn``.
+    """
+    n, c = x.shape[0], x.shape[-1]
+    x3 = x.reshape(n, -1, c)
+    if plain_math() or x3.shape[1] == 0:
+        h = F.gelu(x3) if gelu else x3
+        full = grn_reference(h, gamma, beta) if h.shape[1] else h
+        return full.reshape(-1, c).index_select(0, rows).view(n, -1, c)
+    with autocast_off(x):
+        return _GRNRowsFunction.apply(x3, gamma, beta, rows, gelu)
 
 
 class GRN(nn.Module):

@@ -162,6 +162,44 @@ def print_metrics(metrics: dict, keys) -> None:
             print(f"  {k:<{width}}  {metrics[k]:6.2f}")
 
 
+def write_json(path, metrics: dict) -> None:
+    """``--json FILE``: the metrics as JSON, never over an existing file."""
+    if not path:
+        return
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"--json {path} already exists; give a new file name")
+    path.write_text(json.dumps(metrics, indent=2))
+
+
+def predict_images(args, load, draw, describe) -> int:
+    """The ``predict`` loop both transfer commands share: ``load(checkpoint) -> (model,
+    classes)``, ``draw(model, pixels, classes, device) -> (picture, found)``, and
+    ``describe(found) -> str`` for the line printed per image. Every target name is checked
+    before the model runs on that image, so an existing PNG is never replaced."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from ..training.distributed import pick_device
+
+    images = check_images(args.images)
+    model, classes = load(args.checkpoint)
+    device = pick_device(args.device)
+    model.to(device)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        target = new_png(out, path)
+        try:
+            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        drawn, found = draw(model, pixels, classes, device)
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+        print(f"{path} -> {target}: {describe(found)}")
+    return 0
+
+
 # -- the command ----------------------------------------------------------------------------
 def add_arguments(p):
     from ..detection.train import RECIPE
@@ -300,35 +338,16 @@ def _eval(args) -> int:
     if info.is_main:
         print(f"{len(ds)} images of {data.val_ann.name}:")
         print_metrics(metrics, [k for k in metrics if "AR" not in k])
-        if args.json:
-            path = Path(args.json)
-            if path.exists():
-                raise ValueError(f"--json {path} already exists; give a new file name")
-            path.write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
     return 0
 
 
 def _predict(args) -> int:
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
     from ..detection.visualize import load_detector, predict_and_draw
-    from ..training.distributed import pick_device
 
-    images = check_images(args.images)
-    model, classes = load_detector(args.checkpoint)
-    device = pick_device(args.device)
-    model.to(device)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        target = new_png(out, path)
-        try:
-            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        drawn, found = predict_and_draw(model, pixels, classes, args.score_thresh, device)
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
-        print(f"{path}: {len(found)} objects -> {target}" + "".join(
+    return predict_images(
+        args, load_detector,
+        lambda model, pixels, classes, device: predict_and_draw(model, pixels, classes,
+                                                                args.score_thresh, device),
+        lambda found: f"{len(found)} objects" + "".join(
             f"\n  {n} {s:.2f}  box {[round(v) for v in b]}" for n, s, b in found))
-    return 0

@@ -3,11 +3,10 @@ ADE20K-layout data."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .detect import (add_backbone_options, add_run_options, check_images, new_png, pick,
-                     print_metrics, set_threads, transfer_config)
+from .detect import (add_backbone_options, add_run_options, pick, predict_images, print_metrics,
+                     set_threads, transfer_config, write_json)
 
 HELP = "Semantic segmentation (UPerNet) with a ConvNeXt V2 backbone."
 EPILOG = """examples:
@@ -164,35 +163,16 @@ def _eval(args) -> int:
         print(f"{len(ds)} validation images, {ds.num_classes} classes"
               f"{' (multi-scale + flip)' if args.tta else ''}:")
         print_metrics(metrics, ["mIoU", "aAcc", "mAcc"])
-        if args.json:
-            path = Path(args.json)
-            if path.exists():
-                raise ValueError(f"--json {path} already exists; give a new file name")
-            path.write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
     return 0
 
 
 def _predict(args) -> int:
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
     from ..segmentation.visualize import load_segmenter, predict_and_draw
-    from ..training.distributed import pick_device
 
-    images = check_images(args.images)
-    model, classes = load_segmenter(args.checkpoint)
-    device = pick_device(args.device)
-    model.to(device)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        target = new_png(out, path)
-        try:
-            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
-        drawn, share = predict_and_draw(model, pixels, classes, args.alpha, device)
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
-        print(f"{path} -> {target}: " + ", ".join(
-            f"{k} {100 * v:.0f}%" for k, v in sorted(share.items(), key=lambda kv: -kv[1])))
-    return 0
+    return predict_images(
+        args, load_segmenter,
+        lambda model, pixels, classes, device: predict_and_draw(model, pixels, classes,
+                                                                args.alpha, device),
+        lambda share: ", ".join(f"{k} {100 * v:.0f}%"
+                                for k, v in sorted(share.items(), key=lambda kv: -kv[1])))

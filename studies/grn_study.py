@@ -31,8 +31,8 @@ block lacks is folded into ``pwconv2`` (``s * (W x + b) = (s W) x + s b``, exact
 the source lacks is created as ones (the identity). Only GRN's presence changes at the phase
 boundary: the other conversions leave the network's function as it was.
 
-Budgets (``--budget``): ``smoke`` (every arm end to end in seconds, for CI), ``cpu`` (about an
-hour on 2 CPU cores), ``gpu`` (about 2.5 minutes on one H100: tiny models are launch-bound,
+Budgets (``--budget``): ``smoke`` (every arm end to end in seconds, for CI), ``cpu`` (32 min
+measured on 2 busy CPU cores), ``gpu`` (about 2.5 minutes on one H100: tiny models are launch-bound,
 so ``--jobs`` runs several training processes side by side on the GPU). A deadline stops
 launching, then kills, runs that would overrun; the table then gives n per cell.
 
@@ -98,7 +98,7 @@ BUDGETS = {
                   finetune_images=128, pretrain_epochs=1, finetune_epochs=1, pretrain_batch=32,
                   finetune_batch=32, pretrain_lr=2e-3, collapse_images=8, max_steps=2, jobs=1,
                   workers=0, deadline_s=None),
-    # about an hour on the shared 2-core machine, two runs side by side
+    # 32 min measured on the shared 2-core machine (load 2-6), two runs side by side
     "cpu": dict(arch=ARCH, seeds=3, pretrain_images=20000, test_images=5000,
                 finetune_images=5000, pretrain_epochs=2, finetune_epochs=3, pretrain_batch=128,
                 finetune_batch=128, pretrain_lr=1.5e-3, collapse_images=128, max_steps=None,

@@ -4,9 +4,21 @@ The fixtures are the small things many tests build: the toy architecture (four s
 block, widths 8-32, a few thousand parameters), folders of random images, and a tiny FCMAE.
 Factories are session-scoped so module-scoped fixtures can use them too.
 """
-import numpy as np
-import pytest
-import torch
+import getpass
+import os
+import tempfile
+
+# torch.compile's on-disk cache does not key its CPU kernels by ATEN_CPU_CAPABILITY: kernels
+# cached under one setting were seen to give NaN losses under another. One cache per setting
+# (chosen before torch is imported) keeps runs of the suite under different settings apart.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(),
+        f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 
 TOY_DEPTHS, TOY_DIMS = (1, 1, 1, 1), (8, 16, 24, 32)

@@ -62,39 +62,39 @@ def run(args) -> int:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def parse_random_spec(spec: str) -> tuple[str, dict]:
+def parse_random_source(source: str) -> tuple[str, dict]:
     """``random:NAME[,key=value...]`` -> (NAME, overrides); values are Python literals."""
     # split at commas that start a new ``key=``, so tuple values such as (1,1,1,1) stay whole
-    name, *pairs = re.split(r",(?=\s*\w+\s*=)", spec[len(RANDOM_PREFIX):])
+    name, *pairs = re.split(r",(?=\s*\w+\s*=)", source[len(RANDOM_PREFIX):])
     if "," in name:
-        raise ValueError(f"{spec!r}: expected random:NAME,key=value,... (e.g. "
+        raise ValueError(f"{source!r}: expected random:NAME,key=value,... (e.g. "
                          f"random:convnextv2_atto,use_grn=False)")
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{spec!r}: expected key=value after the model name, got {pair!r}")
+            raise ValueError(f"{source!r}: expected key=value after the model name, got {pair!r}")
         try:
             overrides[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            raise ValueError(f"{spec!r}: {value!r} is not a Python literal (e.g. False, 1e-6, "
+            raise ValueError(f"{source!r}: {value!r} is not a Python literal (e.g. False, 1e-6, "
                              f"(1,1,1,1))") from None
     return name, overrides
 
 
-def load_encoder(spec: str, seed: int = 0):
+def load_encoder(source: str, seed: int = 0):
     """A ConvNeXtV2 from a checkpoint path, an FCMAE file (its encoder) or ``random:NAME``."""
     import torch
 
     from ..models.registry import create_model
-    if spec.startswith(RANDOM_PREFIX):
-        name, overrides = parse_random_spec(spec)
+    if source.startswith(RANDOM_PREFIX):
+        name, overrides = parse_random_source(source)
         torch.manual_seed(seed)
         try:
             return create_model(name, **overrides)
         except TypeError as e:
-            raise ValueError(f"{spec!r}: {e}") from None
-    path = Path(spec)
+            raise ValueError(f"{source!r}: {e}") from None
+    path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (give a file, or "
                                 f"random:NAME for a randomly initialised model)")
@@ -113,10 +113,10 @@ def _is_fcmae_file(path: Path) -> bool:
         return (f.metadata() or {}).get("format") == "convnextv2-fcmae"
 
 
-def default_label(spec: str) -> str:
-    if spec.startswith(RANDOM_PREFIX):
-        return f"random {spec[len(RANDOM_PREFIX):]}"
-    path = Path(spec)
+def default_label(source: str) -> str:
+    if source.startswith(RANDOM_PREFIX):
+        return f"random {source[len(RANDOM_PREFIX):]}"
+    path = Path(source)
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
@@ -162,8 +162,8 @@ def run_collapse(args) -> int:
     out = writable_folder(args.output)
     images_by_chans: dict[int, object] = {}
     results = []
-    for spec, label in zip(args.checkpoint, labels):
-        model = load_encoder(spec, args.seed)
+    for source, label in zip(args.checkpoint, labels):
+        model = load_encoder(source, args.seed)
         chans = model.config["in_chans"]
         if chans not in images_by_chans:
             images_by_chans[chans] = sample_images(args.data, args.images, args.img_size, chans,
@@ -171,7 +171,7 @@ def run_collapse(args) -> int:
         profile = collapse_profile(model, images_by_chans[chans], args.batch_size,
                                    progress=True, site=args.site)
         mean = sum(profile["scores"]) / len(profile["scores"])
-        results.append(dict(label=label, checkpoint=spec, config=_plain(model.config),
+        results.append(dict(label=label, checkpoint=source, config=_plain(model.config),
                             mean_score=mean, **profile))
         print(f"{label:<30} blocks {len(profile['scores']):>3}  mean {mean:.4f}  "
               f"first {profile['scores'][0]:.4f}  last {profile['scores'][-1]:.4f}")

@@ -162,6 +162,26 @@ def print_metrics(metrics: dict, keys) -> None:
             print(f"  {k:<{width}}  {metrics[k]:6.2f}")
 
 
+def add_eval_options(e, batch_size: int) -> None:
+    """The options ``detect eval`` and ``segment eval`` share (besides checkpoint and data)."""
+    e.add_argument("--batch-size", type=int, default=batch_size)
+    e.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    e.add_argument("--device")
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--json", metavar="FILE", help="also write the metrics to this new file")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_predict_options(r) -> None:
+    """The options ``detect predict`` and ``segment predict`` share."""
+    r.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
+    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("--output", required=True, help="folder for the PNGs")
+    r.add_argument("--device")
+    r.add_argument("--threads", type=int)
+
+
 def write_json(path, metrics: dict) -> None:
     """``--json FILE``: the metrics as JSON, never over an existing file."""
     if not path:
@@ -231,23 +251,13 @@ def add_arguments(p):
     e.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
     e.add_argument("--data", help="COCO root (its val split), or 'builtin'")
     _add_data_overrides(e, ("val",))
-    e.add_argument("--batch-size", type=int, default=2)
-    e.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    e.add_argument("--device")
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--json", metavar="FILE", help="also write the metrics to this new file")
-    e.add_argument("--threads", type=int)
-    e.add_argument("--no-progress", dest="progress", action="store_false")
+    add_eval_options(e, batch_size=2)
     e.set_defaults(_action=_eval)
 
     r = sub.add_parser("predict", help="draw detections on images (PNG)",
                        description="Draw boxes, class names, scores and masks on images.")
-    r.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
-    r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--output", required=True, help="folder for the PNGs")
+    add_predict_options(r)
     r.add_argument("--score-thresh", type=float, default=0.5)
-    r.add_argument("--device")
-    r.add_argument("--threads", type=int)
     r.set_defaults(_action=_predict)
 
 

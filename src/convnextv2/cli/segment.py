@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .detect import (add_backbone_options, add_run_options, pick, predict_images, print_metrics,
-                     set_threads, transfer_config, write_json)
+from .detect import (add_backbone_options, add_eval_options, add_predict_options, add_run_options,
+                     pick, predict_images, print_metrics, set_threads, transfer_config,
+                     write_json)
 
 HELP = "Semantic segmentation (UPerNet) with a ConvNeXt V2 backbone."
 EPILOG = """examples:
@@ -64,23 +65,13 @@ def add_arguments(p):
     _add_data_options(e)
     e.add_argument("--tta", action="store_true",
                    help="multi-scale (0.75, 1.0, 1.25) + flip test, as the paper's numbers")
-    e.add_argument("--batch-size", type=int, default=1)
-    e.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    e.add_argument("--device")
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--json", metavar="FILE", help="also write the metrics to this new file")
-    e.add_argument("--threads", type=int)
-    e.add_argument("--no-progress", dest="progress", action="store_false")
+    add_eval_options(e, batch_size=1)
     e.set_defaults(_action=_eval)
 
     r = sub.add_parser("predict", help="colour maps of images (PNG)",
                        description="Colour each pixel by its predicted class, over the image.")
-    r.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
-    r.add_argument("images", nargs="+", help="image files")
-    r.add_argument("--output", required=True, help="folder for the PNGs")
+    add_predict_options(r)
     r.add_argument("--alpha", type=float, default=0.55, help="opacity of the colour map")
-    r.add_argument("--device")
-    r.add_argument("--threads", type=int)
     r.set_defaults(_action=_predict)
 
 

@@ -96,11 +96,12 @@ def worker_init(worker_id: int) -> None:
 
 def check_log_dir(log_dir: str | None) -> None:
     if log_dir:
-        import importlib.util
-        if importlib.util.find_spec("tensorboard") is None:
+        try:
+            import tensorboard  # noqa: F401  (only its presence is checked here)
+        except ImportError:
             raise ValueError(f"--log-dir {log_dir}: TensorBoard logging needs the tensorboard "
                              f"package (pip install tensorboard); metrics.jsonl is written "
-                             f"without it")
+                             f"without it") from None
 
 
 @contextlib.contextmanager

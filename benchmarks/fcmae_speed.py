@@ -4,6 +4,9 @@ Contenders (each a full training step: forward, backward, fused AdamW step, from
 initial weights, on the same images and masks):
 
   sparse        FCMAE, sparse backend (only visible sites computed)
+  sparse-triton the same with the Triton depthwise kernels (``sparse_dwconv="triton"``: the
+                7x7 evaluated at visible sites only instead of cuDNN on the zero-filled map;
+                CUDA only, a default contender there)
   masked-dense  FCMAE, masked dense convolution (the paper's reference backend)
   encoder       the plain dense encoder on unmasked images (forward_features, a trivial loss):
                 the step that FCMAE pretraining is compared against
@@ -49,7 +52,8 @@ from convnextv2.fcmae.fast import TrainStep, compile_blocks, compile_regions
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
 
-CONTENDERS = ("sparse", "masked-dense", "encoder")
+CONTENDERS = ("sparse", "sparse-triton", "masked-dense", "encoder")
+SPARSE = ("sparse", "sparse-triton")
 MODES = ("eager", "graph", "compile", "compile+graph", "reduce-overhead")
 
 
@@ -70,8 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", dest="modes", default=None,
                    help="comma-separated modes to try (default: eager[,graph] plus the compiled "
                         f"ones with --compile); of {', '.join(MODES)}")
-    p.add_argument("--contenders", default=",".join(CONTENDERS),
-                   help=f"comma-separated, of {', '.join(CONTENDERS)}")
+    p.add_argument("--contenders", default=None,
+                   help=f"comma-separated, of {', '.join(CONTENDERS)} (default: all; "
+                        "sparse-triton on CUDA only)")
     p.add_argument("--repeats", type=int, default=10, help="interleaved timed rounds (final)")
     p.add_argument("--select-repeats", type=int, default=5, help="timed steps per mode (selection)")
     p.add_argument("--warmup", type=int, default=None,
@@ -133,7 +138,8 @@ def build_variant(contender, mode, args, proto: FCMAE, imgs, masks) -> Variant:
         model = EncoderLoss(encoder).to(device)
     else:
         model = copy.deepcopy(proto).to(device)
-        model.set_backend("sparse" if contender == "sparse" else "dense")
+        model.set_backend("dense" if contender == "masked-dense" else "sparse",
+                          "triton" if contender == "sparse-triton" else "grid")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
                             fused=True)
@@ -223,7 +229,13 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         torch.backends.cudnn.benchmark = True  # fixed shapes: every contender gets its best algorithms
     modes = args.modes.split(",") if args.modes else default_modes(args)
-    contenders = args.contenders.split(",")
+    contenders = args.contenders.split(",") if args.contenders else [
+        c for c in CONTENDERS if cuda or c != "sparse-triton"]
+    unknown = sorted(set(contenders) - set(CONTENDERS))
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; choose from {CONTENDERS}")
+    if "sparse-triton" in contenders and not cuda:
+        raise SystemExit("contender 'sparse-triton' needs --device cuda (Triton kernels)")
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
@@ -308,11 +320,11 @@ def main(argv=None) -> int:
         print(f"  {v.name:30s} {med[v.contender] * 1e3:9.2f} ms/step  "
               f"{args.batch / med[v.contender]:9.1f} img/s  (min {min(v.times) * 1e3:.2f}, max "
               f"{max(v.times) * 1e3:.2f})" + (f"  peak {v.peak / 2**20:.0f} MiB" if v.peak else ""))
-    if "sparse" in med:
+    for sparse in [c for c in SPARSE if c in med]:
         for other in ("masked-dense", "encoder"):
             if other in med:
-                rounds = [o / s for o, s in zip(best[other].times, best["sparse"].times)]
-                print(f"  sparse step / {other} step: {med[other] / med['sparse']:.2f}x faster "
+                rounds = [o / t for o, t in zip(best[other].times, best[sparse].times)]
+                print(f"  {sparse} step / {other} step: {med[other] / med[sparse]:.2f}x faster "
                       f"(median of per-round ratios {statistics.median(rounds):.2f}x: both steps "
                       "of a round see the same background load)")
         if not cuda:  # CPU seconds of the process: what other processes' load changes least
@@ -322,32 +334,33 @@ def main(argv=None) -> int:
                       f"{c} {t * 1e3:.0f} ms" for c, t in cmed.items()))
             for other in ("masked-dense", "encoder"):
                 if other in cmed:
-                    print(f"  by CPU time: sparse step / {other} step: "
-                          f"{cmed[other] / cmed['sparse']:.2f}x faster")
-        sp, dn = best["sparse"], best.get("masked-dense")
+                    print(f"  by CPU time: {sparse} step / {other} step: "
+                          f"{cmed[other] / cmed[sparse]:.2f}x faster")
+        sp, dn = best[sparse], best.get("masked-dense")
         if dn is not None and sp.peak and dn.peak:
-            print(f"  peak memory sparse / masked-dense: {sp.peak / dn.peak:.2f}")
+            print(f"  peak memory {sparse} / masked-dense: {sp.peak / dn.peak:.2f}")
         cells = [f"{args.model.replace('convnextv2_', '')}, {args.batch}"
                  + ("" if args.amp == "bf16" else f", {args.amp}")]
-        for c in CONTENDERS:
+        for c in (sparse, "masked-dense", "encoder"):
             cells.append(f"{med[c] * 1e3:.1f} ms ({best[c].mode})" if c in med else "-")
-        cells.append(f"{med['masked-dense'] / med['sparse']:.2f}x" if "masked-dense" in med else "-")
-        cells.append(f"{med['encoder'] / med['sparse']:.2f}x" if "encoder" in med else "-")
+        cells.append(f"{med['masked-dense'] / med[sparse]:.2f}x" if "masked-dense" in med else "-")
+        cells.append(f"{med['encoder'] / med[sparse]:.2f}x" if "encoder" in med else "-")
         if dn is not None and sp.peak and dn.peak:
             cells.append(f"{sp.peak / 2**20:.0f} / {dn.peak / 2**20:.0f}")
-        print("  table row: | " + " | ".join(cells) + " |")
+        print(f"  table row ({sparse}): | " + " | ".join(cells) + " |")
     if args.profile:
-        profile_sparse(args, proto, imgs, masks)
+        for sparse in [c for c in SPARSE if c in contenders]:
+            profile_sparse(args, proto, imgs, masks, sparse)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 
-def profile_sparse(args, proto, imgs, masks) -> None:
+def profile_sparse(args, proto, imgs, masks, contender="sparse") -> None:
     """Where one eager sparse step spends its time: the largest kernels / operators."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device == "cuda"
-    v = build_variant("sparse", "eager", args, proto, imgs, masks)
+    v = build_variant(contender, "eager", args, proto, imgs, masks)
     for i in range(2):
         v.step(i)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -358,7 +371,7 @@ def profile_sparse(args, proto, imgs, masks) -> None:
         if cuda:
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print("\nprofile of one eager sparse step:")
+    print(f"\nprofile of one eager {contender} step:")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 

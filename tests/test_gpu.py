@@ -23,6 +23,18 @@ def no_tf32():
 TINY = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
 
 
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+TRITON = pytest.param("sparse-triton", marks=pytest.mark.skipif(not _has_triton(),
+                                                                 reason="Triton is not installed"))
+
+
 def _randomise_affine(model):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -41,11 +53,13 @@ def test_dense_model_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("in_chans,stem_stride,size", [(3, 4, (96, 64)), (1, 1, (32, 16))])
-def test_sparse_and_dense_backends_agree_on_cuda(in_chans, stem_stride, size):
+@pytest.mark.parametrize("dwconv", ["grid", pytest.param("triton", marks=pytest.mark.skipif(
+    not _has_triton(), reason="Triton is not installed"))])
+def test_sparse_and_dense_backends_agree_on_cuda(in_chans, stem_stride, size, dwconv):
     torch.manual_seed(0)
     enc = convnextv2.create_model("atto", in_chans=in_chans, stem_stride=stem_stride, **TINY)
     _randomise_affine(enc)
-    sparse = FCMAE(enc, decoder_embed_dim=32, backend="sparse").cuda()
+    sparse = FCMAE(enc, decoder_embed_dim=32, backend="sparse", sparse_dwconv=dwconv).cuda()
     dense = copy.deepcopy(sparse).set_backend("dense")
     imgs = torch.randn(3, in_chans, *size, device="cuda")
     grid = (size[0] // sparse.patch_size, size[1] // sparse.patch_size)
@@ -80,13 +94,51 @@ def _assert_same_grads(model, ref, tol):
 
 
 def _fcmae(backend="sparse", seed=0):
+    """``backend``: "sparse", "dense", or "sparse-triton" (the sparse backend with the Triton
+    depthwise kernels)."""
     torch.manual_seed(seed)
     enc = convnextv2.create_model("atto", **TINY)
     _randomise_affine(enc)
-    return FCMAE(enc, decoder_embed_dim=32, backend=backend).cuda().train()
+    dwconv = "triton" if backend == "sparse-triton" else "grid"
+    return FCMAE(enc, decoder_embed_dim=32, backend=backend.split("-")[0],
+                 sparse_dwconv=dwconv).cuda().train()
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+
+@pytest.mark.skipif(not _has_triton(), reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_depthwise_equals_cudnn_on_the_zero_filled_map(dtype):
+    """Every stage of a base-width encoder at 224 px (C = 128..1024, several channel and site
+    blocks): forward, input, weight and bias gradients against cuDNN in float32."""
+    import torch.nn.functional as F
+    from convnextv2.fcmae.sparse import SparseLayout, submanifold_dwconv
+
+    n, grid_hw = 4, (7, 7)
+    mask = random_mask(n, grid_hw, 0.6, generator=torch.Generator().manual_seed(0)).cuda()
+    layout = SparseLayout.from_mask(mask, grid_hw, num_visible=19)
+    for stage, c in enumerate((128, 256, 512, 1024)):
+        index, (h, w) = layout.flat_index[stage], layout.stage_hw[stage]
+        conv = torch.nn.Conv2d(c, c, 7, padding=3, groups=c).cuda()
+        x = torch.randn(n, index.numel() // n, c, device="cuda")
+        g = torch.randn_like(x)
+        xq, wq = x.to(dtype).float(), conv.weight.to(dtype).float()  # the values the kernel sees
+        x_ = xq.clone().requires_grad_(True)
+        w_, b_ = wq.clone().requires_grad_(True), conv.bias.detach().clone().requires_grad_(True)
+        grid = torch.zeros(n * h * w, c, device="cuda").index_put((index,), x_.reshape(-1, c))
+        ref = F.conv2d(grid.view(n, h, w, c).permute(0, 3, 1, 2), w_, b_, padding=3, groups=c)
+        ref = ref.permute(0, 2, 3, 1).reshape(-1, c)[index].view_as(x)
+        refs = [ref, *torch.autograd.grad((ref * g).sum(), [x_, w_, b_])]
+        conv = conv.to(dtype)
+        x_t = x.to(dtype).requires_grad_(True)
+        out = submanifold_dwconv(conv, x_t, index, (h, w), "triton")
+        gots = [out, *torch.autograd.grad((out.float() * g).sum(), [x_t, conv.weight, conv.bias])]
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        for what, got, want in zip(("forward", "grad x", "grad w", "grad b"), gots, refs):
+            err = ((got.float() - want).abs().max() / want.abs().max()).item()
+            assert err <= tol, f"stage {stage} {what}: {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", ["sparse", TRITON, "dense"])
 @pytest.mark.parametrize("amp", [False, True])
 def test_training_step_never_syncs_with_the_host(backend, amp):
     """No nonzero, no .item(), no host copy: the whole step under sync debug mode "error"
@@ -133,7 +185,7 @@ def test_a_bad_mask_on_the_device_fails_asynchronously():
     assert out.returncode != 0 and "assert" in (out.stderr + out.stdout).lower(), out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+@pytest.mark.parametrize("backend", ["sparse", TRITON, "dense"])
 def test_fullgraph_inductor_compile_matches_eager_on_cuda(backend):
     eager = _fcmae(backend, seed=1)
     twin = copy.deepcopy(eager)
@@ -167,7 +219,7 @@ def test_reduce_overhead_compile_matches_eager_on_cuda():
         _assert_same_grads(twin, eager, 1e-4)
 
 
-@pytest.mark.parametrize("backend", ["sparse", "dense"])
+@pytest.mark.parametrize("backend", ["sparse", TRITON, "dense"])
 def test_cuda_graph_train_step_equals_the_eager_steps(backend):
     from convnextv2.fcmae.fast import TrainStep
     eager = _fcmae(backend, seed=2)

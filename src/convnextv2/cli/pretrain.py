@@ -32,6 +32,10 @@ def add_arguments(p):
                    help="regress raw pixels instead of per-patch normalised ones")
     g.add_argument("--backend", choices=("sparse", "dense"), default=d.backend,
                    help="sparse encoder (default) or masked dense convolution")
+    g.add_argument("--sparse-dwconv", choices=("grid", "triton"), default=d.sparse_dwconv,
+                   help="the sparse encoder's depthwise 7x7: 'grid' (default; cuDNN/oneDNN on a "
+                        "zero-filled map) or 'triton' (kernels that compute visible sites only; "
+                        "CUDA with Triton, elsewhere 'grid')")
     g.add_argument("--init", metavar="CKPT",
                    help="start from these weights: an FCMAE file with its decoder (ours, or an "
                         "official FCMAE .pth) or any encoder checkpoint (decoder then fresh)")

@@ -16,8 +16,8 @@ from .masking import keyed_mask, num_visible, random_mask  # noqa: F401  (public
 from ..models.grn import grn_rows
 from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
-from .sparse import (_compiling, check_input, check_mask, count_visible, depthwise_conv,
-                     mask_order, region, sparse_forward_features)
+from .sparse import (DWCONV_KERNELS, _compiling, check_input, check_mask, count_visible,
+                     depthwise_conv, mask_order, region, sparse_forward_features)
 
 BACKENDS = ("sparse", "dense")
 NORM_PIX_EPS = 1e-6
@@ -33,6 +33,9 @@ class FCMAE(nn.Module):
         decoder_depth, decoder_embed_dim: decoder blocks and their width.
         norm_pix_loss: regress each patch normalised by its own mean and (unbiased) variance.
         backend: ``"sparse"`` or ``"dense"`` (masked dense convolution).
+        sparse_dwconv: the sparse backend's depthwise 7x7: ``"grid"`` (the library's dense
+            kernel on a zero-filled grid, outputs kept at visible sites) or ``"triton"``
+            (Triton kernels that compute visible sites only; CUDA, else "grid"). Same numbers.
         masked_decoder: in a training forward (``model.train()``, autograd on), run the part of
             the last decoder block after GRN's statistics (GRN, second Linear, skip) and the
             prediction layer only at masked cells, the only cells the loss reads. Same loss
@@ -53,7 +56,7 @@ class FCMAE(nn.Module):
     def __init__(self, encoder: str | ConvNeXtV2, *, mask_ratio: float = 0.6,
                  decoder_depth: int = 1, decoder_embed_dim: int = 512, norm_pix_loss: bool = True,
                  backend: str = "sparse", encoder_kwargs: dict | None = None,
-                 masked_decoder: bool = True):
+                 masked_decoder: bool = True, sparse_dwconv: str = "grid"):
         super().__init__()
         if isinstance(encoder, str):
             encoder = create_model(encoder, **{"num_classes": 0, **(encoder_kwargs or {})})
@@ -69,7 +72,7 @@ class FCMAE(nn.Module):
         self.masked_decoder = bool(masked_decoder)
         self.patch_size = encoder.total_stride
         self.in_chans = encoder.config["in_chans"]
-        self.set_backend(backend)
+        self.set_backend(backend, sparse_dwconv)
 
         p = self.patch_size
         self.proj = nn.Conv2d(encoder.num_features, decoder_embed_dim, kernel_size=1)
@@ -81,10 +84,15 @@ class FCMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- configuration -------------------------------------------------------------------
-    def set_backend(self, backend: str) -> "FCMAE":
+    def set_backend(self, backend: str, sparse_dwconv: str | None = None) -> "FCMAE":
+        """Switch the encoder's backend (and the sparse depthwise kernel, when given)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if sparse_dwconv is not None and sparse_dwconv not in DWCONV_KERNELS:
+            raise ValueError(f"sparse_dwconv must be one of {DWCONV_KERNELS}, got {sparse_dwconv!r}")
         self.backend = backend
+        if sparse_dwconv is not None:
+            self.sparse_dwconv = sparse_dwconv
         return self
 
     def grid_size(self, imgs: torch.Tensor) -> tuple[int, int]:
@@ -160,7 +168,8 @@ class FCMAE(nn.Module):
         """(N, d3, H/p, W/p) features of the visible cells; masked cells are exactly zero."""
         if self.backend == "sparse":
             check_input(self.encoder, imgs, mask)
-            return sparse_forward_features(self.encoder, imgs, mask, self.visible_count(mask))
+            return sparse_forward_features(self.encoder, imgs, mask, self.visible_count(mask),
+                                           dwconv=self.sparse_dwconv)
         return masked_dense_forward_features(self.encoder, imgs, mask)
 
     def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -208,7 +217,8 @@ class FCMAE(nn.Module):
                 check_mask(mask, kp)  # asynchronous; CPU masks were counted on the host
             order = mask_order(mask)
         if self.backend == "sparse":
-            latent = sparse_forward_features(self.encoder, imgs, mask, kp, order=order, check=False)
+            latent = sparse_forward_features(self.encoder, imgs, mask, kp, order=order, check=False,
+                                             dwconv=self.sparse_dwconv)
         else:
             latent = masked_dense_forward_features(self.encoder, imgs, mask)
         cells = mask.shape[1]

@@ -40,6 +40,7 @@ from ..models.grn import _autocast_dtype, autocast_off
 from ..models.model import Block, ConvNeXtV2
 
 LEVELS = 3  # downsamplings between stage 0 and the patch grid (stage 3)
+DWCONV_KERNELS = ("grid", "triton")  # the sparse depthwise: see submanifold_dwconv
 
 
 def _compiling() -> bool:
@@ -226,46 +227,67 @@ def sparse_stem(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> 
 
 
 class _SubmanifoldDepthwise(torch.autograd.Function):
-    """Depthwise conv evaluated at the sites only, on a zero-filled channels-last grid.
+    """Depthwise conv evaluated at the sites only, reading neighbours from a zero-filled grid.
 
-    Written as one autograd node so that backward needs no scatter_add: the gradient w.r.t. the
-    sites is a gather of the (full-grid) input gradient, which itself is a forward depthwise
-    conv with the flipped kernel (faster on CPU than the generic backward kernel). The
-    zero-filled input grid is kept for the weight gradient (memory of one stage map per block,
-    the same as the dense network keeps). Plain tensor ops only: torch.compile traces it whole.
+    ``kernel="grid"``: the library's dense depthwise conv on the zero-filled channels-last grid,
+    outputs gathered at the sites. ``kernel="triton"``: ``triton_dwconv``'s kernels, which
+    compute the sites' outputs only. One autograd node, so that backward needs no scatter_add:
+    the gradient w.r.t. the sites comes from the zero-filled grid of the output gradient with
+    the flipped kernel (for "grid" a forward depthwise conv, faster on CPU than the generic
+    backward kernel). Only the sites are kept for backward, not the zero-filled grid (40% of its
+    memory at mask ratio 0.6); backward rebuilds the grid with one scatter. Plain tensor ops and
+    custom ops only: torch.compile traces it whole.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, flat_index, n, h, w):
+    def forward(ctx, x, weight, bias, flat_index, n, h, w, kernel):
         c = x.shape[-1]
         grid = _to_grid(x, flat_index, n, h, w)
-        out = F.conv2d(grid, weight, None, padding=weight.shape[-1] // 2, groups=c)
-        y = _from_grid(out, flat_index).view_as(x)
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(grid, weight, flat_index)
+        if kernel == "triton":
+            from .triton_dwconv import dwconv_at_sites  # imports Triton: only when chosen
+
+            y = dwconv_at_sites(grid.permute(0, 2, 3, 1), flat_index, weight, bias).view_as(x)
+        else:
+            out = F.conv2d(grid, weight, None, padding=weight.shape[-1] // 2, groups=c)
+            y = _from_grid(out, flat_index).view_as(x)
+            if bias is not None:
+                y = y + bias
+        ctx.save_for_backward(x, weight, flat_index)
         ctx.shape = (n, h, w)
         ctx.has_bias = bias is not None
+        ctx.kernel = kernel
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        grid, weight, flat_index = ctx.saved_tensors
+        x, weight, flat_index = ctx.saved_tensors
         n, h, w = ctx.shape
-        c = grid.shape[1]
+        c = x.shape[-1]
         pad = weight.shape[-1] // 2
         grad_y = grad_y.contiguous()
         grad_grid = _to_grid(grad_y, flat_index, n, h, w)
         grad_x = grad_weight = grad_bias = None
+        triton = ctx.kernel == "triton"
+        if triton:
+            from .triton_dwconv import dwconv_at_sites, dwconv_at_sites_weight_grad
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(-1, -2)
-            grad_x = _from_grid(F.conv2d(grad_grid, flipped, None, padding=pad, groups=c),
-                                flat_index).view_as(grad_y)
+            if triton:
+                grad_x = dwconv_at_sites(grad_grid.permute(0, 2, 3, 1), flat_index, flipped)
+            else:
+                grad_x = _from_grid(F.conv2d(grad_grid, flipped, None, padding=pad, groups=c),
+                                    flat_index)
+            grad_x = grad_x.view_as(grad_y)
         if ctx.needs_input_grad[1]:
-            grad_weight = depthwise_weight_grad(grad_grid, grid, weight)
+            grid = _to_grid(x, flat_index, n, h, w)
+            if triton:
+                grad_weight = dwconv_at_sites_weight_grad(grid.permute(0, 2, 3, 1), flat_index,
+                                                          grad_y.view(-1, c), weight)
+            else:
+                grad_weight = depthwise_weight_grad(grad_grid, grid, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, c).sum(0)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
@@ -289,7 +311,8 @@ def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: tor
     planes = inp.permute(2, 3, 0, 1).reshape(1, h, w, n * c).permute(0, 3, 1, 2)
     kernels = grad_out.contiguous().view(n * c, 1, h, w)
     out = F.conv2d(planes, kernels, None, padding=pad, groups=n * c)     # (1, N*C, k, k)
-    return out.view(n, c, k, k).sum(0, dtype=torch.float32).unsqueeze(1).to(weight.dtype)
+    acc = torch.promote_types(out.dtype, torch.float32)  # float32 for half types, else as is
+    return out.view(n, c, k, k).sum(0, dtype=acc).unsqueeze(1).to(weight.dtype)
 
 
 class _DepthwiseCPU(torch.autograd.Function):
@@ -345,21 +368,39 @@ def _from_grid(grid: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, flat_index)
 
 
+def resolve_dwconv(dwconv: str, x: torch.Tensor) -> str:
+    """The depthwise kernel that runs on ``x``: "triton" only where ``triton_dwconv`` can run
+    (CUDA; CPU under Triton's interpreter, outside torch.compile), else "grid"."""
+    if dwconv not in DWCONV_KERNELS:
+        raise ValueError(f"dwconv must be one of {DWCONV_KERNELS}, got {dwconv!r}")
+    if dwconv == "triton":
+        from .triton_dwconv import supported  # imports Triton (half a second): only when asked
+
+        if not supported(x) or (x.device.type == "cpu" and _compiling()):
+            return "grid"
+    return dwconv
+
+
 def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch.Tensor,
-                       hw: tuple[int, int]) -> torch.Tensor:
-    """Depthwise conv with outputs at the sites only, masked neighbours counting as zero."""
+                       hw: tuple[int, int], dwconv: str = "grid") -> torch.Tensor:
+    """Depthwise conv with outputs at the sites only, masked neighbours counting as zero.
+
+    ``dwconv``: "grid" (the library's dense conv on the zero-filled grid) or "triton" (kernels
+    that compute the sites only; "grid" where Triton cannot run, see ``resolve_dwconv``).
+    """
+    kernel = resolve_dwconv(dwconv, x)
     weight, bias = conv.weight, conv.bias
     dtype = _autocast_dtype(x)  # autocast's dtype when it is on, else x's
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     with autocast_off(x):
-        return _SubmanifoldDepthwise.apply(x, weight, bias, flat_index, x.shape[0], *hw)
+        return _SubmanifoldDepthwise.apply(x, weight, bias, flat_index, x.shape[0], *hw, kernel)
 
 
 def sparse_block(block: Block, x: torch.Tensor, flat_index: torch.Tensor,
-                 hw: tuple[int, int]) -> torch.Tensor:
+                 hw: tuple[int, int], dwconv: str = "grid") -> torch.Tensor:
     """One block on the (N, K, C) sites; ``Block.mlp`` (fused GRN + Linear) works on them as is."""
-    y = submanifold_dwconv(block.dwconv, x, flat_index, hw)
+    y = submanifold_dwconv(block.dwconv, x, flat_index, hw, dwconv)
     if isinstance(block.drop_path, nn.Identity) or not block.training:
         return block.mlp(y, residual=x)  # the skip connection is added inside the last matmul
     return x + block.drop_path(block.mlp(y))
@@ -374,15 +415,17 @@ def sparse_downsample(downsample, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.reshape(n, k // 4, 4 * c), weight, conv.bias)
 
 
-def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
-    """The encoder on the visible sites: (N, Kp, d3), one row per visible patch."""
+def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
+                  dwconv: str = "grid") -> torch.Tensor:
+    """The encoder on the visible sites: (N, Kp, d3), one row per visible patch.
+    ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``."""
     block_fn = region(model, "sparse_block", sparse_block)
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
         if k > 0:
             x = sparse_downsample(stage.downsample, x)
         for block in stage.blocks:
-            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k])
+            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], dwconv)
     return x
 
 
@@ -413,15 +456,16 @@ def check_input(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> tu
 
 def sparse_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor,
                             num_visible: int | None = None, *, order: torch.Tensor | None = None,
-                            check: bool = True) -> torch.Tensor:
+                            check: bool = True, dwconv: str = "grid") -> torch.Tensor:
     """The encoder's (N, d3, H/p, W/p) map computed on visible cells; masked cells exactly 0.
 
     ``num_visible``: the cells each sample keeps, known to the caller (FCMAE knows it from
     its mask ratio): then nothing is read back from the device. Omitted, it is counted from
-    the mask. ``order`` and ``check``: see ``SparseLayout.from_mask``.
+    the mask. ``order`` and ``check``: see ``SparseLayout.from_mask``. ``dwconv``: the blocks'
+    depthwise kernel, "grid" or "triton" (see ``submanifold_dwconv``).
     """
     grid_hw = check_input(model, imgs, mask)
     layout = SparseLayout.from_mask(mask, grid_hw, num_visible, order=order, check=check)
     if layout.num_visible == 0:  # everything masked (tiny grids): nothing to compute
         return imgs.new_zeros(imgs.shape[0], model.num_features, *grid_hw)
-    return scatter_to_grid(sparse_encode(model, imgs, layout), layout)
+    return scatter_to_grid(sparse_encode(model, imgs, layout, dwconv), layout)

@@ -36,6 +36,7 @@ from ..data import (IndexedDataset, build_dataset, describe_source, eval_transfo
 from ..fcmae import io as fcmae_io
 from ..fcmae.fcmae import FCMAE
 from ..fcmae.masking import keyed_mask
+from ..fcmae.sparse import DWCONV_KERNELS
 from ..models.registry import create_model
 from ..training import fsdp
 from ..training.config import RunConfig, check_writable
@@ -52,7 +53,7 @@ RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_b
                      "model_kwargs", "img_size", "data", "effective_batch", "seed", "mask_ratio",
                      "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt")
 RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas",
-                     "clip_grad", "amp", "backend")
+                     "clip_grad", "amp", "backend", "sparse_dwconv")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PretrainConfig(RunConfig):
     decoder_depth: int = RECIPE["decoder_depth"]
     decoder_dim: int = RECIPE["decoder_embed_dim"]
     backend: str = "sparse"
+    sparse_dwconv: str = "grid"          # the sparse depthwise kernel: "grid" or "triton"
     blr: float = RECIPE["blr"]
     lr: float | None = None              # None: blr * effective batch / 256
     min_lr: float = RECIPE["min_lr"]
@@ -105,6 +107,9 @@ def _check_config(cfg: PretrainConfig) -> None:
                          f"got {cfg.wd_exempt!r}")
     if cfg.backend not in ("sparse", "dense"):
         raise ValueError(f"--backend must be sparse or dense, got {cfg.backend!r}")
+    if cfg.sparse_dwconv not in DWCONV_KERNELS:
+        raise ValueError(f"--sparse-dwconv must be one of {', '.join(DWCONV_KERNELS)}, "
+                         f"got {cfg.sparse_dwconv!r}")
     if cfg.recon_every < 0:
         raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
     for name in ("blr", "min_lr", "lr", "warmup_epochs", "clip_grad"):
@@ -118,7 +123,7 @@ def build_fcmae(cfg: PretrainConfig):
     encoder = create_model(cfg.model, num_classes=0, **cfg.architecture())
     fcmae = FCMAE(encoder, mask_ratio=cfg.mask_ratio, decoder_depth=cfg.decoder_depth,
                   decoder_embed_dim=cfg.decoder_dim, norm_pix_loss=cfg.norm_pix_loss,
-                  backend=cfg.backend)
+                  backend=cfg.backend, sparse_dwconv=cfg.sparse_dwconv)
     # FCMAE never uses the encoder's final norm/head: freeze it so DDP does not wait for
     # gradients that never come (it is still saved, at its initial values)
     fcmae.encoder.head.requires_grad_(False)

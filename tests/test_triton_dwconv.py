@@ -60,3 +60,23 @@ def test_unknown_kernel_is_refused(tiny_fcmae):
         resolve_dwconv("cudnn", torch.zeros(1))
     with pytest.raises(ValueError, match="sparse_dwconv must be one of"):
         FCMAE.set_backend(tiny_fcmae(), "sparse", "cudnn")
+
+
+def test_neighbour_table_by_hand():
+    """Two 3x3 maps; sites on sample 0's diagonal and at sample 1's corner (flat 9, right
+    after sample 0's last site, flat 8: the table must not reach across samples)."""
+    from convnextv2.fcmae.triton_dwconv import neighbour_table
+
+    table = neighbour_table(torch.tensor([0, 4, 8, 9]), n=2, h=3, w=3, ks=3)
+    # taps in row-major (dy, dx) order, from (-1, -1) to (1, 1); one column per site
+    want = torch.tensor([[-1, 0, 1, -1],
+                         [-1, -1, -1, -1],
+                         [-1, -1, -1, -1],
+                         [-1, -1, -1, -1],
+                         [0, 1, 2, 3],
+                         [-1, -1, -1, -1],
+                         [-1, -1, -1, -1],
+                         [-1, -1, -1, -1],
+                         [1, 2, -1, -1]], dtype=torch.int32)
+    assert table.dtype == torch.int32
+    assert torch.equal(table, want)

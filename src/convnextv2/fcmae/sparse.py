@@ -8,10 +8,12 @@ reshape to (N, K/4, 4C) plus one matrix multiply, and stage k+1's order is stage
 groups of four merged. The stem is a gather of the visible pixel patches and the stem conv on
 them alone. LayerNorm, the Linear layers, GELU and GRN act on the (N, K, C) list as they are
 (``Block.mlp``, with GRN fused into the Linear after it), so their cost scales with the visible
-fraction. Only the depthwise 7x7 needs neighbours: it scatters the
-sites into a zero-filled channels-last grid, runs the dense depthwise convolution and gathers
-the visible outputs back (submanifold semantics: outputs only at visible sites, masked
-neighbours count as zero).
+fraction. Only the depthwise 7x7 needs neighbours (submanifold semantics: outputs only at
+visible sites, masked neighbours count as zero). Two kernels for it, with the same numbers:
+``dwconv="grid"`` (default) scatters the sites into a zero-filled channels-last grid, runs the
+library's dense depthwise convolution and gathers the visible outputs back;
+``dwconv="triton"`` (``triton_dwconv``, CUDA) computes the visible outputs only, reading
+neighbours through a per-stage neighbour table.
 
 Everything uses the dense model's own parameters, so gradients land on the dense model.
 
@@ -227,35 +229,27 @@ def sparse_stem(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> 
 
 
 class _SubmanifoldDepthwise(torch.autograd.Function):
-    """Depthwise conv evaluated at the sites only, reading neighbours from a zero-filled grid.
+    """Depthwise conv evaluated at the sites only, on a zero-filled channels-last grid.
 
-    ``kernel="grid"``: the library's dense depthwise conv on the zero-filled channels-last grid,
-    outputs gathered at the sites. ``kernel="triton"``: ``triton_dwconv``'s kernels, which
-    compute the sites' outputs only. One autograd node, so that backward needs no scatter_add:
-    the gradient w.r.t. the sites comes from the zero-filled grid of the output gradient with
-    the flipped kernel (for "grid" a forward depthwise conv, faster on CPU than the generic
-    backward kernel). Only the sites are kept for backward, not the zero-filled grid (40% of its
-    memory at mask ratio 0.6); backward rebuilds the grid with one scatter. Plain tensor ops and
-    custom ops only: torch.compile traces it whole.
+    Written as one autograd node so that backward needs no scatter_add: the gradient w.r.t. the
+    sites is a gather of the (full-grid) input gradient, which itself is a forward depthwise
+    conv with the flipped kernel (faster on CPU than the generic backward kernel). Only the
+    sites are kept for backward, not the zero-filled grid (40% of its memory at mask ratio
+    0.6); backward rebuilds the grid with one scatter for the weight gradient (no slower here).
+    Plain tensor ops only: torch.compile traces it whole.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, flat_index, n, h, w, kernel):
+    def forward(ctx, x, weight, bias, flat_index, n, h, w):
         c = x.shape[-1]
         grid = _to_grid(x, flat_index, n, h, w)
-        if kernel == "triton":
-            from .triton_dwconv import dwconv_at_sites  # imports Triton: only when chosen
-
-            y = dwconv_at_sites(grid.permute(0, 2, 3, 1), flat_index, weight, bias).view_as(x)
-        else:
-            out = F.conv2d(grid, weight, None, padding=weight.shape[-1] // 2, groups=c)
-            y = _from_grid(out, flat_index).view_as(x)
-            if bias is not None:
-                y = y + bias
+        out = F.conv2d(grid, weight, None, padding=weight.shape[-1] // 2, groups=c)
+        y = _from_grid(out, flat_index).view_as(x)
+        if bias is not None:
+            y = y + bias
         ctx.save_for_backward(x, weight, flat_index)
         ctx.shape = (n, h, w)
         ctx.has_bias = bias is not None
-        ctx.kernel = kernel
         return y
 
     @staticmethod
@@ -267,27 +261,15 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_grid = _to_grid(grad_y, flat_index, n, h, w)
         grad_x = grad_weight = grad_bias = None
-        triton = ctx.kernel == "triton"
-        if triton:
-            from .triton_dwconv import dwconv_at_sites, dwconv_at_sites_weight_grad
         if ctx.needs_input_grad[0]:
             flipped = weight.flip(-1, -2)
-            if triton:
-                grad_x = dwconv_at_sites(grad_grid.permute(0, 2, 3, 1), flat_index, flipped)
-            else:
-                grad_x = _from_grid(F.conv2d(grad_grid, flipped, None, padding=pad, groups=c),
-                                    flat_index)
-            grad_x = grad_x.view_as(grad_y)
+            grad_x = _from_grid(F.conv2d(grad_grid, flipped, None, padding=pad, groups=c),
+                                flat_index).view_as(grad_y)
         if ctx.needs_input_grad[1]:
-            grid = _to_grid(x, flat_index, n, h, w)
-            if triton:
-                grad_weight = dwconv_at_sites_weight_grad(grid.permute(0, 2, 3, 1), flat_index,
-                                                          grad_y.view(-1, c), weight)
-            else:
-                grad_weight = depthwise_weight_grad(grad_grid, grid, weight)
+            grad_weight = depthwise_weight_grad(grad_grid, _to_grid(x, flat_index, n, h, w), weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.reshape(-1, c).sum(0)
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
@@ -382,11 +364,14 @@ def resolve_dwconv(dwconv: str, x: torch.Tensor) -> str:
 
 
 def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch.Tensor,
-                       hw: tuple[int, int], dwconv: str = "grid") -> torch.Tensor:
+                       hw: tuple[int, int], dwconv: str = "grid",
+                       neighbours: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise conv with outputs at the sites only, masked neighbours counting as zero.
 
     ``dwconv``: "grid" (the library's dense conv on the zero-filled grid) or "triton" (kernels
-    that compute the sites only; "grid" where Triton cannot run, see ``resolve_dwconv``).
+    that compute the sites only, ``triton_dwconv``; "grid" where Triton cannot run, see
+    ``resolve_dwconv``). ``neighbours``: the stage's ``triton_dwconv.neighbour_table``, shared
+    by its blocks (built here when not given); unused by "grid".
     """
     kernel = resolve_dwconv(dwconv, x)
     weight, bias = conv.weight, conv.bias
@@ -394,13 +379,21 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     with autocast_off(x):
-        return _SubmanifoldDepthwise.apply(x, weight, bias, flat_index, x.shape[0], *hw, kernel)
+        if kernel == "triton":
+            from .triton_dwconv import dwconv_at_sites, neighbour_table
+
+            if neighbours is None:
+                neighbours = neighbour_table(flat_index, x.shape[0], *hw, weight.shape[-1])
+            return dwconv_at_sites(x.reshape(-1, x.shape[-1]), weight, bias, neighbours).view_as(x)
+        return _SubmanifoldDepthwise.apply(x, weight, bias, flat_index, x.shape[0], *hw)
 
 
 def sparse_block(block: Block, x: torch.Tensor, flat_index: torch.Tensor,
-                 hw: tuple[int, int], dwconv: str = "grid") -> torch.Tensor:
-    """One block on the (N, K, C) sites; ``Block.mlp`` (fused GRN + Linear) works on them as is."""
-    y = submanifold_dwconv(block.dwconv, x, flat_index, hw, dwconv)
+                 hw: tuple[int, int], dwconv: str = "grid",
+                 neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    """One block on the (N, K, C) sites; ``Block.mlp`` (fused GRN + Linear) works on them as is.
+    ``dwconv``, ``neighbours``: the depthwise kernel, see ``submanifold_dwconv``."""
+    y = submanifold_dwconv(block.dwconv, x, flat_index, hw, dwconv, neighbours)
     if isinstance(block.drop_path, nn.Identity) or not block.training:
         return block.mlp(y, residual=x)  # the skip connection is added inside the last matmul
     return x + block.drop_path(block.mlp(y))
@@ -420,12 +413,23 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
     """The encoder on the visible sites: (N, Kp, d3), one row per visible patch.
     ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``."""
     block_fn = region(model, "sparse_block", sparse_block)
+    triton = resolve_dwconv(dwconv, imgs) == "triton"
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
         if k > 0:
             x = sparse_downsample(stage.downsample, x)
+        tables = {}  # kernel size -> neighbour table: one per stage, shared by its blocks
         for block in stage.blocks:
-            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], dwconv)
+            neighbours = None
+            if triton:
+                from .triton_dwconv import neighbour_table
+
+                ks = block.dwconv.weight.shape[-1]
+                if ks not in tables:
+                    tables[ks] = neighbour_table(layout.flat_index[k], layout.batch,
+                                                 *layout.stage_hw[k], ks)
+                neighbours = tables[ks]
+            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], dwconv, neighbours)
     return x
 
 

@@ -80,3 +80,22 @@ def test_neighbour_table_by_hand():
                          [1, 2, -1, -1]], dtype=torch.int32)
     assert table.dtype == torch.int32
     assert torch.equal(table, want)
+
+
+def test_pretrain_with_triton_on_the_cpu_says_so_and_trains_the_same(
+        tmp_path, make_images, toy_cli, capsys, monkeypatch):
+    from convnextv2 import training as T
+    from convnextv2.cli import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data = make_images(tmp_path / "images", 8, size=(32, 32))
+    args = [*toy_cli, "--img-size", "32", "--batch-size", "4", "--decoder-dim", "16",
+            "--workers", "0", "--deterministic", "--no-progress", "--device", "cpu",
+            "--data", str(data), "--epochs", "1"]
+    losses = {}
+    for kernel in ("grid", "triton"):
+        out = tmp_path / kernel
+        assert main(["pretrain", *args, "--output", str(out), "--sparse-dwconv", kernel]) == 0
+        losses[kernel] = [r["loss"] for r in T.read_metrics(out / "metrics.jsonl")]
+    assert len(losses["grid"]) == 2 and losses["grid"] == losses["triton"]
+    assert "Triton kernels need CUDA" in capsys.readouterr().out

@@ -36,7 +36,7 @@ from ..data import (IndexedDataset, build_dataset, describe_source, eval_transfo
 from ..fcmae import io as fcmae_io
 from ..fcmae.fcmae import FCMAE
 from ..fcmae.masking import keyed_mask
-from ..fcmae.sparse import DWCONV_KERNELS
+from ..fcmae.sparse import DWCONV_KERNELS, resolve_dwconv
 from ..models.registry import create_model
 from ..training import fsdp
 from ..training.config import RunConfig, check_writable
@@ -283,7 +283,13 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
                 f"{len(base)} images, {facts['steps_per_epoch']} steps/epoch, effective batch "
                 f"{facts['effective_batch']}, lr {facts['lr']:.3g}, device {info.device}"
                 + (f", {info.world_size} processes" if info.distributed else ""))
-    for note in (*notes, getattr(base, "num_skipped", 0)
+    dwconv_note = None
+    if cfg.backend == "sparse" and cfg.sparse_dwconv == "triton":
+        kernel = resolve_dwconv("triton", torch.empty(0, device=info.device))
+        dwconv_note = ("depthwise 7x7: Triton kernels at visible sites" if kernel == "triton" else
+                       f"--sparse-dwconv triton: Triton kernels need CUDA (and Triton); "
+                       f"{info.device} runs the 'grid' kernel (same numbers)")
+    for note in (*notes, dwconv_note, getattr(base, "num_skipped", 0)
                  and f"skipped {base.num_skipped} unreadable image(s)"):
         if note:
             trainer.say(note)

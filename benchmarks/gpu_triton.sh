@@ -2,7 +2,8 @@
 # One GPU session for the Triton depthwise (sparse_dwconv="triton"), most important first, sized
 # for a ~10-minute device slot (each part under its own limit; logs in $OUT, default ./gpu_logs):
 #   1. the CUDA tests without compilation: the Triton kernels against cuDNN (fp32, bf16), the
-#      step under sync-debug "error", the CUDA-graph step, sparse == masked dense;
+#      step under sync-debug "error", the CUDA-graph step, sparse == masked dense; then one
+#      depthwise layer per stage, grid vs Triton (benchmarks/dwconv_kernels.py);
 #   2. the three benchmark rows (base b64, large b32, atto b256; bf16, 224 px, compile+graph),
 #      sparse (cuDNN on the zero-filled map) vs sparse-triton vs masked-dense, three processes
 #      whose compilations overlap and whose timed rounds take turns (--barrier);
@@ -19,6 +20,9 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
 timeout ${TEST_S:-120} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not compile" > "$OUT/test_gpu.log" 2>&1
 echo "tests done at $(elapsed) s" >> "$OUT/times.txt"
+timeout ${LAYER_S:-60} $PY benchmarks/dwconv_kernels.py --model convnextv2_base --batch 64 > "$OUT/dwconv_layers_base_b64.log" 2>&1
+timeout 30 $PY benchmarks/dwconv_kernels.py --model convnextv2_atto --batch 256 > "$OUT/dwconv_layers_atto_b256.log" 2>&1
+echo "layer timings done at $(elapsed) s" >> "$OUT/times.txt"
 LIMIT=${ROWS_S:-280}
 B="$OUT/barrier"
 COMMON="benchmarks/fcmae_speed.py --device cuda --amp bf16 --compile --mode compile+graph --repeats 10 --barrier $B --barrier-count 3 --barrier-timeout 40 --contenders sparse,sparse-triton,masked-dense"
@@ -31,7 +35,7 @@ echo "rows done at $(elapsed) s" >> "$OUT/times.txt"
 timeout ${PROFILE_S:-60} $PY benchmarks/fcmae_speed.py --device cuda --amp bf16 --mode eager --repeats 5 \
   --contenders sparse,sparse-triton --model convnextv2_base --batch 64 --profile > "$OUT/profile_base_b64.log" 2>&1
 echo "profile done at $(elapsed) s" >> "$OUT/times.txt"
-if [ "$(elapsed)" -lt "${REST_AFTER_S:-470}" ]; then
+if [ "$(elapsed)" -lt "${REST_AFTER_S:-440}" ]; then
   timeout $(( 580 - $(elapsed) )) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "compile" > "$OUT/test_gpu_compile.log" 2>&1
   echo "compile tests done at $(elapsed) s" >> "$OUT/times.txt"
 fi

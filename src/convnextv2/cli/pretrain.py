@@ -11,6 +11,7 @@ EPILOG = """examples:
   convnextv2 pretrain ... --resume auto            # continue the newest checkpoint in --output
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
   torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...  # docs/distributed.md
+  convnextv2 pretrain --model base --data /imagenet --amp bf16 --decode device --workers 4 ...
 
 --data: an ImageFolder tree (train/ is used), a class-folder root or a plain folder of images
 (labels are ignored), a Fashion-MNIST IDX folder, or 'builtin' (packaged Fashion-MNIST subset).
@@ -46,6 +47,11 @@ def add_arguments(p):
                    help="run folder (created; one holding a run needs --resume or --overwrite)")
     g.add_argument("--img-size", type=int, default=d.img_size,
                    help="crop size, a multiple of the patch size (default 224)")
+    g.add_argument("--decode", choices=("cpu", "device"), default=d.decode,
+                   help="where training images are decoded and augmented: 'cpu' (default; "
+                        "in the --workers processes) or 'device' (JPEGs decoded in batches on "
+                        "the training device, nvJPEG on CUDA; workers only read files and draw "
+                        "the same crops and flips; RGB image folders only; docs/data_pipeline.md)")
     g.add_argument("--recon-every", type=int, default=d.recon_every, metavar="EPOCHS",
                    help="reconstruction figure every N epochs (default 10; 0: only at the end)")
 

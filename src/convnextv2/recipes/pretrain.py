@@ -33,6 +33,8 @@ from .. import training as T
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import (IndexedDataset, build_dataset, describe_source, eval_transform, mean_std,
                     pretrain_transform)
+from ..data import device_decode
+from ..data.idx import is_idx_folder
 from ..fcmae import io as fcmae_io
 from ..fcmae.fcmae import FCMAE
 from ..fcmae.masking import keyed_mask
@@ -53,7 +55,7 @@ RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_b
                      "model_kwargs", "img_size", "data", "effective_batch", "seed", "mask_ratio",
                      "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt")
 RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas",
-                     "clip_grad", "amp", "backend", "sparse_dwconv")
+                     "clip_grad", "amp", "backend", "sparse_dwconv", "decode")
 
 
 @dataclass
@@ -80,6 +82,8 @@ class PretrainConfig(RunConfig):
     clip_grad: float | None = None
     recon_every: int = 10
     init: str | None = None              # start from these weights (FCMAE file or an encoder)
+    decode: str = "cpu"                  # "device": JPEGs decoded and augmented on the training
+    #                                      device (data/device_decode.py), workers read bytes
 
     def __post_init__(self):
         self.in_chans = self.in_chans or 3
@@ -110,12 +114,29 @@ def _check_config(cfg: PretrainConfig) -> None:
     if cfg.sparse_dwconv not in DWCONV_KERNELS:
         raise ValueError(f"--sparse-dwconv must be one of {', '.join(DWCONV_KERNELS)}, "
                          f"got {cfg.sparse_dwconv!r}")
+    _check_decode(cfg)
     if cfg.recon_every < 0:
         raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
     for name in ("blr", "min_lr", "lr", "warmup_epochs", "clip_grad"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
+def _check_decode(cfg: PretrainConfig) -> None:
+    """``--decode device`` decodes image files to RGB: refuse what it cannot take (in-memory
+    arrays, grayscale models) here, before anything is written, rather than quietly falling
+    back to the CPU path the user asked to leave."""
+    if cfg.decode not in ("cpu", "device"):
+        raise ValueError(f"--decode must be cpu or device, got {cfg.decode!r}")
+    if cfg.decode == "cpu":
+        return
+    if cfg.in_chans != 3:
+        raise ValueError(f"--decode device decodes RGB images; --in-chans {cfg.in_chans} needs "
+                         f"--decode cpu")
+    if str(cfg.data) == "builtin" or is_idx_folder(Path(cfg.data).expanduser()):
+        raise ValueError(f"--decode device reads image files; --data {cfg.data} holds IDX "
+                         f"arrays: use --decode cpu")
 
 
 def build_fcmae(cfg: PretrainConfig):
@@ -215,17 +236,33 @@ def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
 
 def build_loader(cfg: PretrainConfig, info: T.DistInfo):
     """The training data: order keyed by (seed, epoch), augmentation by (seed, epoch, index).
-    Returns ``(dataset, loader)``; batches are ``(images, targets, indices)``."""
-    base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
-                         strict=cfg.strict_data)
-    dataset = IndexedDataset(T.KeyedAugmentDataset(base, cfg.seed))
+    Returns ``(dataset, loader)``; batches are ``(images, targets, indices)``, the images an
+    ``EncodedBatch`` (file bytes and crop boxes; ``batch_to_device`` decodes it) with
+    ``cfg.decode == "device"``."""
+    if cfg.decode == "device":
+        base = build_dataset(cfg.data, "train", None, strict=cfg.strict_data)
+        source = device_decode.EncodedImageDataset(base, cfg.img_size)
+        collate = device_decode.collate_encoded
+    else:
+        base = build_dataset(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
+                             strict=cfg.strict_data)
+        source, collate = base, None
+    dataset = IndexedDataset(T.KeyedAugmentDataset(source, cfg.seed))
     sampler = T.ResumableSampler(T.build_sampler(dataset, info, shuffle=True, seed=cfg.seed))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.workers, drop_last=True,
+                        num_workers=cfg.workers, drop_last=True, collate_fn=collate,
                         pin_memory=info.device.type == "cuda", worker_init_fn=T.worker_init,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=False)  # workers must see each epoch's set_epoch
     return base, loader
+
+
+def batch_to_device(cfg: PretrainConfig, device: torch.device, base):
+    """What moves a loader batch's images to ``device``: a copy, or for ``--decode device``
+    the decode, crop, flip and normalisation there."""
+    if cfg.decode == "device":
+        return device_decode.DeviceDecoder(cfg.img_size, device, base, cfg.strict_data)
+    return lambda imgs: imgs.to(device, non_blocking=True)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -294,9 +331,11 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
         if note:
             trainer.say(note)
 
+    to_device = batch_to_device(cfg, info.device, base)
+
     def forward(model, batch, key):
         imgs, _, index = batch
-        imgs = imgs.to(info.device, non_blocking=True)
+        imgs = to_device(imgs)
         mask = keyed_mask(cfg.seed, key.epoch, index, grid, cfg.mask_ratio, device=info.device)
         loss, _, _ = model(imgs, mask)
         return loss, len(imgs)

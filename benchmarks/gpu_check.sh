@@ -4,13 +4,7 @@
 # (the first session ran with TEST_S=45 LARGE_S=40 ATTO_S=30: too short for large and atto).
 #   OUT=/some/dir bash benchmarks/gpu_check.sh      (logs in $OUT, default ./gpu_logs)
 set -u
-OUT=${OUT:-gpu_logs}
-mkdir -p "$OUT"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
+source "$(dirname "$0")/gpu_session.sh"
 # 1. CUDA tests without compilation (sync debug mode, CUDA-graph step, sparse == dense)
 timeout ${TEST_S:-90} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not compile" > "$OUT/test_gpu.log" 2>&1
 echo "tests done at $(elapsed) s" >> "$OUT/times.txt"

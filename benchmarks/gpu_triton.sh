@@ -11,13 +11,7 @@
 #   4. with the time left, the compiled-model CUDA tests (whole-model compile, reduce-overhead).
 #   OUT=/some/dir bash benchmarks/gpu_triton.sh
 set -u
-OUT=${OUT:-gpu_logs}
-mkdir -p "$OUT"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
+source "$(dirname "$0")/gpu_session.sh"
 timeout ${TEST_S:-120} $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "not compile" > "$OUT/test_gpu.log" 2>&1
 echo "tests done at $(elapsed) s" >> "$OUT/times.txt"
 timeout ${LAYER_S:-60} $PY benchmarks/dwconv_kernels.py --model convnextv2_base --batch 64 > "$OUT/dwconv_layers_base_b64.log" 2>&1

@@ -8,7 +8,8 @@
 #      sparse (cuDNN on the zero-filled map) vs sparse-triton vs masked-dense, three processes
 #      whose compilations overlap and whose timed rounds take turns (--barrier);
 #   3. where one eager step of each sparse kernel spends its GPU time (base b64, torch.profiler);
-#   4. with the time left, the compiled-model CUDA tests (whole-model compile, reduce-overhead).
+#   4. the input pipeline with nvJPEG decoding (benchmarks/data_pipeline.py --device cuda);
+#   5. with the time left, the compiled-model CUDA tests (whole-model compile, reduce-overhead).
 #   OUT=/some/dir bash benchmarks/gpu_triton.sh
 set -u
 source "$(dirname "$0")/gpu_session.sh"
@@ -17,7 +18,7 @@ echo "tests done at $(elapsed) s" >> "$OUT/times.txt"
 timeout ${LAYER_S:-60} $PY benchmarks/dwconv_kernels.py --model convnextv2_base --batch 64 > "$OUT/dwconv_layers_base_b64.log" 2>&1
 timeout 30 $PY benchmarks/dwconv_kernels.py --model convnextv2_atto --batch 256 > "$OUT/dwconv_layers_atto_b256.log" 2>&1
 echo "layer timings done at $(elapsed) s" >> "$OUT/times.txt"
-LIMIT=${ROWS_S:-280}
+LIMIT=${ROWS_S:-250}
 B="$OUT/barrier"
 COMMON="benchmarks/fcmae_speed.py --device cuda --amp bf16 --compile --mode compile+graph --repeats 10 --barrier $B --barrier-count 3 --barrier-timeout 40 --contenders sparse,sparse-triton,masked-dense"
 timeout $LIMIT $PY $COMMON --model convnextv2_base --batch 64 > "$OUT/bench_base_b64.log" 2>&1 &
@@ -29,7 +30,9 @@ echo "rows done at $(elapsed) s" >> "$OUT/times.txt"
 timeout ${PROFILE_S:-60} $PY benchmarks/fcmae_speed.py --device cuda --amp bf16 --mode eager --repeats 5 \
   --contenders sparse,sparse-triton --model convnextv2_base --batch 64 --profile > "$OUT/profile_base_b64.log" 2>&1
 echo "profile done at $(elapsed) s" >> "$OUT/times.txt"
-if [ "$(elapsed)" -lt "${REST_AFTER_S:-440}" ]; then
+timeout ${DECODE_S:-45} $PY benchmarks/data_pipeline.py --device cuda --workers 0 4 --images 512 --epochs 1 > "$OUT/data_pipeline_cuda.log" 2>&1
+echo "decode done at $(elapsed) s" >> "$OUT/times.txt"
+if [ "$(elapsed)" -lt "${REST_AFTER_S:-470}" ]; then
   timeout $(( 580 - $(elapsed) )) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "compile" > "$OUT/test_gpu_compile.log" 2>&1
   echo "compile tests done at $(elapsed) s" >> "$OUT/times.txt"
 fi

@@ -413,7 +413,7 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
     """The encoder on the visible sites: (N, Kp, d3), one row per visible patch.
     ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``."""
     block_fn = region(model, "sparse_block", sparse_block)
-    triton = resolve_dwconv(dwconv, imgs) == "triton"
+    kernel = resolve_dwconv(dwconv, imgs)  # decided once: the tables and every block agree
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
         if k > 0:
@@ -421,7 +421,7 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
         tables = {}  # kernel size -> neighbour table: one per stage, shared by its blocks
         for block in stage.blocks:
             neighbours = None
-            if triton:
+            if kernel == "triton":
                 from .triton_dwconv import neighbour_table
 
                 ks = block.dwconv.weight.shape[-1]
@@ -429,7 +429,7 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
                     tables[ks] = neighbour_table(layout.flat_index[k], layout.batch,
                                                  *layout.stage_hw[k], ks)
                 neighbours = tables[ks]
-            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], dwconv, neighbours)
+            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], kernel, neighbours)
     return x
 
 

@@ -115,6 +115,7 @@ def run_session(cfg: RunConfig) -> Iterator[tuple[D.DistInfo, Path]]:
     out = check_output(cfg)
     info = D.init_distributed(cfg.device)
     previous = set_deterministic(cfg.deterministic)
+    finished = False
     try:
         check_amp(cfg.amp or "none", info.device)
         if info.is_main:
@@ -122,8 +123,11 @@ def run_session(cfg: RunConfig) -> Iterator[tuple[D.DistInfo, Path]]:
         D.barrier()
         seed_everything(cfg.seed, info.rank)
         yield info, out
+        finished = True
     finally:
         set_deterministic(previous)
+        if finished:  # every rank done before the group goes: rank 0 may still be writing
+            D.barrier()  # its files while the others tear down (gloo then aborts a rank)
         D.cleanup_distributed()
 
 

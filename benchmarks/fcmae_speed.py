@@ -29,7 +29,9 @@ timed with CUDA events after a synchronize (so a step that is bound by the host 
 time); on the CPU with perf_counter. Peak memory: CUDA, max_memory_allocated of the contender
 (weights, gradients, optimizer state, activations, graph pools) above what was allocated before
 it was built; CPU, the largest live allocation during one step (torch.profiler events) above
-what was live before it.
+what was live before it. On CUDA the report also gives the training state (float32 weights,
+gradients and AdamW's two moments: 16 bytes per parameter, the same for both FCMAE backends)
+and the ratio of the peaks above it, which is what the sparse backend can shrink.
 
     python benchmarks/fcmae_speed.py --model convnextv2_atto --batch 32 --threads 1
     python benchmarks/fcmae_speed.py --model convnextv2_base --batch 64 --device cuda --amp bf16 --compile
@@ -123,6 +125,7 @@ class Variant:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.peak: int | None = None
+        self.state = 0  # bytes of weights, gradients and optimizer moments (CUDA report)
         self.build_s = 0.0
 
     @property
@@ -154,12 +157,16 @@ def build_variant(contender, mode, args, proto: FCMAE, imgs, masks) -> Variant:
     elif mode == "reduce-overhead":
         net = torch.compile(model, fullgraph=True, mode="reduce-overhead")
     amp = None if args.amp == "none" else args.amp
+    state = 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads
+    state += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # AdamW moments
     train_step = TrainStep(net, opt, amp=amp, cuda_graph=mode in ("graph", "compile+graph"),
                            warmup=max(args.warmup, 1))
 
     def step(i):
         return train_step(imgs, masks[i % len(masks)])
-    return Variant(contender, mode, step, model)
+    v = Variant(contender, mode, step, model)
+    v.state = state
+    return v
 
 
 class Timer:
@@ -339,6 +346,11 @@ def main(argv=None) -> int:
         sp, dn = best[sparse], best.get("masked-dense")
         if dn is not None and sp.peak and dn.peak:
             print(f"  peak memory {sparse} / masked-dense: {sp.peak / dn.peak:.2f}")
+            if cuda and dn.peak > dn.state:
+                print(f"  of which training state (16 bytes/parameter, both): "
+                      f"{dn.state / 2**20:.0f} MiB; peaks above it: {(sp.peak - sp.state) / 2**20:.0f}"
+                      f" / {(dn.peak - dn.state) / 2**20:.0f} MiB = "
+                      f"{(sp.peak - sp.state) / (dn.peak - dn.state):.2f}")
         cells = [f"{args.model.replace('convnextv2_', '')}, {args.batch}"
                  + ("" if args.amp == "bf16" else f", {args.amp}")]
         for c in (sparse, "masked-dense", "encoder"):

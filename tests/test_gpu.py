@@ -219,6 +219,18 @@ def test_reduce_overhead_compile_matches_eager_on_cuda():
         _assert_same_grads(twin, eager, 1e-4)
 
 
+@pytest.mark.parametrize("dwconv", ["grid", pytest.param("triton", marks=pytest.mark.skipif(
+    not _has_triton(), reason="Triton is not installed"))])
+def test_compiled_sparse_block_keeps_sites_not_grids_on_cuda(dwconv):
+    """The compiled block's saved tensors on CUDA, with either depthwise kernel: sites (and the
+    Triton neighbour table), never a zero-filled grid of the map."""
+    from test_sparse import compiled_block_saved_shapes
+
+    shapes, (n, h, w) = compiled_block_saved_shapes("cuda", dwconv)
+    assert shapes
+    assert not [s for s in shapes if n * h * w in s or s[-2:] == (h, w)], shapes
+
+
 @pytest.mark.parametrize("backend", ["sparse", TRITON, "dense"])
 def test_cuda_graph_train_step_equals_the_eager_steps(backend):
     from convnextv2.fcmae.fast import TrainStep

@@ -380,3 +380,80 @@ def test_masked_decoder_gives_the_loss_and_gradients_of_the_full_decoder(backend
     rows_only.eval()  # evaluation predicts every cell, as reconstructions need
     with torch.no_grad():
         assert (rows_only(imgs, mask)[1] - pred_f).abs().max() <= 1e-5 * pred_f.abs().max()
+
+
+# -- the grid depthwise as a custom op -----------------------------------------------------------
+
+def _sites_case(seed=0, n=2, h=8, w=8, c=5, dtype=torch.float64):
+    """Sites of a random half of an n x h x w map (the same count per sample): x (N, K, C),
+    their flat positions, and the dense reference input (zeros elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    k = h * w // 2
+    pos = torch.stack([torch.randperm(h * w, generator=g)[:k].sort().values for _ in range(n)])
+    flat = (pos + torch.arange(n).view(n, 1) * h * w).reshape(-1)
+    x = torch.randn(n, k, c, generator=g, dtype=dtype)
+    return x, flat, k
+
+
+def test_grid_dwconv_is_the_dense_conv_of_the_zero_filled_map_at_the_sites():
+    """Forward, input and weight gradient against the library's dense conv in float64."""
+    from convnextv2.fcmae.sparse import grid_dwconv
+
+    n, h, w, c = 2, 8, 8, 5
+    x, flat, k = _sites_case(n=n, h=h, w=w, c=c)
+    weight = torch.randn(c, 1, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(), weight.requires_grad_()
+    y = grid_dwconv(x, weight, flat, n, h, w)
+    dense_in = torch.zeros(n * h * w, c, dtype=torch.float64).index_copy(0, flat, x.reshape(-1, c))
+    dense_in = dense_in.view(n, h, w, c).permute(0, 3, 1, 2)
+    ref = torch.nn.functional.conv2d(dense_in, weight, padding=3, groups=c)
+    ref = ref.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, flat).view(n, k, c)
+    assert (y - ref).abs().max() <= 1e-12 * ref.abs().max()
+    upstream = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, weight), upstream)
+    want = torch.autograd.grad(ref, (x, weight), upstream)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_grid_dwconv_passes_the_custom_op_checks():
+    """torch.library.opcheck: schema, fake (shape-only) kernels, autograd registration and AOT
+    dispatch, the machinery torch.compile relies on."""
+    from convnextv2.fcmae.sparse import grid_dwconv
+
+    x, flat, _ = _sites_case(seed=2, c=3)
+    weight = torch.randn(3, 1, 7, 7, dtype=torch.float64)
+    torch.library.opcheck(grid_dwconv, (x.requires_grad_(), weight.requires_grad_(), flat, 2, 8, 8))
+
+
+def compiled_block_saved_shapes(device="cpu", dwconv="grid"):
+    """Shapes of what a compiled sparse block (inductor, fullgraph) saves for backward on a
+    half-visible 2 x 16 x 16 map, after checking its output against eager; and the grid's size."""
+    from convnextv2.fcmae.sparse import sparse_block
+    from convnextv2.models.model import Block
+
+    torch.manual_seed(3)
+    block = Block(8).train().to(device)
+    n, h, w, c = 2, 16, 16, 8
+    x, flat, k = _sites_case(seed=4, n=n, h=h, w=w, c=c, dtype=torch.float32)
+    x, flat = x.to(device).requires_grad_(), flat.to(device)
+    compiled = torch.compile(sparse_block, fullgraph=True, backend="inductor", dynamic=False)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(block, x, flat, (h, w), dwconv)
+    ref = sparse_block(block, x.detach(), flat, (h, w), dwconv)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    return shapes, (n, h, w)
+
+
+def test_compiled_sparse_block_keeps_sites_not_grids_for_backward():
+    """What the compiled block saves for backward is what the eager one saves: the sites,
+    never a zero-filled (N, C, H, W) grid (with traced ops the compiler kept two per block)."""
+    shapes, (n, h, w) = compiled_block_saved_shapes()
+    assert shapes, "nothing saved: the hook saw no backward"
+    assert not [s for s in shapes if n * h * w in s or s[-2:] == (h, w)], shapes

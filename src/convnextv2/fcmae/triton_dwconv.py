@@ -1,6 +1,6 @@
 """The blocks' depthwise 7x7 evaluated at the visible sites only: Triton kernels.
 
-The default sparse depthwise (``sparse._SubmanifoldDepthwise``, ``dwconv="grid"``) scatters the
+The default sparse depthwise (``sparse.grid_dwconv``, ``dwconv="grid"``) scatters the
 sites into a zero-filled grid of the whole stage, runs the library's dense depthwise convolution
 (cuDNN, oneDNN) on it and keeps the outputs at the sites: with 60% of the image masked, 60% of
 that convolution's work is thrown away, and the zero-filled grids (one in the forward, two in

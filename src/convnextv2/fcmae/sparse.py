@@ -228,35 +228,20 @@ def sparse_stem(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> 
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-@torch.library.custom_op("convnextv2::grid_dwconv", mutates_args=())
-def grid_dwconv(x: torch.Tensor, weight: torch.Tensor, flat_index: torch.Tensor,
-                n: int, h: int, w: int) -> torch.Tensor:
-    """Depthwise 'same' conv of the (N, K, C) sites at the sites only, masked neighbours zero.
-
-    The sites go into a zero-filled channels-last (N, C, H, W) grid, the library's dense
-    depthwise conv runs on it, and the outputs at the sites are gathered back. Bias: added by
-    the caller. A custom op (``torch.library``) rather than traced tensor ops, so that what
-    autograd keeps for backward is decided here, in compiled code too: with traced ops the
-    compiler kept the zero-filled input grid and the conv's output grid of every block (2.5x
-    the map where these keep 0.4x of one), and the compiled sparse step used more memory than
-    the eager one.
-    """
-    c = x.shape[-1]
+def _grid_forward(x: torch.Tensor, weight: torch.Tensor, flat_index: torch.Tensor,
+                  n: int, h: int, w: int) -> torch.Tensor:
+    """Depthwise 'same' conv of the (N, K, C) sites at the sites only, masked neighbours zero:
+    the sites go into a zero-filled channels-last (N, C, H, W) grid, the library's dense
+    depthwise conv runs on it, and the outputs at the sites are gathered back (no bias)."""
     out = F.conv2d(_to_grid(x, flat_index, n, h, w), weight, None,
-                   padding=weight.shape[-1] // 2, groups=c)
+                   padding=weight.shape[-1] // 2, groups=x.shape[-1])
     return _from_grid(out, flat_index).view(x.shape)
 
 
-@grid_dwconv.register_fake
-def _(x, weight, flat_index, n, h, w):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("convnextv2::grid_dwconv_backward", mutates_args=())
-def grid_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                         flat_index: torch.Tensor, n: int, h: int, w: int, need_input: bool,
-                         need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_weight) of ``grid_dwconv``; an unneeded one comes back empty (0 elements).
+def _grid_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   flat_index: torch.Tensor, n: int, h: int, w: int, need_input: bool,
+                   need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight) of ``_grid_forward``; an unneeded one comes back empty.
 
     No scatter_add: the input gradient at the sites is a gather of the full-grid input
     gradient, itself a forward depthwise conv with the flipped kernel (faster on the CPU than
@@ -275,26 +260,47 @@ def grid_dwconv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Te
     return grad_x, grad_weight
 
 
-@grid_dwconv_backward.register_fake
-def _(grad_y, x, weight, flat_index, n, h, w, need_input, need_weight):
-    return (torch.empty_like(x) if need_input else x.new_empty(0),
-            torch.empty_like(weight) if need_weight else weight.new_empty(0))
-
-
-def _grid_dwconv_setup(ctx, inputs, output):
-    x, weight, flat_index, n, h, w = inputs
-    ctx.save_for_backward(x, weight, flat_index)
+def _grid_save(ctx, x, weight, flat_index, n, h, w):
+    ctx.save_for_backward(x, weight, flat_index)  # the sites: never a grid
     ctx.shape = (n, h, w)
 
 
-def _grid_dwconv_grad(ctx, grad_y):
+def _grid_grads(ctx, grad_y, backward):
     x, weight, flat_index = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_w = grid_dwconv_backward(grad_y, x, weight, flat_index, *ctx.shape, need_x, need_w)
+    grad_x, grad_w = backward(grad_y, x, weight, flat_index, *ctx.shape, need_x, need_w)
     return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None
 
 
-grid_dwconv.register_autograd(_grid_dwconv_grad, setup_context=_grid_dwconv_setup)
+# Compiled code calls the pair as torch.library custom ops: opaque to the compiler, so it keeps
+# for backward what _grid_save keeps. Traced as plain tensor ops, the compiler kept the
+# zero-filled input grid and the conv's output grid of every block instead (2.5x the map where
+# the sites are 0.4x of it), and the compiled sparse step used more memory than the eager one.
+grid_dwconv = torch.library.custom_op("convnextv2::grid_dwconv", _grid_forward, mutates_args=())
+grid_dwconv_backward = torch.library.custom_op("convnextv2::grid_dwconv_backward", _grid_backward,
+                                               mutates_args=())
+grid_dwconv.register_fake(lambda x, weight, flat_index, n, h, w: torch.empty_like(x))
+grid_dwconv_backward.register_fake(
+    lambda grad_y, x, weight, flat_index, n, h, w, need_input, need_weight: (
+        torch.empty_like(x) if need_input else x.new_empty(0),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0)))
+grid_dwconv.register_autograd(lambda ctx, grad_y: _grid_grads(ctx, grad_y, grid_dwconv_backward),
+                              setup_context=lambda ctx, inputs, output: _grid_save(ctx, *inputs))
+
+
+class _GridDepthwise(torch.autograd.Function):
+    """Eager calls: the same two functions without the custom-op dispatch, which costs about
+    0.1 ms of host time per block and step (measured on the CPU), a lot for a GPU step that the
+    host already bounds when it is not captured in a CUDA graph."""
+
+    @staticmethod
+    def forward(ctx, x, weight, flat_index, n, h, w):
+        _grid_save(ctx, x, weight, flat_index, n, h, w)
+        return _grid_forward(x, weight, flat_index, n, h, w)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _grid_grads(ctx, grad_y, _grid_backward)
 
 
 def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
@@ -410,7 +416,8 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
             if neighbours is None:
                 neighbours = neighbour_table(flat_index, x.shape[0], *hw, weight.shape[-1])
             return dwconv_at_sites(x.reshape(-1, x.shape[-1]), weight, bias, neighbours).view_as(x)
-        y = grid_dwconv(x, weight, flat_index, x.shape[0], *hw)
+        args = (x, weight, flat_index, x.shape[0], *hw)
+        y = grid_dwconv(*args) if _compiling() else _GridDepthwise.apply(*args)
         return y if bias is None else y + bias
 
 

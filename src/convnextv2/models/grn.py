@@ -118,15 +118,22 @@ class _GRNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x3, gamma, gx, denom, nx, scale = ctx.saved_tensors
-        # sum over sites of grad * x, per (sample, channel): feeds gamma's and Nx's gradients
-        acc = gx.dtype
-        gx_dot = (grad_out * x3).sum(dim=1, keepdim=True, dtype=acc)
-        grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
-        grad_beta = grad_out.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
-        t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
-        grad_x = grad_out * scale.to(grad_out.dtype)
-        grad_x.addcmul_(x3, t.to(x3.dtype))
-        return grad_x, grad_gamma, grad_beta
+        return _grn_backward(grad_out, x3, gamma, gx, denom, nx, scale)
+
+
+def _grn_backward(grad_out, x3, gamma, gx, denom, nx, scale, out=None):
+    """(grad_x, grad_gamma, grad_beta) of ``x3 * scale + beta``, scale = 1 + gamma * Nx(x3).
+    ``out``: a buffer holding ``grad_out`` that may be overwritten with grad_x."""
+    # sum over sites of grad * x, per (sample, channel): feeds gamma's and Nx's gradients
+    acc = gx.dtype
+    gx_dot = (grad_out * x3).sum(dim=1, keepdim=True, dtype=acc)
+    grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
+    grad_beta = grad_out.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
+    t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
+    scale = scale.to(grad_out.dtype)
+    grad_x = grad_out * scale if out is None else out.mul_(scale)
+    grad_x.addcmul_(x3, t.to(x3.dtype))
+    return grad_x, grad_gamma, grad_beta
 
 
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -250,12 +257,8 @@ class _GRNThenLinearFunction(torch.autograd.Function):
         grad_y = g @ weight.to(dtype)                                  # (N, K, C_in)
         grad_weight = (g.reshape(-1, g.shape[-1]).t() @ y.reshape(-1, y.shape[-1]))
         grad_bias = g.sum(dim=(0, 1), dtype=acc) if ctx.has_bias else None
-        # GRN: y = h * (1 + gamma * Nx(h)) + beta
-        gx_dot = (grad_y * h).sum(dim=1, keepdim=True, dtype=acc)     # (N, 1, C_in)
-        grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
-        grad_beta = grad_y.sum(dim=(0, 1), dtype=acc).to(beta.dtype)
-        t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
-        grad_h = grad_y.mul_(scale.to(dtype)).addcmul_(h, t.to(dtype))
+        grad_h, grad_gamma, grad_beta = _grn_backward(grad_y, h, gamma, gx, denom, nx, scale,
+                                                      out=grad_y)
         if ctx.gelu:
             torch.ops.aten.gelu_backward.grad_input(grad_h, x3, grad_input=grad_h)
         return (grad_h, grad_gamma, grad_beta, grad_weight.to(weight.dtype),

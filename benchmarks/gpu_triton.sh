@@ -8,7 +8,8 @@
 #      sparse (cuDNN on the zero-filled map) vs sparse-triton vs masked-dense, three processes
 #      whose compilations overlap and whose timed rounds take turns (--barrier);
 #   3. where one eager step of each sparse kernel spends its GPU time (base b64, torch.profiler);
-#   4. the input pipeline with nvJPEG decoding (benchmarks/data_pipeline.py --device cuda);
+#   4. the input pipeline with nvJPEG decoding (benchmarks/data_pipeline.py --device cuda), and
+#      what a base b32/b64 bf16 step keeps for backward on CUDA (benchmarks/saved_activations.py);
 #   5. with the time left, the compiled-model CUDA tests (whole-model compile, reduce-overhead).
 #   OUT=/some/dir bash benchmarks/gpu_triton.sh
 set -u
@@ -32,6 +33,8 @@ timeout ${PROFILE_S:-60} $PY benchmarks/fcmae_speed.py --device cuda --amp bf16 
 echo "profile done at $(elapsed) s" >> "$OUT/times.txt"
 timeout ${DECODE_S:-45} $PY benchmarks/data_pipeline.py --device cuda --workers 0 4 --images 512 --epochs 1 > "$OUT/data_pipeline_cuda.log" 2>&1
 echo "decode done at $(elapsed) s" >> "$OUT/times.txt"
+timeout ${SAVED_S:-30} $PY benchmarks/saved_activations.py --device cuda --model convnextv2_base --batch 32 64 --amp bf16 > "$OUT/saved_activations_base.log" 2>&1
+echo "saved activations done at $(elapsed) s" >> "$OUT/times.txt"
 if [ "$(elapsed)" -lt "${REST_AFTER_S:-470}" ]; then
   timeout $(( 580 - $(elapsed) )) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "compile" > "$OUT/test_gpu_compile.log" 2>&1
   echo "compile tests done at $(elapsed) s" >> "$OUT/times.txt"

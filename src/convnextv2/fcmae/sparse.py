@@ -274,8 +274,8 @@ def _grid_grads(ctx, grad_y, backward):
 
 # Compiled code calls the pair as torch.library custom ops: opaque to the compiler, so it keeps
 # for backward what _grid_save keeps. Traced as plain tensor ops, the compiler kept the
-# zero-filled input grid and the conv's output grid of every block instead (2.5x the map where
-# the sites are 0.4x of it), and the compiled sparse step used more memory than the eager one.
+# zero-filled input grid and the conv's output grid of every block instead (two maps where
+# the sites are 0.4 of one), and the compiled sparse step used more memory than the eager one.
 grid_dwconv = torch.library.custom_op("convnextv2::grid_dwconv", _grid_forward, mutates_args=())
 grid_dwconv_backward = torch.library.custom_op("convnextv2::grid_dwconv_backward", _grid_backward,
                                                mutates_args=())
@@ -289,9 +289,9 @@ grid_dwconv.register_autograd(lambda ctx, grad_y: _grid_grads(ctx, grad_y, grid_
 
 
 class _GridDepthwise(torch.autograd.Function):
-    """Eager calls: the same two functions without the custom-op dispatch, which costs about
-    0.1 ms of host time per block and step (measured on the CPU), a lot for a GPU step that the
-    host already bounds when it is not captured in a CUDA graph."""
+    """Eager calls: the same two functions without the custom-op dispatch, which costs
+    0.1-0.2 ms of host time per block and step (measured on the CPU): a lot for a GPU step that
+    the host already bounds when it is not captured in a CUDA graph."""
 
     @staticmethod
     def forward(ctx, x, weight, flat_index, n, h, w):

@@ -77,3 +77,19 @@ def tiny_fcmae():
                                depths=TOY_DEPTHS, dims=TOY_DIMS)
         return FCMAE(encoder, decoder_embed_dim=decoder_dim, **kw)
     return make
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    """``torch.compile`` pointed at the "aot_eager" backend for one test (dynamo's graph capture
+    and AOT autograd, what a recipe's ``--compile`` can break; inductor's code generation of a
+    whole model takes minutes on 2 cores). Returns the list of the modules it compiled."""
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **options):
+        compiled.append(model)
+        return real_compile(model, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    return compiled

@@ -199,24 +199,16 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path, toy):
     assert s3["final"]["epoch"] == 3
 
 
-def test_compiled_finetune_gives_the_eager_losses(tmp_path, toy, monkeypatch):
-    """`finetune --compile` against the same run in eager mode, step by step. torch.compile is
-    pointed at "aot_eager" (graph capture and AOT autograd; inductor's code generation would
-    take minutes here)."""
+def test_compiled_finetune_gives_the_eager_losses(tmp_path, toy, request):
+    """`finetune --compile` against the same run in eager mode, step by step (compiled with
+    "aot_eager", see the conftest fixture)."""
     def steps(folder):
         return [json.loads(l) for l in (folder / "steps.jsonl").read_text().splitlines()]
 
     kw = dict(epochs=1, max_steps_per_epoch=3, train_subset=100, val_subset=50,
               model_ema_decay=None)
     _tiny_run(tmp_path / "eager", toy, **kw)
-    compiled = []
-    real_compile = torch.compile
-
-    def compile_aot_eager(model, **options):
-        compiled.append(model)
-        return real_compile(model, **{**options, "backend": "aot_eager"})
-
-    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    compiled = request.getfixturevalue("aot_eager_compile")  # from here on only
     _tiny_run(tmp_path / "compiled", toy, compile=True, **kw)
     assert compiled, "--compile did not compile the model"
     eager, comp = steps(tmp_path / "eager" / "run"), steps(tmp_path / "compiled" / "run")

@@ -77,25 +77,16 @@ def test_resume_reproduces_the_uninterrupted_losses(straight_run, image_folder, 
     assert len(set(loss for _, loss, _ in reference)) > 1
 
 
-def test_compiled_run_gives_the_eager_losses(straight_run, image_folder, tmp_path, monkeypatch):
-    """`pretrain --compile`: the same losses as the eager run. torch.compile is pointed at the
-    "aot_eager" backend (dynamo's graph capture and AOT autograd, which is what can fail; the
-    inductor code generation would take minutes on 2 cores, and is covered per block in
-    tests/test_compile.py)."""
+def test_compiled_run_gives_the_eager_losses(straight_run, image_folder, tmp_path, monkeypatch,
+                                             aot_eager_compile):
+    """`pretrain --compile`: the same losses as the eager run (compiled with "aot_eager"; the
+    inductor backend is covered per block in tests/test_compile.py)."""
     import convnextv2.recipes.pretrain as pretrain_module
 
     monkeypatch.setattr(pretrain_module, "_reconstruction_saver", lambda: None)
     monkeypatch.setattr(pretrain_module, "_plot_loss", lambda out: None)
-    compiled = []
-    real_compile = torch.compile
-
-    def compile_aot_eager(model, **kw):
-        compiled.append(model)
-        return real_compile(model, **{**kw, "backend": "aot_eager"})
-
-    monkeypatch.setattr(torch, "compile", compile_aot_eager)
     pretrain(tiny_config(image_folder, tmp_path, epochs=2, compile=True))
-    assert compiled, "--compile did not compile the model"
+    assert aot_eager_compile, "--compile did not compile the model"
     reference = losses(straight_run)
     got = losses(tmp_path)
     assert [s for s, _, _ in got] == [s for s, _, _ in reference]

@@ -194,23 +194,27 @@ class _GRNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, gamma, beta, weight, bias, residual, gelu):
         h = F.gelu(x3) if gelu else x3
-        out, (gx, denom, nx, scale, w_n) = _grn_linear_forward(
+        out, (gx, denom, nx, scale, _) = _grn_linear_forward(
             h, gamma, beta, weight, bias, residual)
         ctx.has_bias, ctx.has_residual, ctx.gelu = bias is not None, residual is not None, gelu
-        ctx.save_for_backward(x3, h if gelu else None, gamma, beta, weight, gx, denom, nx,
-                              scale, w_n)
+        # not the per-sample weights: a (C_out, C_in) matrix per sample, whatever the number
+        # of sites (kept, they were 5% of what the sparse encoder keeps per image for base, a
+        # share that does not shrink with the mask); one multiply rebuilds them, bit for bit
+        ctx.save_for_backward(x3, h if gelu else None, gamma, beta, weight, gx, denom, nx, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x3, h, gamma, beta, weight, gx, denom, nx, scale, w_n = ctx.saved_tensors
+        x3, h, gamma, beta, weight, gx, denom, nx, scale = ctx.saved_tensors
         h = x3 if h is None else h
+        acc = gx.dtype
+        w32 = weight.to(acc)
+        w_n = (w32.unsqueeze(0) * scale).to(h.dtype)                  # as _fold made them
         g = grad_out.to(h.dtype)
         grad_h = torch.bmm(g, w_n)                                    # (N, K, C_in)
-        acc = gx.dtype
+        del w_n
         grad_wn = torch.bmm(g.transpose(1, 2), h).to(acc)             # (N, C_out, C_in)
         grad_b = grad_out.sum(dim=(0, 1), dtype=acc)                  # (C_out,)
-        w32 = weight.to(acc)
         grad_weight = (grad_wn * scale).sum(0) + torch.outer(grad_b, beta.to(acc))
         grad_beta = w32.t() @ grad_b
         grad_scale = (grad_wn * w32).sum(dim=1, keepdim=True)         # (N, 1, C_in)

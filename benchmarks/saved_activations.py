@@ -62,10 +62,10 @@ def saved_for_backward(model: FCMAE, imgs, mask, amp: str):
         key = storage.data_ptr()
         if key in params or key in seen or storage.nbytes() == 0:
             return t
-        seen[key] = storage.nbytes()
-        if tuple(t.shape) in param_shapes:
-            weights += storage.nbytes()  # a cast (autocast) or reshaped copy of a weight
-            seen[key] = 0
+        is_weight = tuple(t.shape) in param_shapes  # a cast (autocast) or reshaped weight
+        seen[key] = 0 if is_weight else storage.nbytes()
+        if is_weight:
+            weights += storage.nbytes()
         else:
             shapes[(str(t.dtype).replace("torch.", ""), tuple(t.shape))] += storage.nbytes()
         return t

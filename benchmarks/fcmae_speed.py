@@ -106,7 +106,7 @@ class EncoderLoss(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, imgs, mask=None):
+    def forward(self, imgs, mask=None, return_pred=False):
         return (self.encoder.forward_features(imgs).float().pow(2).mean(),)
 
 

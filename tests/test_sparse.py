@@ -382,6 +382,29 @@ def test_masked_decoder_gives_the_loss_and_gradients_of_the_full_decoder(backend
         assert (rows_only(imgs, mask)[1] - pred_f).abs().max() <= 1e-5 * pred_f.abs().max()
 
 
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+@pytest.mark.parametrize("masked_decoder", [True, False])
+def test_return_pred_false_gives_the_same_loss_and_gradients_without_pred(backend,
+                                                                          masked_decoder):
+    """Training loops ask for the loss only: pred is None, nothing else changes."""
+    model, _ = make_pair(seed=15, decoder_dim=16)
+    model.set_backend(backend)
+    model.masked_decoder = masked_decoder
+    twin = copy.deepcopy(model)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = model.random_mask(imgs)
+    loss, pred, _ = model(imgs, mask)
+    loss_only, none, mask_back = twin(imgs, mask, return_pred=False)
+    assert pred is not None and none is None and mask_back is mask
+    assert torch.equal(loss, loss_only)
+    loss.backward()
+    loss_only.backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+
+
 # -- the grid depthwise as a custom op -----------------------------------------------------------
 
 def _sites_case(seed=0, n=2, h=8, w=8, c=5, dtype=torch.float64):

@@ -118,7 +118,8 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 class TrainStep:
     """One FCMAE training step: ``loss = step(imgs, mask)`` (forward, backward, optimizer step).
 
-    ``model``: an FCMAE, or a compiled one (anything returning the loss first).
+    ``model``: an FCMAE, or a compiled one; called as ``model(imgs, mask, return_pred=False)``
+    (the step reads the loss only, so the full-shape prediction is not built).
     ``amp``: None or ``"bf16"`` (``"fp16"`` needs a GradScaler and is not supported here).
     ``cuda_graph``: on CUDA, run ``warmup`` eager steps on a side stream, then capture one step
     as a CUDA graph and replay it for every later call. Inputs are copied into static buffers
@@ -152,7 +153,7 @@ class TrainStep:
 
     def _forward_backward(self, imgs, mask):
         with self._autocast(imgs.device):
-            loss = self.model(imgs, mask)[0]
+            loss = self.model(imgs, mask, return_pred=False)[0]
         loss.backward()
         self.optimizer.step()
         return loss.detach()

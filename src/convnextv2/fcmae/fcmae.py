@@ -17,7 +17,7 @@ from ..models.grn import grn_rows
 from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
 from .sparse import (DWCONV_KERNELS, _compiling, check_input, check_mask, count_visible,
-                     depthwise_conv, mask_order, region, sparse_forward_features)
+                     depthwise_conv, mask_order, patchify, region, sparse_forward_features)
 
 BACKENDS = ("sparse", "dense")
 NORM_PIX_EPS = 1e-6
@@ -128,22 +128,17 @@ class FCMAE(nn.Module):
     # -- patches ---------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C); patches row-major, inside a patch (row, column, channel)."""
-        p = self.patch_size
-        n, c = imgs.shape[:2]
-        hp, wp = self.grid_size(imgs)
-        x = imgs.permute(0, 2, 3, 1).contiguous()  # NHWC first: two cheap copies beat one slow
-        x = x.view(n, hp, p, wp, p, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(n, hp * wp, p * p * c)
+        self.grid_size(imgs)  # checks that the image is a whole number of patches
+        return patchify(imgs, self.patch_size)
 
     def patches_at(self, imgs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``patchify(imgs)`` rows at the flat cell indices ``rows`` (into N*L): (len, p*p*C),
-        gathered straight from the image (nothing is copied for the other cells)."""
-        p = self.patch_size
-        n, c = imgs.shape[:2]
-        hp, wp = self.grid_size(imgs)
-        sample, cell = rows // (hp * wp), rows % (hp * wp)
-        x = imgs.reshape(n, c, hp, p, wp, p)[sample, :, cell // wp, :, cell % wp, :]  # (M, C, p, p)
-        return x.permute(0, 2, 3, 1).reshape(rows.shape[0], p * p * c)
+        """``patchify(imgs)`` rows at the flat cell indices ``rows`` (into N*L): (len, p*p*C).
+
+        Patchify everything, then take the rows: on the CPU that is 3x faster than indexing the
+        six-axis view of the image at the cells directly (5.5 vs 16.5 ms for 960 of 1568
+        224-px patches)."""
+        patches = self.patchify(imgs)
+        return patches.reshape(-1, patches.shape[-1]).index_select(0, rows)
 
     def unpatchify(self, x: torch.Tensor, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W); ``grid_hw`` = (H/p, W/p), square when omitted."""
@@ -200,11 +195,15 @@ class FCMAE(nn.Module):
         mask = mask.to(loss.dtype)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None, *,
+                return_pred: bool = True):
         """Returns ``(loss, pred, mask)``; the mask is drawn at random when not given.
 
         No device-to-host sync for masks on the images' device (see the class notes); with
         ``masked_decoder`` in training, ``pred`` holds predictions at masked cells only.
+        ``return_pred=False`` (training loops that read only the loss): ``pred`` is None, and
+        where the decoder ran at masked cells only its full-shape, zero-filled copy is never
+        built (a 1568 x 3072 buffer at batch 32, 224 px: 8.6 ms of a 1.1 s CPU step).
         """
         if mask is None:
             mask = self.random_mask(imgs)
@@ -224,18 +223,21 @@ class FCMAE(nn.Module):
         cells = mask.shape[1]
         if not rows_only or kp is None or kp == cells:
             pred = self.forward_decoder(latent, mask)
-            return self.forward_loss(imgs, pred, mask), pred, mask
+            return self.forward_loss(imgs, pred, mask), (pred if return_pred else None), mask
         n = mask.shape[0]
         rows = (order[:, kp:] + torch.arange(n, device=mask.device).view(n, 1) * cells).reshape(-1)
-        loss, pred = region(self, "masked_tail", FCMAE._masked_tail)(self, imgs, latent, mask, rows)
+        tail = region(self, "masked_tail", FCMAE._masked_tail)
+        loss, pred = tail(self, imgs, latent, mask, rows, return_pred)
         return loss, pred, mask
 
-    def _masked_tail(self, imgs, latent, mask, rows):
+    def _masked_tail(self, imgs, latent, mask, rows, return_pred: bool = True):
         """Decoder, prediction and loss at the masked cells ``rows``; the full-shape ``pred``
-        (zero at visible cells). One function, so that it can be compiled as one region."""
+        (zero at visible cells), or None. One function, so that it compiles as one region."""
         n, cells = mask.shape
         pred_rows = self.forward_decoder_rows(latent, mask, rows)
         loss = self.forward_loss_rows(imgs, pred_rows, rows)
+        if not return_pred:
+            return loss, None
         pred = pred_rows.new_zeros(n * cells, pred_rows.shape[-1]).index_copy_(0, rows, pred_rows)
         return loss, pred.view(n, cells, -1)
 

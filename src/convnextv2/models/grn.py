@@ -87,8 +87,9 @@ def _norm_stats(x3: torch.Tensor):
     """(Gx, mean_c Gx + eps, Nx) in float32 for a (N, K, C) tensor; each (N, 1, C) or (N, 1, 1)."""
     if x3.device.type == "cpu" and x3.dtype == torch.float32 and not _compiling():
         # on the CPU, vector_norm over the middle axis is 1.5-20x slower than squaring and
-        # summing (measured on (32, K, C) site lists, the temporary included)
-        gx = x3.square().sum(dim=1, keepdim=True).sqrt_()
+        # summing (measured on (32, K, C) site lists, the temporary included); and x * x is
+        # 2.3x faster than x.square() (pow's kernel; same numbers)
+        gx = (x3 * x3).sum(dim=1, keepdim=True).sqrt_()
     else:
         gx = torch.linalg.vector_norm(x3, ord=2, dim=1, keepdim=True, dtype=_acc(x3))
     denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS

@@ -337,7 +337,7 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
         imgs, _, index = batch
         imgs = to_device(imgs)
         mask = keyed_mask(cfg.seed, key.epoch, index, grid, cfg.mask_ratio, device=info.device)
-        loss, _, _ = model(imgs, mask)
+        loss, _, _ = model(imgs, mask, return_pred=False)
         return loss, len(imgs)
 
     def end_of_epoch(epoch: int) -> None:

@@ -158,9 +158,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
 
     real, calls = FCMAE.forward, []
 
-    def poisoned(self, imgs, mask=None):
+    def poisoned(self, imgs, mask=None, **kwargs):
         calls.append(1)
-        loss, pred, mask = real(self, imgs, mask)
+        loss, pred, mask = real(self, imgs, mask, **kwargs)
         return (loss * float("nan") if len(calls) == 3 else loss), pred, mask
 
     monkeypatch.setattr(FCMAE, "forward", poisoned)

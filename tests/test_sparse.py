@@ -8,8 +8,8 @@ import convnextv2
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masked_dense import masked_dense_forward_features
 from convnextv2.fcmae.masking import random_mask
-from convnextv2.fcmae.sparse import (SparseLayout, check_mask, depthwise_conv,
-                                     depthwise_weight_grad, mask_order, morton_offsets,
+from convnextv2.models.dwconv import depthwise_conv, depthwise_weight_grad
+from convnextv2.fcmae.sparse import (SparseLayout, check_mask, mask_order, morton_offsets,
                                      sparse_forward_features)
 from convnextv2.models.grn import grn_reference, grn_rows
 

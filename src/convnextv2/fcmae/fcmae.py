@@ -16,8 +16,9 @@ from .masking import keyed_mask, num_visible, random_mask  # noqa: F401  (public
 from ..models.grn import grn_rows
 from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
+from ..models.dwconv import depthwise_conv
 from .sparse import (DWCONV_KERNELS, _compiling, check_input, check_mask, count_visible,
-                     depthwise_conv, mask_order, patchify, region, sparse_forward_features)
+                     mask_order, patchify, region, sparse_forward_features)
 
 BACKENDS = ("sparse", "dense")
 NORM_PIX_EPS = 1e-6

@@ -11,6 +11,7 @@ import torch
 
 from torch import nn
 
+from ..models.dwconv import depthwise_conv
 from ..models.grn import grn_linear
 from .masking import upsample_mask
 from ..models.model import Block, ConvNeXtV2
@@ -32,7 +33,7 @@ def masked_block(block: Block, x: torch.Tensor, keep: torch.Tensor) -> torch.Ten
     keep_last = keep.permute(0, 2, 3, 1)  # (N, H, W, 1) view for the channels-last part
     # In-place multiplies only on results that autograd does not keep for backward
     # (conv, Linear and add outputs), so no extra activation copies are made.
-    y = block.dwconv(x).mul_(keep).permute(0, 2, 3, 1)
+    y = depthwise_conv(block.dwconv, x).mul_(keep).permute(0, 2, 3, 1)
     y = block.norm(y)
     plain_skip = isinstance(block.drop_path, nn.Identity) or not block.training
     if _fusable(block):

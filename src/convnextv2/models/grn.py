@@ -38,6 +38,7 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _compiling() -> bool:
+    """True while dynamo traces (torch.compile): no host reads of tensors, no Python caches."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
@@ -63,6 +64,14 @@ def plain_math() -> bool:
                     or torch.onnx.is_in_onnx_export())
     except AttributeError:  # pragma: no cover - very old torch
         return False
+
+
+def global_hooks() -> bool:
+    """True when hooks are registered on every module (``register_module_forward_hook``): then
+    the fast paths that skip a module's ``__call__`` must not run, or the hooks would miss it."""
+    from torch.nn.modules import module as nn_module
+    return bool(getattr(nn_module, "_global_forward_hooks", None)
+                or getattr(nn_module, "_global_forward_pre_hooks", None))
 
 
 def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import DropPath
 
-from .grn import GRN, _autocast_dtype, grn_linear, plain_math
+from .dwconv import depthwise_conv
+from .grn import GRN, _autocast_dtype, _compiling, global_hooks, grn_linear, plain_math
 
 LN_EPS = 1e-6
 
@@ -85,14 +86,14 @@ class Block(nn.Module):
         """The fused MLP skips the calls of pwconv1, act, grn and pwconv2 as modules: only when
         nobody hooks them (activation analysis does), when not exporting, and for GRN + GELU."""
         if (self.grn is None or self.layer_scale is not None or type(self.act) is not nn.GELU
-                or self.act.approximate != "none" or plain_math() or _global_hooks()):
+                or self.act.approximate != "none" or plain_math() or global_hooks()):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks
                        for m in (self.pwconv1, self.act, self.grn, self.pwconv2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)  # a no-op after our stem
-        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = depthwise_conv(self.dwconv, x).permute(0, 2, 3, 1)
         if isinstance(self.drop_path, nn.Identity) or not self.training:
             return self.mlp(y, residual=x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         y = self.mlp(y).permute(0, 3, 1, 2)
@@ -109,17 +110,6 @@ def _onednn_ok(x: torch.Tensor, linear: nn.Linear) -> bool:
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
     """The input in channels-last memory (same values, same NCHW shape): see the module doc."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
-    return bool(getattr(nn_module, "_global_forward_hooks", None)
-                or getattr(nn_module, "_global_forward_pre_hooks", None))
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -159,6 +159,42 @@ def test_hooked_sublayers_still_fire():
     assert seen == [(1, 6, 6, 32)]
 
 
+def _graph_nodes(tensor):
+    """Names of every autograd node behind ``tensor``."""
+    seen, todo, names = set(), [tensor.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_cpu_training_takes_the_fast_depthwise_backward_unless_something_hooks_the_conv():
+    """Training on the CPU: the blocks' depthwise conv runs with the folded weight gradient
+    (its numbers are checked above against the plain math); hooks still see the module."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    blk = Block(8).train()
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    assert "_DepthwiseCPUBackward" in _graph_nodes(blk(x))
+    with torch.no_grad():  # inference: the module itself
+        assert blk(x).grad_fn is None
+    seen = []
+    handle = blk.dwconv.register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    assert "_DepthwiseCPUBackward" not in _graph_nodes(blk(x)) and seen == [(2, 8, 9, 9)]
+    handle.remove()
+    handle = register_module_forward_hook(
+        lambda m, i, out: seen.append(type(m).__name__) if m is blk.dwconv else None)
+    try:
+        assert "_DepthwiseCPUBackward" not in _graph_nodes(blk(x))
+    finally:
+        handle.remove()
+    assert seen[-1] == "Conv2d"
+
+
 def test_bf16_autocast_stays_close_and_keeps_grn_statistics_in_float32():
     torch.manual_seed(0)
     m = randomised(create_model("atto", **TINY)).eval()

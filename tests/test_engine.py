@@ -61,12 +61,22 @@ def _trainer(out, *, accum=1, epochs=2, poison_at=None, args=None, **run):
     return trainer, forward, epochs
 
 
+def _fit(trainer, epochs, forward, ends=None):
+    """A recipe's straight-line main: train each epoch, note its end, save the run state."""
+    for epoch in trainer.epochs(epochs):
+        if not trainer.train_one_epoch(forward):
+            break
+        if ends is not None:
+            ends.append(epoch)
+        trainer.save_state()
+
+
 def _run(out, **kw):
     trainer, forward, epochs = _trainer(out, **kw)
     trainer.resume()
     ends = []
     with trainer.open_log("steps.jsonl"):
-        trainer.fit(epochs, forward, ends.append)
+        _fit(trainer, epochs, forward, ends)
     return trainer, ends
 
 
@@ -97,7 +107,7 @@ def test_accumulated_step_equals_one_large_batch(tmp_path):
     """Two micro-batches of 4 with accumulation give the first update of one batch of 8."""
     trainer, forward, _ = _trainer(tmp_path / "a", accum=2, max_steps=1)
     with trainer.open_log("steps.jsonl"):
-        trainer.fit(2, forward)
+        _fit(trainer, 2, forward)
     keyed = trainer.loader.dataset
     keyed.set_epoch(0)
     order = list(iter(trainer.loader.sampler.base))[:8]
@@ -131,7 +141,7 @@ def test_non_finite_loss_stops_before_the_optimizer_applies_it(tmp_path):
     trainer, forward, _ = _trainer(tmp_path, poison_at=3, save_every_steps=2)
     with pytest.raises(T.NonFiniteLossError, match="optimizer step 3") as err:
         with trainer.open_log("steps.jsonl"):
-            trainer.fit(2, forward)
+            _fit(trainer, 2, forward)
     assert err.value.checkpoint.name == "checkpoint-00000002.pt"
     saved = T.load_run_state(err.value.checkpoint)["model"]
     for k, v in trainer.model.state_dict().items():  # step 3 was never applied

@@ -460,7 +460,11 @@ def _finetune(cfg: FinetuneConfig, p: Plan, info: T.DistInfo, out: Path) -> dict
     t_start = epochs.t_epoch = time.time()
     with trainer.open_log("steps.jsonl", "metrics.jsonl") as log:
         epochs.log = log
-        trainer.fit(hp["epochs"], forward, epochs.end)
+        for epoch in trainer.epochs(hp["epochs"]):
+            if not trainer.train_one_epoch(forward):
+                break
+            epochs.end(epoch)
+            trainer.save_state()
     return epochs.summary(base_lr, time.time() - t_start, probe is not None)
 
 

@@ -340,10 +340,11 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
         loss, _, _ = model(imgs, mask, return_pred=False)
         return loss, len(imgs)
 
-    def end_of_epoch(epoch: int) -> None:
+    for epoch in trainer.epochs(cfg.epochs):
+        if not trainer.train_one_epoch(forward):
+            break
         figures.epoch_end(epoch, trainer.pos.global_step)
-
-    trainer.fit(cfg.epochs, forward, end_of_epoch)
+        trainer.save_state()
     return _finish(cfg, trainer, figures, facts)
 
 

@@ -10,7 +10,9 @@ pairs. Everything that must behave identically in both lives here, written once:
   progress bar), ``save_every_steps`` and ``max_steps``;
 - ``Trainer.resume``: newest intact checkpoint, refusal of a resume whose arguments would
   change the run, model / optimizer / EMA / RNG / position restore;
-- ``Trainer.save_state``: the run state (gathered from FSDP shards when sharded), keep-last-K.
+- ``Trainer.save_state``: the run state (gathered from FSDP shards when sharded), keep-last-K;
+- ``Trainer.epochs``: the epochs left to train, with the progress bar, so that a recipe's main
+  is a straight line: ``for epoch in trainer.epochs(n): train_one_epoch; evaluate; save_state``.
 
 Exact resume rests on three facts: the sample order and each sample's augmentation are
 functions of (seed, epoch, index) (``data_order``), the lr is a function of the step
@@ -335,21 +337,24 @@ class Trainer:
     def running(self) -> bool:
         return self.pos.global_step < self.stop_at
 
-    def fit(self, epochs: int, forward, end_of_epoch: Callable[[int], None] | None = None) -> None:
-        """Train until ``epochs`` or ``max_steps``; after each whole epoch call
-        ``end_of_epoch(number)`` (1-based: validation, figures), then save the run state."""
+    def epochs(self, epochs: int) -> Iterator[int]:
+        """The epochs still to train, numbered from 1, from where the run stands (after
+        ``resume``) up to ``epochs``, ending early once ``max_steps`` is reached; the progress
+        bar is shown meanwhile. A recipe's main is then a straight line::
+
+            for epoch in trainer.epochs(cfg.epochs):
+                if not trainer.train_one_epoch(forward):
+                    break                  # max_steps stopped it inside the epoch (saved)
+                metrics = evaluate(...)    # validation, figures
+                trainer.save_state()       # the position is already the next epoch's start
+        """
         if self.info.is_main and self.cfg.progress:
             from tqdm.auto import tqdm
             self._bar = tqdm(total=self.stop_at, initial=min(self.pos.global_step, self.stop_at),
                              desc=self.desc, unit="step", dynamic_ncols=True)
         try:
             while self.pos.epoch < epochs and self.running:
-                if not self.train_one_epoch(forward):
-                    break
-                if end_of_epoch is not None:
-                    end_of_epoch(self.pos.epoch + 1)
-                self.pos = Position(self.pos.epoch + 1, 0, self.pos.global_step)
-                self.save_state()
+                yield self.pos.epoch + 1
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -358,8 +363,9 @@ class Trainer:
     def train_one_epoch(self, forward) -> bool:
         """The rest of the current epoch. ``forward(model, batch, key)`` returns the loss of a
         micro-batch and its number of images; it runs under autocast (and DDP's no_sync
-        between accumulation steps). Returns True when the epoch ran to its end, False when
-        ``max_steps`` stopped it inside the epoch (its state is then saved)."""
+        between accumulation steps). Returns True when the epoch ran to its end (the position
+        is then the next epoch's start, what ``save_state`` records), False when ``max_steps``
+        stopped it inside the epoch (its state is then saved)."""
         pos, stepper, loader = self.pos, self.stepper, self.loader
         loader.sampler.set_epoch(pos.epoch, skip=pos.batches_done * loader.batch_size)
         _keyed(loader.dataset).set_epoch(pos.epoch)
@@ -389,12 +395,13 @@ class Trainer:
                 self.ema.update(self.model, step=pos.global_step)
             self._log_step(sum(losses) / len(losses), clock.rate(self.images_per_step))
             losses = []
-            if pos.batches_done < self.batches_per_epoch:  # an epoch's end is saved by fit
+            if pos.batches_done < self.batches_per_epoch:  # the recipe saves an epoch's end
                 if not self.running:
                     self.save_state()
                     return False
                 if self.cfg.save_every_steps and pos.global_step % self.cfg.save_every_steps == 0:
                     self.save_state()
+        self.pos = Position(pos.epoch + 1, 0, pos.global_step)
         return True
 
     def _log_step(self, loss: float, img_per_s: float) -> None:

@@ -14,10 +14,10 @@ initial weights, on the same images and masks):
 Each contender is measured in every mode of ``--modes`` and reported in its best one:
 
   eager          plain PyTorch
-  graph          eager, the whole step captured as one CUDA graph (fast.TrainStep; CUDA only)
-  compile        torch.compile: per block (``--compile-scope blocks``, default: fast.compile_regions /
-                 fast.compile_blocks) or the whole model (``--compile-scope model``,
-                 torch.compile(model, fullgraph=True))
+  graph          eager, the whole step captured as one CUDA graph (train_step.TrainStep; CUDA only)
+  compile        torch.compile: per block (``--compile-scope blocks``, default:
+                 compiled_regions.compile_regions / compile_blocks) or the whole model
+                 (``--compile-scope model``, torch.compile(model, fullgraph=True))
   compile+graph  compile, then the whole step captured as one CUDA graph (CUDA only)
   reduce-overhead  torch.compile(model, fullgraph=True, mode="reduce-overhead") (CUDA only)
 
@@ -50,9 +50,11 @@ from torch import nn
 from tqdm import tqdm
 
 from convnextv2 import create_model
-from convnextv2.fcmae.fast import TrainStep, compile_blocks, compile_regions
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
+
+from compiled_regions import compile_blocks, compile_regions
+from train_step import TrainStep
 
 CONTENDERS = ("sparse", "sparse-triton", "masked-dense", "encoder")
 SPARSE = ("sparse", "sparse-triton")

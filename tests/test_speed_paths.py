@@ -136,6 +136,13 @@ def test_grn_linear_applies_gelu_when_grad_mode_is_on_but_nothing_requires_grad(
     assert_all_close([grn_linear(x, gamma, beta, w, b, gelu=True, eps=GRN_EPS)], [ref])
 
 
+def test_grn_linear_names_the_shape_it_needs():
+    """No site axis means no GRN norm to fold: callers run the reference formula instead."""
+    with pytest.raises(ValueError, match=r"\(N, sites\.\.\., C\)"):
+        grn_linear(torch.randn(4, 8), torch.zeros(8), torch.zeros(8), torch.randn(3, 8),
+                   eps=GRN_EPS)
+
+
 def test_frozen_model_in_grad_mode_matches_plain_math():
     """A frozen backbone run with autograd on (nothing requires grad): the same numbers."""
     m = randomised(create_model("atto", **TINY), seed=5).train().requires_grad_(False)

@@ -17,8 +17,9 @@ from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
 from ..models.runtime import compiled_region, compiling
 from .masked_dense import masked_dense_forward_features
-from .masking import (check_input, check_mask, count_visible, keyed_mask,  # noqa: F401
-                      mask_order, masked_rows, num_visible, random_mask)  # (keyed_mask: public)
+from .masking import (check_input, check_mask, count_visible, mask_order, masked_rows,
+                      num_visible, random_mask)
+from .masking import keyed_mask  # noqa: F401  (importable from here as before)
 from .sparse import DWCONV_KERNELS, patchify, sparse_forward_features
 
 BACKENDS = ("sparse", "dense")

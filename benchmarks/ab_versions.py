@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import shutil
 import statistics
 import sys
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from train_step import TrainStep
 
 OLD = "convnextv2_old"
 
@@ -63,7 +66,16 @@ def build(pkg: str, contender: str, model_name: str, state: dict, mask_ratio: fl
         m.set_backend("sparse" if contender == "sparse" else "dense")
     m.train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-    return importlib.import_module(pkg + ".fcmae.fast").TrainStep(m, opt)
+    return step_class(pkg)(m, opt)
+
+
+def step_class(pkg: str):
+    """The package's own ``TrainStep`` where its tree still has one (``fcmae/fast.py`` of older
+    versions), else ``train_step.TrainStep``: without a CUDA graph both are the same plain step
+    (zero_grad, forward with ``return_pred=False``, backward, optimizer step)."""
+    if importlib.util.find_spec(pkg + ".fcmae.fast") is None:
+        return TrainStep
+    return importlib.import_module(pkg + ".fcmae.fast").TrainStep
 
 
 def main(argv=None) -> int:

@@ -14,10 +14,10 @@ initial weights, on the same images and masks):
 Each contender is measured in every mode of ``--modes`` and reported in its best one:
 
   eager          plain PyTorch
-  graph          eager, the whole step captured as one CUDA graph (fast.TrainStep; CUDA only)
-  compile        torch.compile: per block (``--compile-scope blocks``, default: fast.compile_regions /
-                 fast.compile_blocks) or the whole model (``--compile-scope model``,
-                 torch.compile(model, fullgraph=True))
+  graph          eager, the whole step captured as one CUDA graph (train_step.TrainStep; CUDA only)
+  compile        torch.compile: per block (``--compile-scope blocks``, default:
+                 compiled_regions.compile_regions / compile_blocks) or the whole model
+                 (``--compile-scope model``, torch.compile(model, fullgraph=True))
   compile+graph  compile, then the whole step captured as one CUDA graph (CUDA only)
   reduce-overhead  torch.compile(model, fullgraph=True, mode="reduce-overhead") (CUDA only)
 
@@ -50,9 +50,11 @@ from torch import nn
 from tqdm import tqdm
 
 from convnextv2 import create_model
-from convnextv2.fcmae.fast import TrainStep, compile_blocks, compile_regions
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
+
+from compiled_regions import compile_blocks, compile_regions
+from train_step import TrainStep
 
 CONTENDERS = ("sparse", "sparse-triton", "masked-dense", "encoder")
 SPARSE = ("sparse", "sparse-triton")
@@ -225,8 +227,9 @@ def cpu_step_peak(fn) -> int:
     return peak_memory(fn, "cpu")[0]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def checked_choices(args) -> tuple[list[str], list[str]]:
+    """The modes and contenders to run, after checking them against the device; sets the
+    threads, warm-up default and CUDA flags."""
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
@@ -248,85 +251,67 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
         if not cuda and m in ("graph", "compile+graph", "reduce-overhead"):
             raise SystemExit(f"mode {m!r} needs --device cuda")
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    proto = FCMAE(args.model, mask_ratio=args.mask_ratio)
-    imgs = torch.randn(args.batch, proto.in_chans, args.img_size, args.img_size,
-                       generator=torch.Generator().manual_seed(0)).to(device)
-    grid = proto.grid_size(imgs)
-    gen = torch.Generator().manual_seed(1)
-    masks = [random_mask(args.batch, grid, args.mask_ratio, generator=gen).to(device)
-             for _ in range(8)]
-    kept = int(masks[0][0].eq(0).sum())
-    timer = Timer(args.device)
-    started = time.perf_counter()
-    dev_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {args.model}, batch {args.batch}, {args.img_size} px, mask ratio "
-          f"{args.mask_ratio} ({kept}/{masks[0].shape[1]} patches visible), {args.amp}, "
-          f"device {dev_name}, torch {torch.__version__}, modes {','.join(modes)}, "
-          f"compile scope {args.compile_scope}", flush=True)
+    return modes, contenders
 
+
+def measure_variant(contender, mode, args, proto, imgs, masks, timer, selecting: bool):
+    """Build, warm up and (when ``selecting``) time one (contender, mode); None if it failed."""
+    cuda = args.device == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    try:
+        v = build_variant(contender, mode, args, proto, imgs, masks)
+        for i in range(args.warmup + 1):  # graph modes: warm-up steps, then capture
+            v.step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        v.build_s = time.perf_counter() - t0
+        for i in range(args.select_repeats if selecting else 0):
+            v.select_times.append(timer.time(lambda: v.step(i)))
+        if cuda:
+            v.peak = torch.cuda.max_memory_allocated() - base
+        elif not args.no_memory:
+            v.peak = cpu_step_peak(lambda: v.step(0))
+        return v
+    except Exception as exc:  # report and go on: one failing mode must not cost the rest
+        print(f"  {contender} [{mode}] FAILED after {time.perf_counter() - t0:.0f} s: "
+              f"{type(exc).__name__}: {str(exc)[:400]}", flush=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return None
+
+
+def select_modes(args, modes, contenders, proto, imgs, masks, timer, started) -> dict:
+    """The best mode of each contender: contender -> Variant."""
     best: dict[str, Variant] = {}
     # mode-major: the cheap modes of every contender first, then the compiled ones
     for mode, contender in [(m, c) for m in modes for c in contenders]:
-        if True:
-            if args.time_limit and time.perf_counter() - started > args.time_limit:
-                print(f"  time limit reached: {contender} [{mode}] not measured", flush=True)
-                continue
-            gc.collect()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            try:
-                v = build_variant(contender, mode, args, proto, imgs, masks)
-                for i in range(args.warmup + 1):  # graph modes: warm-up steps, then capture
-                    v.step(i)
-                if cuda:
-                    torch.cuda.synchronize()
-                v.build_s = time.perf_counter() - t0
-                for i in range(args.select_repeats if len(modes) > 1 else 0):
-                    v.select_times.append(timer.time(lambda: v.step(i)))
-                if cuda:
-                    v.peak = torch.cuda.max_memory_allocated() - base
-                elif not args.no_memory:
-                    v.peak = cpu_step_peak(lambda: v.step(0))
-            except Exception as exc:  # report and go on: one failing mode must not cost the rest
-                print(f"  {contender} [{mode}] FAILED after {time.perf_counter() - t0:.0f} s: "
-                      f"{type(exc).__name__}: {str(exc)[:400]}", flush=True)
-                v = None
-                if cuda:
-                    torch.cuda.synchronize()
-            if v is None:
-                continue
-            med = statistics.median(v.select_times) if v.select_times else 0.0
-            timing = f"{med * 1e3:9.2f} ms/step" if v.select_times else "   (one mode: timed below)"
-            print(f"  {v.name:30s} {timing}  ({v.build_s:.0f} s to build, warm up"
-                  f"{' and compile' if 'compile' in mode or mode == 'reduce-overhead' else ''})"
-                  + (f"  peak {v.peak / 2**20:.0f} MiB" if v.peak is not None else ""), flush=True)
-            prev = best.get(contender)
-            if prev is None or (v.select_times and med < statistics.median(prev.select_times)):
-                best[contender] = v
-            del v
-    if not best:
-        print("nothing measured")
-        return 1
+        if args.time_limit and time.perf_counter() - started > args.time_limit:
+            print(f"  time limit reached: {contender} [{mode}] not measured", flush=True)
+            continue
+        v = measure_variant(contender, mode, args, proto, imgs, masks, timer, len(modes) > 1)
+        if v is None:
+            continue
+        med = statistics.median(v.select_times) if v.select_times else 0.0
+        timing = f"{med * 1e3:9.2f} ms/step" if v.select_times else "   (one mode: timed below)"
+        print(f"  {v.name:30s} {timing}  ({v.build_s:.0f} s to build, warm up"
+              f"{' and compile' if 'compile' in mode or mode == 'reduce-overhead' else ''})"
+              + (f"  peak {v.peak / 2**20:.0f} MiB" if v.peak is not None else ""), flush=True)
+        prev = best.get(contender)
+        if prev is None or (v.select_times and med < statistics.median(prev.select_times)):
+            best[contender] = v
+        del v
+    return best
 
-    # final: the best mode of each contender, interleaved
-    finals = [best[c] for c in contenders if c in best]
-    with final_turn(args):
-        for r in tqdm(range(args.repeats), desc="final rounds", leave=False):
-            for v in finals:
-                v.times.append(timer.time(lambda: v.step(r)))
-                v.cpu_times.append(timer.last_cpu)
-    print(f"\nbest mode of each, {args.repeats} interleaved rounds, median (device {dev_name}):")
-    med = {v.contender: statistics.median(v.times) for v in finals}
-    for v in finals:
-        print(f"  {v.name:30s} {med[v.contender] * 1e3:9.2f} ms/step  "
-              f"{args.batch / med[v.contender]:9.1f} img/s  (min {min(v.times) * 1e3:.2f}, max "
-              f"{max(v.times) * 1e3:.2f})" + (f"  peak {v.peak / 2**20:.0f} MiB" if v.peak else ""))
+
+def report_ratios(args, finals, best, med) -> None:
+    """Each sparse contender against the others: speed, CPU time, peak memory, table row."""
+    cuda = args.device == "cuda"
     for sparse in [c for c in SPARSE if c in med]:
         for other in ("masked-dense", "encoder"):
             if other in med:
@@ -360,6 +345,48 @@ def main(argv=None) -> int:
         if dn is not None and sp.peak and dn.peak:
             cells.append(f"{sp.peak / 2**20:.0f} / {dn.peak / 2**20:.0f}")
         print(f"  table row ({sparse}): | " + " | ".join(cells) + " |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    modes, contenders = checked_choices(args)
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    proto = FCMAE(args.model, mask_ratio=args.mask_ratio)
+    imgs = torch.randn(args.batch, proto.in_chans, args.img_size, args.img_size,
+                       generator=torch.Generator().manual_seed(0)).to(device)
+    grid = proto.grid_size(imgs)
+    gen = torch.Generator().manual_seed(1)
+    masks = [random_mask(args.batch, grid, args.mask_ratio, generator=gen).to(device)
+             for _ in range(8)]
+    kept = int(masks[0][0].eq(0).sum())
+    timer = Timer(args.device)
+    started = time.perf_counter()
+    dev_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {args.model}, batch {args.batch}, {args.img_size} px, mask ratio "
+          f"{args.mask_ratio} ({kept}/{masks[0].shape[1]} patches visible), {args.amp}, "
+          f"device {dev_name}, torch {torch.__version__}, modes {','.join(modes)}, "
+          f"compile scope {args.compile_scope}", flush=True)
+    best = select_modes(args, modes, contenders, proto, imgs, masks, timer, started)
+    if not best:
+        print("nothing measured")
+        return 1
+
+    # final: the best mode of each contender, interleaved
+    finals = [best[c] for c in contenders if c in best]
+    with final_turn(args):
+        for r in tqdm(range(args.repeats), desc="final rounds", leave=False):
+            for v in finals:
+                v.times.append(timer.time(lambda: v.step(r)))
+                v.cpu_times.append(timer.last_cpu)
+    print(f"\nbest mode of each, {args.repeats} interleaved rounds, median (device {dev_name}):")
+    med = {v.contender: statistics.median(v.times) for v in finals}
+    for v in finals:
+        print(f"  {v.name:30s} {med[v.contender] * 1e3:9.2f} ms/step  "
+              f"{args.batch / med[v.contender]:9.1f} img/s  (min {min(v.times) * 1e3:.2f}, max "
+              f"{max(v.times) * 1e3:.2f})" + (f"  peak {v.peak / 2**20:.0f} MiB" if v.peak else ""))
+    report_ratios(args, finals, best, med)
     if args.profile:
         for sparse in [c for c in SPARSE if c in contenders]:
             profile_sparse(args, proto, imgs, masks, sparse)

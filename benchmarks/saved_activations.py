@@ -12,7 +12,7 @@ Two batch sizes give the per-sample slope, which is what decides the ratio at la
     python benchmarks/saved_activations.py --model convnextv2_base --batch 4 8 --amp bf16
     python benchmarks/saved_activations.py --model convnextv2_atto --batch 16 32 --compile
 
-``--compile`` compiles per block (``fast.compile_regions``, inductor), the mode the GPU
+``--compile`` compiles per block (``compiled_regions.compile_regions``, inductor), the mode the GPU
 benchmarks run in: the compiler, not the code, then decides what is kept. ``--top`` lists the
 largest kept shapes of the larger batch.
 """
@@ -24,9 +24,10 @@ import sys
 
 import torch
 
-from convnextv2.fcmae.fast import compile_regions
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
+
+from compiled_regions import compile_regions
 
 
 def parse_args(argv=None):

@@ -9,12 +9,18 @@ tests/test_gpu.py compiles the whole model with inductor on CUDA.
 """
 import copy
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from convnextv2.fcmae.fast import TrainStep, compile_regions, uncompile_regions
 from convnextv2.fcmae.fcmae import FCMAE
+from convnextv2.models.runtime import COMPILED_REGIONS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from compiled_regions import compile_regions, uncompile_regions  # noqa: E402
+from train_step import TrainStep  # noqa: E402
 
 from test_sparse import make_pair
 
@@ -88,7 +94,7 @@ def test_inductor_compiled_sparse_blocks_match_eager():
     mask = eager.random_mask(imgs, generator=torch.Generator().manual_seed(3))
     assert_same_step(eager, twin, imgs, mask)
     uncompile_regions(twin)
-    assert "_fast_regions" not in twin.__dict__ and "_fast_regions" not in twin.encoder.__dict__
+    assert COMPILED_REGIONS not in twin.__dict__ and COMPILED_REGIONS not in twin.encoder.__dict__
 
 
 @pytest.mark.skipif(os.environ.get("CONVNEXTV2_TEST_INDUCTOR") != "1",

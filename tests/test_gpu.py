@@ -1,5 +1,7 @@
 """CUDA checks: the same numbers on the GPU as on the CPU. Skipped where there is no GPU (CI)."""
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch
 import convnextv2
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # train_step.py
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -233,7 +237,7 @@ def test_compiled_sparse_block_keeps_sites_not_grids_on_cuda(dwconv):
 
 @pytest.mark.parametrize("backend", ["sparse", TRITON, "dense"])
 def test_cuda_graph_train_step_equals_the_eager_steps(backend):
-    from convnextv2.fcmae.fast import TrainStep
+    from train_step import TrainStep  # benchmarks/ (on sys.path above)
     eager = _fcmae(backend, seed=2)
     twin = copy.deepcopy(eager)
     step_e = TrainStep(eager, torch.optim.AdamW(eager.parameters(), lr=1e-3, fused=True))

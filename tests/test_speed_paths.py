@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from convnextv2 import create_model
-from convnextv2.models.grn import grn, grn_linear
+from convnextv2.models.grn import GRN_EPS, grn
+from convnextv2.models.grn_fused import grn_linear
 from convnextv2.models.model import Block
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
@@ -116,14 +117,37 @@ def test_grn_linear_with_residual_matches_formula(shape, gelu):
     b = torch.randn(c_out, generator=g, dtype=torch.float64).requires_grad_()
     res = torch.randn(*shape[:-1], c_out, generator=g, dtype=torch.float64).requires_grad_()
     leaves = [x, gamma, beta, w, b, res]
-    out = grn_linear(x, gamma, beta, w, b, residual=res, gelu=gelu)
+    out = grn_linear(x, gamma, beta, w, b, residual=res, gelu=gelu, eps=GRN_EPS)
     h = F.gelu(x) if gelu else x
     ref = res + ref_grn(h, gamma, beta) @ w.t() + b
     assert_all_close([out], [ref], tol=1e-10)
     assert_all_close(grads(out, leaves), grads(ref, leaves), tol=1e-10)
     with torch.no_grad():
-        assert_all_close([grn_linear(x, gamma, beta, w, b, residual=res, gelu=gelu)], [ref],
+        assert_all_close([grn_linear(x, gamma, beta, w, b, residual=res, gelu=gelu, eps=GRN_EPS)], [ref],
                          tol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 8), (2, 3, 8)])  # both strategies
+def test_grn_linear_applies_gelu_when_grad_mode_is_on_but_nothing_requires_grad(shape):
+    g = torch.Generator().manual_seed(9)
+    x, gamma, beta = (torch.randn(s, generator=g) for s in (shape, shape[-1:], shape[-1:]))
+    w, b = torch.randn(12, shape[-1], generator=g), torch.randn(12, generator=g)
+    ref = ref_grn(F.gelu(x), gamma, beta) @ w.t() + b
+    assert_all_close([grn_linear(x, gamma, beta, w, b, gelu=True, eps=GRN_EPS)], [ref])
+
+
+def test_grn_linear_names_the_shape_it_needs():
+    """No site axis means no GRN norm to fold: callers run the reference formula instead."""
+    with pytest.raises(ValueError, match=r"\(N, sites\.\.\., C\)"):
+        grn_linear(torch.randn(4, 8), torch.zeros(8), torch.zeros(8), torch.randn(3, 8),
+                   eps=GRN_EPS)
+
+
+def test_frozen_model_in_grad_mode_matches_plain_math():
+    """A frozen backbone run with autograd on (nothing requires grad): the same numbers."""
+    m = randomised(create_model("atto", **TINY), seed=5).train().requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64)
+    assert_all_close([m(x)], [ref_forward(m, x)])
 
 
 def test_standalone_grn_matches_formula_with_gradients():

@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masked_dense import masked_dense_forward_features
-from .masking import keyed_mask, num_visible, random_mask  # noqa: F401  (public mask functions)
-from ..models.grn import grn_rows
+from ..models.dwconv import depthwise_conv
+from ..models.grn_fused import grn_rows
 from ..models.model import Block, ConvNeXtV2, init_weights
 from ..models.registry import create_model
-from ..models.dwconv import depthwise_conv
-from .sparse import (DWCONV_KERNELS, _compiling, check_input, check_mask, count_visible,
-                     mask_order, patchify, region, sparse_forward_features)
+from ..models.runtime import compiled_region, compiling
+from .masked_dense import masked_dense_forward_features
+from .masking import (check_input, check_mask, count_visible, mask_order, masked_rows,
+                      num_visible, random_mask)
+from .masking import keyed_mask  # noqa: F401  (importable from here as before)
+from .sparse import DWCONV_KERNELS, patchify, sparse_forward_features
 
 BACKENDS = ("sparse", "dense")
 NORM_PIX_EPS = 1e-6
@@ -50,8 +52,10 @@ class FCMAE(nn.Module):
     training step never waits for the device.
 
     Speed: ``torch.compile(fcmae, fullgraph=True)`` compiles forward and backward as one graph
-    (either backend); ``fast.compile_regions`` compiles per block, and ``fast.TrainStep``
-    captures a whole training step as a CUDA graph (docs/benchmarks.md).
+    (either backend). The repeated pieces (an encoder block, the training decoder and loss) are
+    regions that may be compiled one by one (``runtime.compiled_region``), and nothing in a
+    training step waits for the device, so the whole step can be captured as a CUDA graph
+    (``benchmarks/compiled_regions.py``, ``benchmarks/train_step.py``, docs/benchmarks.md).
     """
 
     def __init__(self, encoder: str | ConvNeXtV2, *, mask_ratio: float = 0.6,
@@ -117,7 +121,7 @@ class FCMAE(nn.Module):
         raises). Any other mask keeps ``int(L * (1 - mask_ratio))`` cells by contract
         (``check_mask`` asserts it asynchronously).
         """
-        if mask.device.type == "cpu" and not _compiling():
+        if mask.device.type == "cpu" and not compiling():
             try:
                 return count_visible(mask)
             except ValueError:
@@ -159,43 +163,7 @@ class FCMAE(nn.Module):
         x = x.reshape(n, hp, wp, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, c, hp * p, wp * p)
 
-    # -- the three parts -------------------------------------------------------------------
-    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, d3, H/p, W/p) features of the visible cells; masked cells are exactly zero."""
-        if self.backend == "sparse":
-            check_input(self.encoder, imgs, mask)
-            return sparse_forward_features(self.encoder, imgs, mask, self.visible_count(mask),
-                                           dwconv=self.sparse_dwconv)
-        return masked_dense_forward_features(self.encoder, imgs, mask)
-
-    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Fill masked cells with the mask token, decode, predict pixels: (N, L, p*p*C).
-
-        Runs channels-last: the 1x1 convolutions become plain matrix multiplies, the depthwise
-        conv of the blocks is much faster in channels-last memory on CPU, and the prediction
-        comes out in (N, L, p*p*C) order without a final transpose.
-        """
-        n, _, hp, wp = latent.shape
-        x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
-        m = mask.reshape(n, hp, wp, 1).to(x.dtype)
-        x = x * (1 - m) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * m
-        x = self.decoder(x.permute(0, 3, 1, 2))  # NCHW view of channels-last memory
-        pred = F.linear(x.permute(0, 2, 3, 1), self.pred.weight.flatten(1), self.pred.bias)
-        return pred.reshape(n, hp * wp, -1)
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-patch MSE against the (normalised) pixels, averaged over masked patches."""
-        with torch.no_grad():
-            target = self.patchify(imgs).float()
-            if self.norm_pix_loss:  # unbiased variance, as torch.var (written out: faster on CPU)
-                target = target - target.mean(dim=-1, keepdim=True)
-                var = (target * target).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
-                target.mul_((var + NORM_PIX_EPS).rsqrt_())
-        diff = pred.float() - target
-        loss = (diff * diff).mean(dim=-1)
-        mask = mask.to(loss.dtype)
-        return (loss * mask).sum() / mask.sum()
-
+    # -- the three parts: encoder, decoder, loss ---------------------------------------------
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor | None = None, *,
                 return_pred: bool = True):
         """Returns ``(loss, pred, mask)``; the mask is drawn at random when not given.
@@ -208,32 +176,91 @@ class FCMAE(nn.Module):
         """
         if mask is None:
             mask = self.random_mask(imgs)
-        check_input(self.encoder, imgs, mask)
         rows_only = self._rows_only()
-        kp = self.visible_count(mask) if (self.backend == "sparse" or rows_only) else None
-        order = None
-        if kp is not None:
-            if mask.device.type != "cpu" or _compiling():
-                check_mask(mask, kp)  # asynchronous; CPU masks were counted on the host
-            order = mask_order(mask)
-        if self.backend == "sparse":
-            latent = sparse_forward_features(self.encoder, imgs, mask, kp, order=order, check=False,
-                                             dwconv=self.sparse_dwconv)
-        else:
-            latent = masked_dense_forward_features(self.encoder, imgs, mask)
-        cells = mask.shape[1]
-        if not rows_only or kp is None or kp == cells:
-            pred = self.forward_decoder(latent, mask)
-            return self.forward_loss(imgs, pred, mask), (pred if return_pred else None), mask
-        n = mask.shape[0]
-        rows = (order[:, kp:] + torch.arange(n, device=mask.device).view(n, 1) * cells).reshape(-1)
-        tail = region(self, "masked_tail", FCMAE._masked_tail)
-        loss, pred = tail(self, imgs, latent, mask, rows, return_pred)
-        return loss, pred, mask
+        kp, order = self._visible_cells(imgs, mask, counted=rows_only)
+        latent = self._encode(imgs, mask, kp, order)
+        if rows_only and kp is not None and kp < mask.shape[1]:  # decoder and loss at masked cells
+            tail = compiled_region(self, "masked_tail", FCMAE.forward_masked_tail)
+            loss, pred = tail(self, imgs, latent, mask, masked_rows(order, kp), return_pred)
+            return loss, pred, mask
+        pred = self.forward_decoder(latent, mask)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, (pred if return_pred else None), mask
 
-    def _masked_tail(self, imgs, latent, mask, rows, return_pred: bool = True):
-        """Decoder, prediction and loss at the masked cells ``rows``; the full-shape ``pred``
-        (zero at visible cells), or None. One function, so that it compiles as one region."""
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, d3, H/p, W/p) features of the visible cells; masked cells are exactly zero."""
+        return self._encode(imgs, mask, *self._visible_cells(imgs, mask))
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Fill masked cells with the mask token, decode, predict pixels: (N, L, p*p*C).
+
+        Runs channels-last: the 1x1 convolutions become plain matrix multiplies, the depthwise
+        conv of the blocks is much faster in channels-last memory on CPU, and the prediction
+        comes out in (N, L, p*p*C) order without a final transpose.
+        """
+        n, _, hp, wp = latent.shape
+        x = self.decoder(self._decoder_input(latent, mask))
+        pred = F.linear(x.permute(0, 2, 3, 1), self.pred.weight.flatten(1), self.pred.bias)
+        return pred.reshape(n, hp * wp, -1)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-patch MSE against the (normalised) pixels, averaged over masked patches."""
+        diff = pred.float() - self._loss_target(self.patchify(imgs))
+        loss = (diff * diff).mean(dim=-1)
+        mask = mask.to(loss.dtype)
+        return (loss * mask).sum() / mask.sum()
+
+    # -- what the three parts share ----------------------------------------------------------
+    def _visible_cells(self, imgs: torch.Tensor, mask: torch.Tensor, counted: bool = False):
+        """``(K, mask_order(mask))`` for the sparse backend, or when ``counted`` (the decoder at
+        masked cells needs them), else ``(None, None)``; K is the cells every sample keeps.
+        Checks images and mask first: at once on the CPU, asynchronously on a device."""
+        check_input(self.encoder, imgs, mask)
+        kp = self.visible_count(mask) if (self.backend == "sparse" or counted) else None
+        if kp is None:
+            return None, None
+        if mask.device.type != "cpu" or compiling():
+            check_mask(mask, kp)  # asynchronous; CPU masks were counted on the host
+        return kp, mask_order(mask)
+
+    def _encode(self, imgs: torch.Tensor, mask: torch.Tensor, kp: int | None,
+                order: torch.Tensor | None) -> torch.Tensor:
+        """The encoder on the backend in use, given ``_visible_cells``' answer."""
+        if self.backend == "sparse":
+            return sparse_forward_features(self.encoder, imgs, mask, kp, order=order, check=False,
+                                           dwconv=self.sparse_dwconv)
+        return masked_dense_forward_features(self.encoder, imgs, mask)
+
+    def _decoder_input(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's map projected to the decoder's width with the mask token at masked
+        cells: (N, D, H/p, W/p), an NCHW view of channels-last memory."""
+        n, _, hp, wp = latent.shape
+        x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
+        m = mask.reshape(n, hp, wp, 1).to(x.dtype)
+        x = x * (1 - m) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * m
+        return x.permute(0, 3, 1, 2)
+
+    def _loss_target(self, patches: torch.Tensor) -> torch.Tensor:
+        """What the decoder regresses for ``patches`` (..., p*p*C), in float32 and without
+        gradient: the pixels, or with ``norm_pix_loss`` each patch normalised by its own mean
+        and unbiased variance, ``(t - mean) / sqrt(var + NORM_PIX_EPS)``."""
+        with torch.no_grad():
+            target = patches.float()
+            if self.norm_pix_loss:  # unbiased variance, as torch.var (written out: faster on CPU)
+                target = target - target.mean(dim=-1, keepdim=True)
+                var = (target * target).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+                target.mul_((var + NORM_PIX_EPS).rsqrt_())
+        return target
+
+    # -- training: decoder output and loss at masked cells only ----------------------------
+    def _rows_only(self) -> bool:
+        return (self.masked_decoder and self.training and torch.is_grad_enabled()
+                and len(self.decoder) > 0 and self.decoder[-1].fusable())
+
+    def forward_masked_tail(self, imgs, latent, mask, rows, return_pred: bool = True):
+        """Decoder, prediction and loss at the masked cells ``rows`` (``masking.masked_rows``);
+        the full-shape ``pred`` (zero at visible cells), or None. One function, so that it
+        compiles as one region (``runtime.compiled_region``, ``"masked_tail"``)."""
         n, cells = mask.shape
         pred_rows = self.forward_decoder_rows(latent, mask, rows)
         loss = self.forward_loss_rows(imgs, pred_rows, rows)
@@ -241,11 +268,6 @@ class FCMAE(nn.Module):
             return loss, None
         pred = pred_rows.new_zeros(n * cells, pred_rows.shape[-1]).index_copy_(0, rows, pred_rows)
         return loss, pred.view(n, cells, -1)
-
-    # -- training: decoder output and loss at masked cells only ----------------------------
-    def _rows_only(self) -> bool:
-        return (self.masked_decoder and self.training and torch.is_grad_enabled()
-                and len(self.decoder) > 0 and self.decoder[-1]._fusable())
 
     def forward_decoder_rows(self, latent: torch.Tensor, mask: torch.Tensor,
                              rows: torch.Tensor) -> torch.Tensor:
@@ -256,11 +278,7 @@ class FCMAE(nn.Module):
         needs all neighbours and GRN's norm all cells); GRN's output, the second Linear, the
         skip connection and the prediction layer run at ``rows`` only.
         """
-        n, _, hp, wp = latent.shape
-        x = F.linear(latent.permute(0, 2, 3, 1), self.proj.weight.flatten(1), self.proj.bias)
-        m = mask.reshape(n, hp, wp, 1).to(x.dtype)
-        x = x * (1 - m) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * m
-        x = x.permute(0, 3, 1, 2)
+        x = self._decoder_input(latent, mask)
         for block in self.decoder[:-1]:
             x = block(x)
         out = _block_rows(self.decoder[-1], x, rows)
@@ -270,12 +288,7 @@ class FCMAE(nn.Module):
                           rows: torch.Tensor) -> torch.Tensor:
         """``forward_loss`` when ``pred_rows`` are the predictions at exactly the masked cells
         ``rows``: the mean of their per-patch errors."""
-        with torch.no_grad():
-            target = self.patches_at(imgs, rows).float()
-            if self.norm_pix_loss:
-                target = target - target.mean(dim=-1, keepdim=True)
-                var = (target * target).sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
-                target.mul_((var + NORM_PIX_EPS).rsqrt_())
+        target = self._loss_target(self.patches_at(imgs, rows))
         # every row has the same p*p*C values: the mean of the per-patch means is the mean
         return F.mse_loss(pred_rows.float(), target)
 
@@ -288,12 +301,13 @@ class FCMAE(nn.Module):
 def _block_rows(block: Block, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``block(x)`` at the cells ``rows`` (flat into N*H*W): (len(rows), C), channels-last rows.
 
-    For a block with GRN + exact GELU and no hooks (``Block._fusable``), as the decoder's.
+    For a block with GRN + exact GELU and no hooks (``Block.fusable``), as the decoder's.
     """
     x = x.contiguous(memory_format=torch.channels_last)
     n, c = x.shape[:2]
     y = block.norm(depthwise_conv(block.dwconv, x).permute(0, 2, 3, 1))
-    h = grn_rows(block.pwconv1(y), block.grn.gamma, block.grn.beta, rows, gelu=True)
+    h = grn_rows(block.pwconv1(y), block.grn.gamma, block.grn.beta, rows, gelu=True,
+                 eps=block.grn.eps)
     out = F.linear(h, block.pwconv2.weight, block.pwconv2.bias)      # (N, M, C)
     skip = x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, rows)
     if not isinstance(block.drop_path, nn.Identity) and block.training:

@@ -3,7 +3,8 @@
 The full dense network runs on every position; masked positions are set to zero after each
 operation that could fill them: after the stem, after every depthwise conv, before GRN's norm
 (so GRN's L2 norm only sees a sample's visible sites), after each block and after each
-downsampling. At visible sites this gives exactly the numbers of sparse convolution.
+downsampling. At visible sites this gives exactly the numbers of sparse convolution. Each block
+is a region that may be compiled on its own (``runtime.compiled_region``, ``"masked_block"``).
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from torch import nn
 
 from ..models.dwconv import depthwise_conv
-from ..models.grn import grn_linear
-from .masking import upsample_mask
+from ..models.grn_fused import grn_linear
 from ..models.model import Block, ConvNeXtV2
-from .sparse import LEVELS, check_input, region
+from ..models.runtime import compiled_region, plain_math
+from .masking import check_input, upsample_mask
+from .sparse import LEVELS
 
 
 def stage_keep_masks(mask: torch.Tensor, grid_hw, dtype) -> list[torch.Tensor]:
@@ -25,7 +27,8 @@ def stage_keep_masks(mask: torch.Tensor, grid_hw, dtype) -> list[torch.Tensor]:
 
 
 def _fusable(block: Block) -> bool:
-    return (block.grn is not None and block.layer_scale is None
+    """GELU, GRN, pwconv2 and the skip can run as one fused node (not while exporting)."""
+    return (block.grn is not None and block.layer_scale is None and not plain_math()
             and type(block.act) is nn.GELU and block.act.approximate == "none")
 
 
@@ -42,7 +45,7 @@ def masked_block(block: Block, x: torch.Tensor, keep: torch.Tensor) -> torch.Ten
         h = block.pwconv1(y).mul_(keep_last)
         out = grn_linear(h, block.grn.gamma, block.grn.beta, block.pwconv2.weight,
                          block.pwconv2.bias, residual=x.permute(0, 2, 3, 1) if plain_skip else None,
-                         gelu=True)
+                         gelu=True, eps=block.grn.eps)
     else:
         h = block.act(block.pwconv1(y))
         if block.grn is not None:
@@ -62,7 +65,7 @@ def masked_dense_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: t
                                   ) -> torch.Tensor:
     """The encoder's (N, d3, H/p, W/p) map with masked cells exactly 0, computed densely."""
     grid_hw = check_input(model, imgs, mask)
-    block_fn = region(model, "masked_block", masked_block)
+    block_fn = compiled_region(model, "masked_block", masked_block)
     keeps = stage_keep_masks(mask, grid_hw, imgs.dtype if imgs.is_floating_point() else torch.float32)
     x = model.stem(imgs.contiguous(memory_format=torch.channels_last)).mul_(keeps[0])  # as the model
     for k, stage in enumerate(model.stages):

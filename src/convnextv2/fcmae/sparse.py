@@ -23,7 +23,8 @@ number of visible cells K, which the caller knows from the mask ratio (``SparseL
 is checked with an asynchronous device assert (at once, with a ValueError, for CPU masks). Z-order
 offsets are computed on the device and cached per device. So the forward and backward compile
 as one graph (``torch.compile(fullgraph=True)``) and a whole training step can be captured in a
-CUDA graph (``fast.TrainStep``).
+CUDA graph (``benchmarks/train_step.py``). Each block is a region that may be compiled on its
+own (``runtime.compiled_region``, name ``"sparse_block"``).
 
 On the CPU the depthwise conv's weight gradient runs as a forward conv with the batch folded into
 the channels (``models.dwconv.depthwise_weight_grad``, as in the dense model's blocks).
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.dwconv import depthwise_weight_grad
-from ..models.grn import _autocast_dtype, _compiling, autocast_off
 from ..models.model import Block, ConvNeXtV2
+from ..models.runtime import autocast_dtype, autocast_off, compiled_region, compiling
+from .masking import check_input, check_mask, count_visible, mask_order
 
 LEVELS = 3  # downsamplings between stage 0 and the patch grid (stage 3)
 DWCONV_KERNELS = ("grid", "triton")  # the sparse depthwise: see submanifold_dwconv
@@ -67,69 +69,12 @@ def morton_offsets(side: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     if side < 1 or side & (side - 1):
         raise ValueError(f"side must be a power of two, got {side}")
     device = torch.device(device if device is not None else "cpu")
-    if _compiling():
+    if compiling():
         return _morton_bits(side, device)
     key = (side, device)
     if key not in _OFFSETS:
         _OFFSETS[key] = _morton_bits(side, device)
     return _OFFSETS[key]
-
-
-def region(module: nn.Module, name: str, default):
-    """The function that computes region ``name`` of ``module``: its compiled version when
-    ``fast.compile_regions`` compiled it (per-block regional compilation), else ``default``.
-    Inside an outer torch.compile the plain function is traced, never a nested compiled one."""
-    regions = module.__dict__.get("_fast_regions")
-    if regions is None or _compiling():
-        return default
-    return regions.get(name, default)
-
-
-def count_visible(mask: torch.Tensor) -> int:
-    """Visible cells per sample of a CPU mask, checked to be the same in every sample.
-
-    Reads the mask on the host: free for a CPU tensor, a device-to-host sync for any other
-    (which is why the training step passes the count it knows from the mask ratio instead).
-    """
-    if mask.dim() != 2:
-        raise ValueError(f"mask must be (N, L), got shape {tuple(mask.shape)}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask values must be 0 (visible) or 1 (masked)")
-    counts = (mask == 0).sum(dim=1)
-    if mask.shape[0] and bool((counts != counts[0]).any()):
-        raise ValueError(
-            "the sparse backend needs the same number of visible cells in every sample, got "
-            f"{sorted(set(counts.tolist()))}; use backend='dense' for such masks")
-    return int(counts[0]) if mask.shape[0] else 0
-
-
-def check_mask(mask: torch.Tensor, num_visible: int) -> None:
-    """Every sample keeps ``num_visible`` cells and values are 0/1.
-
-    A CPU mask outside torch.compile is checked at once (ValueError). Otherwise the check is
-    an asynchronous device assert (``torch._assert_async``): no host sync; a bad mask fails
-    the next synchronising call with a device-side assertion.
-    """
-    if mask.device.type == "cpu" and not _compiling():
-        got = count_visible(mask)
-        if got != num_visible:
-            raise ValueError(f"mask keeps {got} cells per sample, expected {num_visible} "
-                             "(int(L * (1 - mask_ratio)))")
-        return
-    vis = mask == 0
-    ok = ((vis | (mask == 1)).all() & (vis.sum(dim=1) == num_visible).all())
-    torch._assert_async(ok, "FCMAE mask: values must be 0/1 and every sample must keep "
-                            "int(L * (1 - mask_ratio)) visible cells")
-
-
-def mask_order(mask: torch.Tensor) -> torch.Tensor:
-    """(N, L) cell indices: the visible cells ascending, then the masked cells ascending.
-
-    A stable sort of the 0/1 mask: shapes depend on nothing but the mask's shape, so there is
-    no ``nonzero`` and no host sync; ``order[:, :K]`` are the visible cells when each sample
-    keeps K.
-    """
-    return torch.argsort(mask.ne(0).to(torch.int32), dim=1, stable=True)
 
 
 @dataclass
@@ -171,7 +116,7 @@ class SparseLayout:
         if cells != hp * wp:
             raise ValueError(f"mask has {cells} cells per sample, the {hp}x{wp} grid needs {hp * wp}")
         if num_visible is None:
-            if _compiling():
+            if compiling():
                 raise ValueError("inside torch.compile the number of visible cells must be "
                                  "given (num_visible=); it cannot be read from the mask")
             kp = count_visible(mask)
@@ -326,7 +271,7 @@ def resolve_dwconv(dwconv: str, x: torch.Tensor) -> str:
     if dwconv == "triton":
         from .triton_dwconv import supported  # imports Triton (half a second): only when asked
 
-        if not supported(x) or (x.device.type == "cpu" and _compiling()):
+        if not supported(x) or (x.device.type == "cpu" and compiling()):
             return "grid"
     return dwconv
 
@@ -343,7 +288,7 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
     """
     kernel = resolve_dwconv(dwconv, x)
     weight, bias = conv.weight, conv.bias
-    dtype = _autocast_dtype(x)  # autocast's dtype when it is on, else x's
+    dtype = autocast_dtype(x)  # autocast's dtype when it is on, else x's
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
     with autocast_off(x):
@@ -354,7 +299,7 @@ def submanifold_dwconv(conv: torch.nn.Conv2d, x: torch.Tensor, flat_index: torch
                 neighbours = neighbour_table(flat_index, x.shape[0], *hw, weight.shape[-1])
             return dwconv_at_sites(x.reshape(-1, x.shape[-1]), weight, bias, neighbours).view_as(x)
         args = (x, weight, flat_index, x.shape[0], *hw)
-        y = grid_dwconv(*args) if _compiling() else _GridDepthwise.apply(*args)
+        y = grid_dwconv(*args) if compiling() else _GridDepthwise.apply(*args)
         return y if bias is None else y + bias
 
 
@@ -382,7 +327,7 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
                   dwconv: str = "grid") -> torch.Tensor:
     """The encoder on the visible sites: (N, Kp, d3), one row per visible patch.
     ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``."""
-    block_fn = region(model, "sparse_block", sparse_block)
+    block_fn = compiled_region(model, "sparse_block", sparse_block)
     kernel = resolve_dwconv(dwconv, imgs)  # decided once: the tables and every block agree
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
@@ -409,23 +354,6 @@ def scatter_to_grid(x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
     hp, wp = layout.grid_hw
     grid = x.new_zeros(n * hp * wp, c).index_copy_(0, layout.flat_index[LEVELS], x.reshape(n * kp, c))
     return grid.view(n, hp, wp, c).permute(0, 3, 1, 2)
-
-
-def check_input(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
-    """The patch grid of ``imgs``; raises if the image or the mask do not fit the model."""
-    p = model.total_stride
-    if imgs.dim() != 4:
-        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(imgs.shape)}")
-    n, c, h, w = imgs.shape
-    if c != model.config["in_chans"]:
-        raise ValueError(f"the encoder takes {model.config['in_chans']} channels, got {c}")
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the patch size {p}")
-    hp, wp = h // p, w // p
-    if tuple(mask.shape) != (n, hp * wp):
-        raise ValueError(f"mask must have shape ({n}, {hp * wp}) for {h}x{w} images with "
-                         f"patch size {p}, got {tuple(mask.shape)}")
-    return hp, wp
 
 
 def sparse_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor,

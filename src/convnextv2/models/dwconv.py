@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grn import _autocast_dtype, _compiling, autocast_off, global_hooks, plain_math
+from .runtime import autocast_dtype, autocast_off, compiling, global_hooks, plain_math
 
 
 def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor
@@ -29,7 +29,7 @@ def depthwise_weight_grad(grad_out: torch.Tensor, inp: torch.Tensor, weight: tor
     n, c, h, w = inp.shape
     k = weight.shape[-1]
     pad = k // 2
-    if inp.device.type != "cpu" or _compiling() or n * c * h * w == 0:
+    if inp.device.type != "cpu" or compiling() or n * c * h * w == 0:
         return torch.ops.aten.convolution_backward(
             grad_out, inp, weight, None, (1, 1), (pad, pad), (1, 1), False, (0, 0), c,
             (False, True, False))[1]
@@ -70,13 +70,13 @@ def depthwise_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a depthwise 'same' conv (the blocks' 7x7); on the CPU in eager training
     with the fast weight gradient of ``depthwise_weight_grad``, elsewhere the module itself
     (also when anything hooks the module, or hooks every module, as activation analysis does)."""
-    if (x.device.type != "cpu" or _compiling() or not torch.is_grad_enabled() or plain_math()
+    if (x.device.type != "cpu" or compiling() or not torch.is_grad_enabled() or plain_math()
             or global_hooks() or conv.weight.shape[0] != x.shape[1] or conv.groups != x.shape[1]
             or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
             or tuple(conv.padding) != (conv.weight.shape[-2] // 2, conv.weight.shape[-1] // 2)
             or conv._forward_hooks or conv._forward_pre_hooks):
         return conv(x)
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
     with autocast_off(x):
         return _DepthwiseCPU.apply(x.to(dtype), weight, bias)

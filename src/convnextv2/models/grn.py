@@ -1,396 +1,65 @@
-"""Global Response Normalization (ConvNeXt V2, section 3).
+"""Global Response Normalization (GRN), ConvNeXt V2 section 3.
 
-GRN rescales each channel by how strong its global response is relative to the other channels
-of the same sample, which keeps channels from collapsing onto each other.
+What it computes, per sample, on a channels-last map x (N, H, W, C):
 
-Speed notes. GRN is a per-(sample, channel) scale ``s = 1 + gamma * Nx`` plus a shift ``beta``,
-so in front of a Linear layer it folds into that layer: ``Linear(x * s + beta) = x @ (W * s).T
-+ (W @ beta + b)``, one batched matmul with a per-sample weight. ``grn_linear`` does exactly
-that, with a hand-written backward, so neither the GRN output nor its gradient is ever
-materialised (autograd's generic backward of the broadcasting multiply and the norm made the
-training step twice as slow as the matmuls themselves). Where a sample has few sites and the
-layer is wide (late stages, the sparse encoder), scaling the activations is cheaper than
-per-sample weights; that strategy is one autograd node too, which keeps only the
-pre-activation and recomputes GELU's and GRN's outputs in backward (a third less memory kept
-per image for base, at no measurable cost in step time). Stand-alone ``grn`` has its own fused
-backward for the same reason.
+    Gx[c] = || x[:, :, c] ||_2 over H and W       global aggregation: one number per channel
+    Nx[c] = Gx[c] / (mean over c of Gx + eps)     normalization: each channel against the others
+    out   = gamma * (x * Nx) + beta + x           calibration, plus the input (a residual)
+
+Why: ConvNeXt pretrained as a masked autoencoder without GRN shows feature collapse (many
+channels dead or saturated, the rest largely redundant). Dividing each channel's global response
+by the mean response over channels makes the channels compete, which keeps them diverse. With
+gamma and beta starting at zero, a fresh GRN is the identity.
+
+``grn_reference`` is that formula and the definition every faster path is tested against.
+``GRN`` (and ``grn``) give the same numbers through ``grn_fused``, which exists for memory and
+speed only, except where only the literal formula may run: exporting, or no spatial axis.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .grn_fused import fused_grn
+from .runtime import accumulation_dtype, plain_math
 
 GRN_EPS = 1e-6
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on ``x`` runs in: the autocast dtype when autocast is on, else x's."""
-    kind = x.device.type
-    try:
-        if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 or an unknown device type
-        pass
-    return x.dtype
+def grn_scale(x: torch.Tensor, eps: float = GRN_EPS) -> torch.Tensor:
+    """Nx, the norm over every axis but batch (first) and channel (last) divided by its mean
+    over channels: (N, 1, ..., 1, C). Works for (N, K, C) lists of visible sites as for maps.
+    The sum of squares is taken in float32: in fp16 it overflows for ordinary activations."""
+    dims = tuple(range(1, x.dim() - 1))
+    gx = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True, dtype=accumulation_dtype(x))
+    return (gx / (gx.mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _compiling() -> bool:
-    """True while dynamo traces (torch.compile): no host reads of tensors, no Python caches."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
-
-
-def autocast_off(x: torch.Tensor):
-    """Autocast switched off for ``x``'s device (a no-op context on the meta device, which
-    autocast does not know: shape-only runs, e.g. checking that nothing reads values back)."""
-    if x.device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype of the norm statistics: float32, or float64 for double inputs."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def plain_math() -> bool:
-    """True while tracing, scripting or exporting to ONNX: then the literal formulas run, which
-    every exporter understands (custom autograd nodes and oneDNN ops are eager-only tricks)."""
-    try:
-        return bool(torch.jit.is_tracing() or torch.jit.is_scripting()
-                    or torch.onnx.is_in_onnx_export())
-    except AttributeError:  # pragma: no cover - very old torch
-        return False
-
-
-def global_hooks() -> bool:
-    """True when hooks are registered on every module (``register_module_forward_hook``): then
-    the fast paths that skip a module's ``__call__`` must not run, or the hooks would miss it."""
-    from torch.nn.modules import module as nn_module
-    return bool(getattr(nn_module, "_global_forward_hooks", None)
-                or getattr(nn_module, "_global_forward_pre_hooks", None))
-
-
-def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The literal formula, differentiated by autograd: ``x * (1 + gamma * Nx) + beta``."""
-    nx = grn_scale(x)
+def grn_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                  eps: float = GRN_EPS) -> torch.Tensor:
+    """GRN on channels-last ``x`` (N, ..., C), differentiated by autograd: the formula above,
+    written as one multiply-add, ``x * (1 + gamma * Nx) + beta``."""
+    nx = grn_scale(x, eps)
     return torch.addcmul(beta.to(x.dtype), x, 1 + gamma.to(x.dtype) * nx)
 
 
-def grn_scale(x: torch.Tensor) -> torch.Tensor:
-    """Nx = Gx / mean_c(Gx), Gx the L2 norm over every axis but batch (first) and channel (last).
-
-    Works for (N, H, W, C) maps and for (N, K, C) lists of visible sites alike. The sum of
-    squares is taken in float32: in fp16 it overflows for ordinary activations.
-    """
-    dims = tuple(range(1, x.dim() - 1))
-    gx = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True, dtype=_acc(x))
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
-    return nx.to(x.dtype)
-
-
-def _norm_stats(x3: torch.Tensor):
-    """(Gx, mean_c Gx + eps, Nx) in float32 for a (N, K, C) tensor; each (N, 1, C) or (N, 1, 1)."""
-    if x3.device.type == "cpu" and x3.dtype == torch.float32 and not _compiling():
-        # on the CPU, vector_norm over the middle axis is 1.5-20x slower than squaring and
-        # summing (measured on (32, K, C) site lists, the temporary included); and x * x is
-        # 2.3x faster than x.square() (pow's kernel; same numbers)
-        gx = (x3 * x3).sum(dim=1, keepdim=True).sqrt_()
-    else:
-        gx = torch.linalg.vector_norm(x3, ord=2, dim=1, keepdim=True, dtype=_acc(x3))
-    denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS
-    return gx, denom, gx / denom
-
-
-def _norm_backward(grad_nx: torch.Tensor, gx: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """dL/dx = x * t given dL/dNx (N, 1, C): returns t (N, 1, C), float32.
-
-    Nx_c = Gx_c / (mean(Gx) + eps) and dGx_c/dx = x / Gx_c (taken as 0 where Gx_c = 0).
-    """
-    num_ch = gx.shape[-1]
-    grad_gx = grad_nx / denom - (grad_nx * gx).sum(-1, keepdim=True) / (denom * denom * num_ch)
-    return torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
-
-
-class _GRNFunction(torch.autograd.Function):
-    """out = x * (1 + gamma * Nx) + beta on a (N, K, C) tensor, with a fused backward."""
-
-    @staticmethod
-    def forward(ctx, x3, gamma, beta):
-        gx, denom, nx = _norm_stats(x3)
-        scale = torch.addcmul(torch.ones_like(nx), gamma.to(nx.dtype), nx)
-        ctx.save_for_backward(x3, gamma, gx, denom, nx, scale)
-        return torch.addcmul(beta.to(x3.dtype), x3, scale.to(x3.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, gamma, gx, denom, nx, scale = ctx.saved_tensors
-        return _grn_backward(grad_out, x3, gamma, gx, denom, nx, scale)
-
-
-def _grn_backward(grad_out, x3, gamma, gx, denom, nx, scale, out=None):
-    """(grad_x, grad_gamma, grad_beta) of ``x3 * scale + beta``, scale = 1 + gamma * Nx(x3).
-    ``out``: a buffer holding ``grad_out`` that may be overwritten with grad_x."""
-    # sum over sites of grad * x, per (sample, channel): feeds gamma's and Nx's gradients
-    acc = gx.dtype
-    gx_dot = (grad_out * x3).sum(dim=1, keepdim=True, dtype=acc)
-    grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
-    grad_beta = grad_out.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
-    t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
-    scale = scale.to(grad_out.dtype)
-    grad_x = grad_out * scale if out is None else out.mul_(scale)
-    grad_x.addcmul_(x3, t.to(x3.dtype))
-    return grad_x, grad_gamma, grad_beta
-
-
-def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """gamma * (x * Nx) + beta + x, written as one multiply-add: x * (1 + gamma * Nx) + beta."""
-    if x.dim() < 3 or plain_math():  # no spatial axis, or exporting: the literal formula
-        return grn_reference(x, gamma, beta)
-    shape = x.shape
-    out = _GRNFunction.apply(x.reshape(shape[0], -1, shape[-1]), gamma, beta)
-    return out.view(shape)
-
-
-def _bias_through(w: torch.Tensor, beta: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """W @ beta + b as a multiply and a sum: unlike gemv, the result does not depend on the
-    weights' memory alignment (weights loaded from safetensors are often unaligned), so two
-    copies of a model give bitwise equal outputs."""
-    return (w * beta).sum(-1) + b
-
-
-def _fold_scale_bias(gamma, beta, weight, bias, nx, dtype):
-    """GRN's scale 1 + gamma * Nx (N, 1, C_in) and the bias W @ beta + b (C_out,) it leaves."""
-    acc = nx.dtype
-    scale = torch.addcmul(torch.ones_like(nx), gamma.to(acc), nx).to(dtype)
-    w32 = weight.to(acc)
-    b32 = bias.to(acc) if bias is not None else w32.new_zeros(w32.shape[0])
-    return scale, _bias_through(w32, beta.to(acc), b32).to(dtype)
-
-
-def _fold(gamma, beta, weight, bias, nx, dtype):
-    """Per-sample weight W * (1 + gamma * Nx) (N, C_out, C_in) and bias W @ beta + b (C_out,)."""
-    acc = nx.dtype
-    w32 = weight.to(acc)
-    scale = torch.addcmul(torch.ones_like(nx), gamma.to(acc), nx)  # (N, 1, C_in)
-    w_n = (w32.unsqueeze(0) * scale).to(dtype)
-    b32 = bias.to(acc) if bias is not None else w32.new_zeros(w32.shape[0])
-    b_eff = _bias_through(w32, beta.to(acc), b32).to(dtype)
-    return scale, w_n, b_eff
-
-
-def _grn_linear_forward(x3, gamma, beta, weight, bias, residual):
-    gx, denom, nx = _norm_stats(x3)
-    scale, w_n, b_eff = _fold(gamma, beta, weight, bias, nx, x3.dtype)
-    if residual is None:
-        out = torch.baddbmm(b_eff.view(1, 1, -1), x3, w_n.transpose(1, 2))
-    else:  # add the bias in place: no temporary the size of the residual
-        out = torch.baddbmm(residual, x3, w_n.transpose(1, 2)).add_(b_eff)
-    return out, (gx, denom, nx, scale, w_n)
-
-
-class _GRNLinearFunction(torch.autograd.Function):
-    """Linear(GRN(x)) (+ residual) on a (N, K, C_in) tensor as one batched matmul.
-
-    With ``gelu=True`` the input is the pre-activation and GELU is applied first; its backward
-    then runs in place on the gradient buffer (one large allocation fewer per block). GELU's
-    output is kept for backward: this strategy runs where a sample has many sites (the large
-    early maps), where recomputing the exact GELU costs 3-4% of a CPU training step.
-    """
-
-    @staticmethod
-    def forward(ctx, x3, gamma, beta, weight, bias, residual, gelu):
-        h = F.gelu(x3) if gelu else x3
-        out, (gx, denom, nx, scale, _) = _grn_linear_forward(
-            h, gamma, beta, weight, bias, residual)
-        ctx.has_bias, ctx.has_residual, ctx.gelu = bias is not None, residual is not None, gelu
-        # not the per-sample weights: a (C_out, C_in) matrix per sample, whatever the number
-        # of sites (kept, they were 5% of what the sparse encoder keeps per image for base, a
-        # share that does not shrink with the mask); one multiply rebuilds them, bit for bit
-        ctx.save_for_backward(x3, h if gelu else None, gamma, beta, weight, gx, denom, nx, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, h, gamma, beta, weight, gx, denom, nx, scale = ctx.saved_tensors
-        h = x3 if h is None else h
-        acc = gx.dtype
-        w32 = weight.to(acc)
-        w_n = (w32.unsqueeze(0) * scale).to(h.dtype)                  # as _fold made them
-        g = grad_out.to(h.dtype)
-        grad_h = torch.bmm(g, w_n)                                    # (N, K, C_in)
-        del w_n
-        grad_wn = torch.bmm(g.transpose(1, 2), h).to(acc)             # (N, C_out, C_in)
-        grad_b = grad_out.sum(dim=(0, 1), dtype=acc)                  # (C_out,)
-        grad_weight = (grad_wn * scale).sum(0) + torch.outer(grad_b, beta.to(acc))
-        grad_beta = w32.t() @ grad_b
-        grad_scale = (grad_wn * w32).sum(dim=1, keepdim=True)         # (N, 1, C_in)
-        grad_gamma = (grad_scale * nx).sum(dim=(0, 1))
-        t = _norm_backward(grad_scale * gamma.to(acc), gx, denom)
-        grad_h.addcmul_(h, t.to(grad_h.dtype))
-        if ctx.gelu:
-            torch.ops.aten.gelu_backward.grad_input(grad_h, x3, grad_input=grad_h)
-        return (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype),
-                grad_weight.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None,
-                grad_out if ctx.has_residual else None, None)
-
-
-class _GRNThenLinearFunction(torch.autograd.Function):
-    """Linear(GRN(act(x))) (+ residual) on a (N, K, C_in) tensor with the activations scaled
-    (few sites per sample, wide layers: cheaper than per-sample weights).
-
-    Keeps only the pre-activation and GRN's per-(sample, channel) statistics for backward;
-    GELU's output and GRN's output are recomputed there (two elementwise passes) instead of
-    being kept: autograd's generic nodes kept three 4C-wide tensors per block, this keeps one.
-    """
-
-    @staticmethod
-    def forward(ctx, x3, gamma, beta, weight, bias, residual, gelu):
-        h = F.gelu(x3) if gelu else x3
-        gx, denom, nx = _norm_stats(h)
-        scale = torch.addcmul(torch.ones_like(nx), gamma.to(nx.dtype), nx)
-        dtype = h.dtype
-        out = F.linear(torch.addcmul(beta.to(dtype), h, scale.to(dtype)), weight.to(dtype),
-                       None if bias is None else bias.to(dtype))
-        if residual is not None:
-            out = out + residual
-        ctx.has_bias, ctx.has_residual, ctx.gelu = bias is not None, residual is not None, gelu
-        ctx.save_for_backward(x3, gamma, beta, weight, gx, denom, nx, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, gamma, beta, weight, gx, denom, nx, scale = ctx.saved_tensors
-        h = F.gelu(x3) if ctx.gelu else x3
-        dtype, acc = h.dtype, gx.dtype
-        y = torch.addcmul(beta.to(dtype), h, scale.to(dtype))        # GRN's output, again
-        g = grad_out.to(dtype)
-        grad_y = g @ weight.to(dtype)                                  # (N, K, C_in)
-        grad_weight = (g.reshape(-1, g.shape[-1]).t() @ y.reshape(-1, y.shape[-1]))
-        grad_bias = g.sum(dim=(0, 1), dtype=acc) if ctx.has_bias else None
-        grad_h, grad_gamma, grad_beta = _grn_backward(grad_y, h, gamma, gx, denom, nx, scale,
-                                                      out=grad_y)
-        if ctx.gelu:
-            torch.ops.aten.gelu_backward.grad_input(grad_h, x3, grad_input=grad_h)
-        return (grad_h, grad_gamma, grad_beta, grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(weight.dtype),
-                grad_out if ctx.has_residual else None, None)
-
-
-def grn_linear(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-               gelu: bool = False) -> torch.Tensor:
-    """``F.linear(grn(x, gamma, beta), weight, bias) (+ residual)`` without materialising GRN.
-
-    ``x`` is channels-last (N, ..., C_in); ``residual``, if given, has the output's shape
-    (N, ..., C_out) and is added in the same matmul (the block's skip connection);
-    ``gelu=True`` applies exact GELU to ``x`` first. Equal to the unfused formula up to float
-    rounding; under autocast the matmul runs in the autocast dtype while the norm statistics
-    stay float32.
-    """
-    if plain_math():
-        out = F.linear(grn_reference(F.gelu(x) if gelu else x, gamma, beta), weight, bias)
-        return out if residual is None else residual + out
-    if x.dim() < 3 or (gelu and not torch.is_grad_enabled()):
-        x = F.gelu(x) if gelu else x
-        if x.dim() >= 3:
-            return grn_linear(x, gamma, beta, weight, bias, residual)
-        out = F.linear(grn(x, gamma, beta), weight, bias)
-        return out if residual is None else residual + out
-    dtype = _autocast_dtype(x)
-    shape = x.shape
-    x3 = x.reshape(shape[0], -1, shape[-1]).to(dtype)
-    res3 = None
-    if residual is not None and residual.dtype == dtype:
-        res3 = residual.reshape(shape[0], -1, weight.shape[0])
-    # Folding GRN into per-sample weights pays while a sample has more sites than the weight
-    # has rows; in late stages (7x7 maps, wide layers) scaling the activations is cheaper.
-    fold = x3.shape[1] >= weight.shape[0]
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x3, gamma, beta, weight, bias, res3))
-    with autocast_off(x):
-        if fold and grad:
-            out = _GRNLinearFunction.apply(x3, gamma, beta, weight, bias, res3, gelu)
-        elif fold:
-            out = _grn_linear_forward(x3, gamma, beta, weight, bias, res3)[0]
-        elif grad:
-            out = _GRNThenLinearFunction.apply(x3, gamma, beta, weight, bias, res3, gelu)
-        else:
-            nx = _norm_stats(x3)[2]
-            scale, b_eff = _fold_scale_bias(gamma, beta, weight, bias, nx, dtype)
-            base = b_eff if res3 is None else res3 + b_eff
-            out = torch.addmm(base.reshape(-1, weight.shape[0]), (x3 * scale).flatten(0, 1),
-                              weight.to(dtype).t()).view(*x3.shape[:2], -1)
-    out = out.view(*shape[:-1], weight.shape[0])
-    if residual is not None and res3 is None:
-        out = residual + out
-    return out
-
-
-class _GRNRowsFunction(torch.autograd.Function):
-    """GRN(act(x)) at a subset of rows: statistics over all K sites of each sample, output only
-    at ``rows`` (flat indices into N*K, the same number per sample), with a fused backward."""
-
-    @staticmethod
-    def forward(ctx, x3, gamma, beta, rows, gelu):
-        n, _, c = x3.shape
-        h = F.gelu(x3) if gelu else x3
-        gx, denom, nx = _norm_stats(h)
-        scale = torch.addcmul(torch.ones_like(nx), gamma.to(nx.dtype), nx)
-        hm = h.reshape(-1, c).index_select(0, rows).view(n, -1, c)
-        ctx.gelu = gelu
-        ctx.save_for_backward(x3, h if gelu else None, gamma, rows, gx, denom, nx, scale)
-        return torch.addcmul(beta.to(h.dtype), hm, scale.to(h.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x3, h, gamma, rows, gx, denom, nx, scale = ctx.saved_tensors
-        h = x3 if h is None else h
-        n, _, c = h.shape
-        acc = gx.dtype
-        g = grad_out.to(h.dtype)
-        hm = h.reshape(-1, c).index_select(0, rows).view(n, -1, c)
-        gx_dot = (g * hm).sum(dim=1, keepdim=True, dtype=acc)           # (N, 1, C)
-        grad_gamma = (gx_dot * nx).sum(dim=(0, 1)).to(gamma.dtype)
-        grad_beta = g.sum(dim=(0, 1), dtype=acc).to(gamma.dtype)
-        t = _norm_backward(gx_dot * gamma.to(acc), gx, denom)
-        grad_h = (h * t.to(h.dtype)).reshape(-1, c)                     # through the norm
-        grad_h.index_add_(0, rows, (g * scale.to(g.dtype)).reshape(-1, c))
-        grad_h = grad_h.view_as(h)
-        if ctx.gelu:
-            grad_h = torch.ops.aten.gelu_backward(grad_h, x3)
-        return grad_h, grad_gamma, grad_beta, None, None
-
-
-def grn_rows(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, rows: torch.Tensor,
-             gelu: bool = False) -> torch.Tensor:
-    """``grn(act(x))`` evaluated only at ``rows``: (N, M, C) from x (N, ..., C).
-
-    GRN's norm still sees every site of a sample (the result is exactly the rows of the full
-    GRN output); only the output, and what follows it, is restricted to the rows. ``rows`` are
-    flat indices into the N * K sites (K = sites per sample), M per sample, grouped by sample.
-    ``gelu=True`` applies exact GELU to ``x`` first. Statistics in float32 as in ``grn``.
-    """
-    n, c = x.shape[0], x.shape[-1]
-    x3 = x.reshape(n, -1, c)
-    if plain_math() or x3.shape[1] == 0:
-        h = F.gelu(x3) if gelu else x3
-        full = grn_reference(h, gamma, beta) if h.shape[1] else h
-        return full.reshape(-1, c).index_select(0, rows).view(n, -1, c)
-    with autocast_off(x):
-        return _GRNRowsFunction.apply(x3, gamma, beta, rows, gelu)
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+        eps: float = GRN_EPS) -> torch.Tensor:
+    """``grn_reference``'s numbers; through ``fused_grn`` unless there is no spatial axis or
+    the run is being exported (``runtime.plain_math``)."""
+    if x.dim() < 3 or plain_math():
+        return grn_reference(x, gamma, beta, eps)
+    return fused_grn(x, gamma, beta, eps)
 
 
 class GRN(nn.Module):
     """GRN over the last (channel) axis; gamma and beta start at zero so GRN starts as identity."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = GRN_EPS):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(dim))
         self.beta = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grn(x, self.gamma, self.beta)
+        return grn(x, self.gamma, self.beta, self.eps)

@@ -7,7 +7,7 @@ it and what makes the Linear layers plain matrix multiplies.
 Speed: the forward passes put the input in ``torch.channels_last`` memory, so every map after
 the stem is NHWC in memory; the NCHW <-> NHWC permutes are then free views, and the depthwise convolution runs
 its channels-last kernel (2-4x faster on CPU, backward included). GRN and the second Linear run
-as one batched matmul that also adds the skip connection (``grn.grn_linear``); in inference on
+as one batched matmul that also adds the skip connection (``grn_fused.grn_linear``); in inference on
 CPU the first Linear and GELU run as one oneDNN call. Numerics equal the plain formulas up to
 float rounding (tests/test_speed_paths.py checks this against a reference written out in full).
 """
@@ -21,7 +21,9 @@ from torch import nn
 from timm.layers import DropPath
 
 from .dwconv import depthwise_conv
-from .grn import GRN, _autocast_dtype, _compiling, global_hooks, grn_linear, plain_math
+from .grn import GRN
+from .grn_fused import grn_linear
+from .runtime import autocast_dtype, compiling, global_hooks, plain_math
 
 LN_EPS = 1e-6
 
@@ -66,14 +68,15 @@ class Block(nn.Module):
         ``residual`` (same shape as the output) is added inside the last matmul.
         """
         x = self.norm(x)
-        if self._fusable():
+        if self.fusable() and x.dim() >= 3:
+            grn, fc2 = self.grn, self.pwconv2
             if not torch.is_grad_enabled() and _onednn_ok(x, self.pwconv1):
                 x = torch.ops.mkldnn._linear_pointwise(
                     x, self.pwconv1.weight, self.pwconv1.bias, "gelu", [], "none")
-                return grn_linear(x, self.grn.gamma, self.grn.beta, self.pwconv2.weight,
-                                  self.pwconv2.bias, residual)
-            return grn_linear(self.pwconv1(x), self.grn.gamma, self.grn.beta,
-                              self.pwconv2.weight, self.pwconv2.bias, residual, gelu=True)
+                return grn_linear(x, grn.gamma, grn.beta, fc2.weight, fc2.bias, residual,
+                                  eps=grn.eps)
+            return grn_linear(self.pwconv1(x), grn.gamma, grn.beta, fc2.weight, fc2.bias,
+                              residual, gelu=True, eps=grn.eps)
         x = self.act(self.pwconv1(x))
         if self.grn is not None:
             x = self.grn(x)
@@ -82,9 +85,10 @@ class Block(nn.Module):
             x = x * self.layer_scale
         return x if residual is None else residual + x
 
-    def _fusable(self) -> bool:
-        """The fused MLP skips the calls of pwconv1, act, grn and pwconv2 as modules: only when
-        nobody hooks them (activation analysis does), when not exporting, and for GRN + GELU."""
+    def fusable(self) -> bool:
+        """Whether the MLP may run fused (``grn_fused.grn_linear``), which skips the calls of
+        pwconv1, act, grn and pwconv2 as modules: only for GRN + exact GELU without layer scale,
+        when nobody hooks those modules (activation analysis does), and when not exporting."""
         if (self.grn is None or self.layer_scale is not None or type(self.act) is not nn.GELU
                 or self.act.approximate != "none" or plain_math() or global_hooks()):
             return False
@@ -103,8 +107,8 @@ class Block(nn.Module):
 def _onednn_ok(x: torch.Tensor, linear: nn.Linear) -> bool:
     """Whether oneDNN's fused Linear+GELU can run on ``x`` (CPU inference, no autocast cast)."""
     return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.is_contiguous() and not plain_math()
-            and x.dtype == linear.weight.dtype == _autocast_dtype(x)
-            and x.dtype in (torch.float32, torch.bfloat16) and not _compiling())
+            and x.dtype == linear.weight.dtype == autocast_dtype(x)
+            and x.dtype in (torch.float32, torch.bfloat16) and not compiling())
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,13 @@
-"""Fast FCMAE training steps: torch.compile (whole model or per block) and CUDA graphs.
+"""One FCMAE training step, optionally captured as a CUDA graph: what the benchmarks time.
 
-The FCMAE forward has no device-to-host sync (masks on the device keep
-``int(L * (1 - mask_ratio))`` cells, checked asynchronously) and fixed shapes for a fixed batch
-size, so it compiles as one graph and can be captured in a CUDA graph. Three ways, from the
-simplest:
-
-``torch.compile(fcmae, fullgraph=True)``
-    The whole forward (encoder, decoder, loss) as one graph, backward included (AOT
-    autograd); works for both backends, on CPU and CUDA. ``mode="reduce-overhead"`` adds
-    CUDA graphs (forward and backward; the optimizer step stays eager). Compiling a base or
-    large model this way takes minutes on the first step.
-
-``compile_regions(fcmae)``
-    Compiles the repeated pieces instead (one encoder block of either backend, and the
-    decoder + loss), in place. Blocks of the same shape share one compiled graph, so compile
-    time is a few graphs per model instead of one graph of every block; the per-block glue
-    (stem, downsampling, sparse layout) stays eager. Meant to be combined with ``TrainStep``'s
-    CUDA graph, which removes what host overhead that glue has.
-
-``TrainStep(fcmae, optimizer, amp="bf16", cuda_graph=True)``
-    One training step (forward, backward, optimizer step) captured as one CUDA graph after a
-    few warm-up steps and replayed for every later batch of the same shape: no Python, no
-    kernel-launch overhead per step. Works eager or on top of either kind of compilation.
-    What the benchmark (``benchmarks/fcmae_speed.py``) calls the "graph" modes.
+``TrainStep(fcmae, optimizer, amp="bf16", cuda_graph=True)`` runs one training step (forward,
+backward, optimizer step); with ``cuda_graph`` it captures the step as one CUDA graph after a
+few warm-up steps and replays it for every later batch of the same shape: no Python and no
+kernel-launch overhead per step. It works eager or on top of either kind of compilation
+(``torch.compile(fcmae)``, ``compiled_regions.compile_regions``), and it is what
+``fcmae_speed.py`` calls the "graph" modes. The FCMAE forward allows the capture because it
+never reads a value back from the device (masks on the device keep ``int(L * (1 -
+mask_ratio))`` cells, checked asynchronously) and has fixed shapes for a fixed batch size.
 
 bf16 autocast is the advice on CUDA (``amp="bf16"``): the GPU's matmul units run 2x (or more)
 faster than in fp32/TF32 and GRN's and LayerNorm's statistics stay in float32.
@@ -33,74 +18,8 @@ import contextlib
 from typing import Callable
 
 import torch
-from torch import nn
-
-from .fcmae import FCMAE
-from .masked_dense import masked_block
-from .sparse import sparse_block
 
 AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-REGIONS = ("sparse_block", "masked_block", "masked_tail")
-
-
-def compile_regions(fcmae: FCMAE, *, backend: str = "inductor", mode: str | None = None,
-                    dynamic: bool | None = False, options: dict | None = None,
-                    regions: tuple[str, ...] = REGIONS) -> FCMAE:
-    """Compile one encoder block of each backend and the training decoder + loss, in place.
-
-    Every region is compiled with ``fullgraph=True``; blocks of the same shape reuse one graph
-    (their parameters are graph inputs), and a region is compiled on its first call only.
-    ``regions``: a subset of ``REGIONS`` (the sparse block, the masked-dense block, the decoder
-    and loss of a training step). ``dynamic=None`` lets torch generalise to a symbolic shape
-    after the second shape it sees; that made dynamo give up on these regions in a test here,
-    so shapes stay static by default. Returns ``fcmae``; ``uncompile_regions`` undoes it.
-    """
-    unknown = set(regions) - set(REGIONS)
-    if unknown:
-        raise ValueError(f"unknown regions {sorted(unknown)}; choose from {REGIONS}")
-    kw = dict(backend=backend, fullgraph=True, dynamic=dynamic)
-    if mode is not None:
-        kw["mode"] = mode
-    if options:
-        kw["options"] = options
-    _allow_recompiles()
-    functions = {"sparse_block": sparse_block, "masked_block": masked_block,
-                 "masked_tail": FCMAE._masked_tail}
-    compiled = {name: torch.compile(functions[name], **kw) for name in regions}
-    fcmae.encoder.__dict__["_fast_regions"] = {k: v for k, v in compiled.items() if k != "masked_tail"}
-    fcmae.__dict__["_fast_regions"] = {k: v for k, v in compiled.items() if k == "masked_tail"}
-    return fcmae
-
-
-def _allow_recompiles(limit: int = 64) -> None:
-    """One compiled graph per block shape: 4 stages x several models exceed dynamo's default
-    of 8 graphs per function, which with fullgraph=True is a hard error."""
-    import torch._dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
-
-
-def uncompile_regions(fcmae: FCMAE) -> FCMAE:
-    for module in (fcmae, fcmae.encoder):
-        module.__dict__.pop("_fast_regions", None)
-    return fcmae
-
-
-def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation of a plain model: ``torch.compile`` every ConvNeXt ``Block`` in
-    place (same-shape blocks share one graph). Used for the unmasked dense baseline."""
-    from ..models.model import Block
-
-    kw = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-    _allow_recompiles()
-    for module in model.modules():
-        if isinstance(module, Block):
-            module.compile(**kw)
-    return model
 
 
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

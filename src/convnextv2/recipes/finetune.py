@@ -76,6 +76,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _finetune(p: Plan, info: T.DistInfo, out: Path) -> dict:
+    """Build the data, the model (a probe's frozen one), optimizer, EMA, schedule and Trainer,
+    resume, record ``config.json``; then run the loop."""
     from timm.utils import ModelEmaV3
 
     run = p.run
@@ -114,18 +116,19 @@ def _finetune(p: Plan, info: T.DistInfo, out: Path) -> dict:
         if data.skipped:
             trainer.say(f"note: skipped {data.skipped} unreadable image(s) in {run.data} "
                         f"(--strict-data makes them fatal)")
-    return _train(run, trainer, data, ema, base_lr, img_size=run.img_size,
-                  in_chans=p.arch.get("in_chans", 3))
+    meta = dict(class_names=data.classes, img_size=run.img_size,  # of every weight file
+                in_chans=p.arch.get("in_chans", 3), recipe=run.recipe, data=str(run.data),
+                linear_probe=run.linear_probe)
+    return _train(run, trainer, data, ema, meta, base_lr)
 
 
-def _train(run: FinetuneConfig, trainer: T.Trainer, data: FinetuneData, ema, base_lr: float,
-           **meta) -> dict:
-    """The loop: train an epoch, validate, keep the best and last weights, log, save the state."""
+def _train(run: FinetuneConfig, trainer: T.Trainer, data: FinetuneData, ema, meta: dict,
+           base_lr: float) -> dict:
+    """The loop: train an epoch, validate, keep the best and last weights, log, save the state
+    (with the progress a resume needs back)."""
     info, out = trainer.info, trainer.out
     forward = _forward(run, data, info.device)
-    progress = Progress.from_extra(trainer.extra)
-    meta = dict(meta, class_names=data.classes, recipe=run.recipe, data=str(run.data),
-                linear_probe=run.linear_probe)
+    progress = Progress.from_extra(trainer.extra)  # the saved one after a resume
     t_start = t_epoch = time.time()
     with trainer.open_log("steps.jsonl", "metrics.jsonl") as log:
         for epoch in trainer.epochs(run.epochs):

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     from convnextv2.recipes.pretrain import PretrainConfig, pretrain
     from convnextv2.tools.demo import (DemoConfig, finetune_kwargs, fresh_folder,
                                        pretrain_kwargs)
-    from convnextv2.tools.presets import LAYER_DECAY_CANDIDATES, LR_CANDIDATES, holdout_split
+    from convnextv2.recipes.holdout import holdout_split
+    from convnextv2.recipes.presets import LAYER_DECAY_CANDIDATES, LR_CANDIDATES
 
     torch.set_num_threads(args.threads)
     out = fresh_folder(args.output)

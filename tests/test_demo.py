@@ -11,7 +11,8 @@ from PIL import Image
 
 from convnextv2.data import build_dataset, eval_transform, train_transform
 from convnextv2.tools import demo
-from convnextv2.tools.presets import SMALL_IMAGE_SHORT, holdout_split, small_image_finetune
+from convnextv2.recipes.holdout import holdout_split
+from convnextv2.recipes.presets import SMALL_IMAGE_SHORT, small_image_finetune
 
 
 def _digit(size=28):

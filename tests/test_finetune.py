@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from convnextv2 import create_model
-from convnextv2.recipes.finetune import (FinetuneConfig, LinearProbe, build_finetune_model, finetune,
-                                 resolve, resolve_recipe)
+from convnextv2.recipes.finetune import FinetuneConfig, finetune
+from convnextv2.recipes.finetune_config import resolve
+from convnextv2.recipes.finetune_model import build_finetune_model
+from convnextv2.recipes.linear_probe import LinearProbe
+from convnextv2.recipes.presets import resolve_recipe
 from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
@@ -97,12 +100,12 @@ def test_recipes_and_overrides():
     assert resolve_recipe("convnextv2_nano")["recipe"] == "nano"
     assert resolve_recipe(None, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640))["recipe"] == "nano"
     assert resolve_recipe(None, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))["recipe"] == "atto"
-    assert resolve(FinetuneConfig(model="tiny", recipe="auto"))["recipe"] == "tiny"
-    hp = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=300, blr=1e-3, mixup=0.0))
-    assert (hp["blr"], hp["mixup"], hp["cutmix"], hp["warmup_epochs"]) == (1e-3, 0.0, 1.0, 40)
+    assert resolve(FinetuneConfig(model="tiny", recipe="auto")).recipe == "tiny"
+    run = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=300, blr=1e-3, mixup=0.0))
+    assert (run.blr, run.mixup, run.cutmix, run.warmup_epochs) == (1e-3, 0.0, 1.0, 40)
     short = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=10))
-    assert short["warmup_epochs"] == 2.5  # the recipe's 40, capped at a quarter of the run
-    assert resolve(FinetuneConfig(model="tiny", epochs=10, warmup_epochs=8))["warmup_epochs"] == 8
+    assert short.warmup_epochs == 2.5  # the recipe's 40, capped at a quarter of the run
+    assert resolve(FinetuneConfig(model="tiny", epochs=10, warmup_epochs=8)).warmup_epochs == 8
 
 
 def test_linear_probe_freezes_encoder_and_folds_bn(toy):
@@ -118,6 +121,38 @@ def test_linear_probe_freezes_encoder_and_folds_bn(toy):
     folded = LinearProbe.folded(model)
     assert isinstance(folded.head.fc, nn.Linear)
     torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reset_classifier_is_the_one_head_reset(toy):
+    torch.manual_seed(0)
+    model = create_model("atto", num_classes=3, **toy)
+    fc = model.head.fc
+    model.reset_classifier(3, init_std=0.5)  # same size: the same Linear, fresh values
+    assert model.head.fc is fc and (fc.bias == 0).all()
+    assert 0.35 < fc.weight.std().item() < 0.65 and fc.weight.abs().max() <= 2.0
+    model.reset_classifier(7, init_std=1e-3)  # a new label set: a new Linear
+    assert model.head.fc.weight.shape == (7, 32) and model.config["num_classes"] == 7
+    assert model.head.fc.weight.std().item() < 2e-3
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
+    model.reset_classifier(0)  # no classifier: the pooled, normalised features
+    assert model.num_classes == 0 and model(torch.randn(2, 1, 32, 32)).shape == (2, 32)
+
+
+def test_resolve_fills_every_preset_value_once():
+    from convnextv2.recipes.finetune_config import hyperparameters, saved_args
+    from convnextv2.recipes.presets import COMMON, LINEAR_PROBE, PRESETS
+
+    given = FinetuneConfig(model="convnextv2_femto", epochs=600, smoothing=0.3)
+    run = resolve(given)
+    expected = {**COMMON, **PRESETS["femto"], "smoothing": 0.3, "recipe": "femto",
+                "warmup_steps": None}
+    assert hyperparameters(run) == expected  # nothing left None that the preset sets
+    assert run.img_size == 32 and given.img_size is None  # built-in images: 32 px
+    args = saved_args(given, run)  # the run states record the options as given
+    assert args["recipe"] == "femto" and args["blr"] is None and args["smoothing"] == 0.3
+    probe = resolve(FinetuneConfig(model="atto", linear_probe=True, epochs=90))
+    assert {k: getattr(probe, k) for k in LINEAR_PROBE} == LINEAR_PROBE
+    assert resolve(FinetuneConfig(auto_augment="none")).auto_augment is None  # off
 
 
 def _save_native(model, path):
@@ -197,6 +232,13 @@ def test_finetune_ema_is_evaluated_and_saved(tmp_path, toy):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
     assert s3["final"]["epoch"] == 3
+    # the best scores and records of epochs 1-2 come back from the run state, not from scratch
+    assert s3["history"][:2] == s["history"] and len(s3["history"]) == 3
+    tops = [(r[k], k, r["epoch"]) for r in s3["history"] for k in ("val_top1", "ema_val_top1")]
+    best = max(tops, key=lambda t: t[0])
+    assert s3["best_top1"] == best[0] and s3["best_epoch"] == min(
+        e for v, _, e in tops if v == best[0])
+    assert s3["best_model_top1"] == max(r["val_top1"] for r in s3["history"])
 
 
 def test_compiled_finetune_gives_the_eager_losses(tmp_path, toy, request):

@@ -99,7 +99,7 @@ def test_save_every_steps_and_keep_last(runs):
 def test_keyed_mixup_depends_on_the_key_only_and_restores_the_rngs():
     from timm.data import Mixup
 
-    from convnextv2.recipes.finetune import keyed_mixup
+    from convnextv2.recipes.finetune_data import keyed_mixup
 
     mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3)
     x = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).view(4, 3, 8, 8)

@@ -34,7 +34,7 @@ def run(args) -> int:
 
     from ..data import build_dataset, eval_transform
     from ..recipes.evaluate import class_names, load_classifier, plot_confusion
-    from ..recipes.finetune import _default_img_size
+    from ..recipes.finetune_config import default_img_size as _default_img_size
 
     from ._guard import check_img_size, require_classifier
 

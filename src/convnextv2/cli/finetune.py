@@ -26,7 +26,8 @@ uninterrupted run's losses (exactly with --deterministic on CPU)."""
 
 
 def add_arguments(p):
-    from ..recipes.finetune import RECIPES, FinetuneConfig
+    from ..recipes.finetune import FinetuneConfig
+    from ..recipes.presets import RECIPES
 
     d = FinetuneConfig()
     p.add_argument("--model", default=None,

@@ -19,7 +19,8 @@ lr = blr * batch * accum * processes / 256 unless --lr is given."""
 
 
 def add_arguments(p):
-    from ..recipes.pretrain import RECIPE, PretrainConfig
+    from ..recipes.presets import PRETRAIN as RECIPE
+    from ..recipes.pretrain import PretrainConfig
 
     d = PretrainConfig()
     g = p.add_argument_group("model")

@@ -248,16 +248,24 @@ class ConvNeXtV2(nn.Module):
                 break
         return out
 
-    def reset_classifier(self, num_classes: int, std: float = 0.02) -> None:
-        """Replace the head's Linear (fine-tuning on a new label set)."""
+    def reset_classifier(self, num_classes: int, init_std: float = 0.02) -> None:
+        """A fresh classifier for a new label set (fine-tuning, linear probing): weights drawn
+        from a truncated normal of std ``init_std`` (cut at +-2, as ``init_weights``), zero
+        bias; ``num_classes`` 0 leaves the pooled features. A Linear already of the right size
+        is re-initialised in place; a new one is made on the head's device and dtype."""
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
-        if num_classes > 0:
-            self.head.fc = nn.Linear(self.num_features, num_classes)
-            nn.init.trunc_normal_(self.head.fc.weight, std=std, a=-2 * std, b=2 * std)
-            nn.init.zeros_(self.head.fc.bias)
-        else:
+        if num_classes <= 0:
             self.head.fc = nn.Identity()
+            return
+        fc = self.head.fc
+        if not (isinstance(fc, nn.Linear) and fc.out_features == num_classes):
+            like = self.head.norm.weight
+            fc = self.head.fc = nn.Linear(self.num_features, num_classes, device=like.device,
+                                          dtype=like.dtype)
+        with torch.no_grad():
+            nn.init.trunc_normal_(fc.weight, std=init_std, a=-2.0, b=2.0)
+            nn.init.zeros_(fc.bias)
 
 
 class FeatureExtractor(nn.Module):

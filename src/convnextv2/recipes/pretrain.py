@@ -43,42 +43,41 @@ from ..models.registry import create_model
 from ..training import fsdp
 from ..training.config import RunConfig, check_writable
 from ..training.loop import NonFiniteLossError, seed_everything, set_deterministic  # noqa: F401
+from .presets import PRETRAIN
 
-# the official pretraining recipe (docs/recipes.md)
-RECIPE = dict(blr=1.5e-4, min_lr=0.0, warmup_epochs=40, weight_decay=0.05, betas=(0.9, 0.95),
-              mask_ratio=0.6, epochs=800, norm_pix_loss=True, decoder_depth=1,
-              decoder_embed_dim=512)
 RECON_IMAGES = 8
 RECON_EPOCH_KEY = -1  # the reconstruction mask's "epoch": fixed, unlike every training epoch
 # options that make a resumed run another run (refused), and ones that only change its course
 RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_block",
                      "model_kwargs", "img_size", "data", "effective_batch", "seed", "mask_ratio",
                      "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt")
-RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "betas",
-                     "clip_grad", "amp", "backend", "sparse_dwconv", "decode")
+RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "warmup_steps",
+                     "weight_decay", "betas", "clip_grad", "amp", "backend", "sparse_dwconv",
+                     "decode")
 
 
 @dataclass
 class PretrainConfig(RunConfig):
     """Options of a pretraining run; ``None`` means "the recipe's value" where noted."""
     output: str = "runs/fcmae"
-    epochs: int = RECIPE["epochs"]
+    epochs: int = PRETRAIN["epochs"]
     batch_size: int = 64                 # per process and micro-batch
     img_size: int = 224
-    mask_ratio: float = RECIPE["mask_ratio"]
-    norm_pix_loss: bool = RECIPE["norm_pix_loss"]
-    decoder_depth: int = RECIPE["decoder_depth"]
-    decoder_dim: int = RECIPE["decoder_embed_dim"]
+    mask_ratio: float = PRETRAIN["mask_ratio"]
+    norm_pix_loss: bool = PRETRAIN["norm_pix_loss"]
+    decoder_depth: int = PRETRAIN["decoder_depth"]
+    decoder_dim: int = PRETRAIN["decoder_dim"]
     backend: str = "sparse"
     sparse_dwconv: str = "grid"          # the sparse depthwise kernel: "grid" or "triton"
-    blr: float = RECIPE["blr"]
+    blr: float = PRETRAIN["blr"]
     lr: float | None = None              # None: blr * effective batch / 256
-    min_lr: float = RECIPE["min_lr"]
+    min_lr: float = PRETRAIN["min_lr"]
     warmup_epochs: float | None = None   # None: the recipe's 40, capped at a quarter of the run
-    weight_decay: float = RECIPE["weight_decay"]
+    warmup_steps: int | None = None      # > 0: the warmup in optimizer steps (overrides epochs)
+    weight_decay: float = PRETRAIN["weight_decay"]
     wd_exempt: str = "official"          # "official": biases and 1-D tensors but not GRN;
     #                                      "grn": also GRN gamma/beta and the mask token
-    betas: Sequence[float] = RECIPE["betas"]
+    betas: Sequence[float] = PRETRAIN["betas"]
     clip_grad: float | None = None
     recon_every: int = 10
     init: str | None = None              # start from these weights (FCMAE file or an encoder)
@@ -117,7 +116,7 @@ def _check_config(cfg: PretrainConfig) -> None:
     _check_decode(cfg)
     if cfg.recon_every < 0:
         raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
-    for name in ("blr", "min_lr", "lr", "warmup_epochs", "clip_grad"):
+    for name in ("blr", "min_lr", "lr", "warmup_epochs", "warmup_steps", "clip_grad"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -183,15 +182,17 @@ def pretrain_param_groups(fcmae, cfg: PretrainConfig) -> list[dict]:
 
 
 def resolve_warmup(cfg: PretrainConfig) -> tuple[float, str | None]:
-    """Warmup epochs to use and a note when the recipe's 40 was shortened for a short run."""
+    """Warmup epochs to use and a note when the recipe's 40 was shortened for a short run (no
+    note when ``warmup_steps`` sets the warmup instead)."""
     if cfg.warmup_epochs is not None:
         return min(float(cfg.warmup_epochs), float(cfg.epochs)), None
-    warmup = T.clip_warmup_epochs(RECIPE["warmup_epochs"], cfg.epochs)
-    note = None
-    if warmup < RECIPE["warmup_epochs"]:
-        note = (f"warmup: the recipe's {RECIPE['warmup_epochs']} epochs exceed a quarter of this "
-                f"{cfg.epochs}-epoch run; using {warmup:g} (set --warmup-epochs to override)")
-    return warmup, note
+    recipe = PRETRAIN["warmup_epochs"]
+    warmup = T.clip_warmup_epochs(recipe, cfg.epochs)
+    if warmup >= recipe or cfg.warmup_steps:
+        return warmup, None
+    return warmup, (f"warmup: the recipe's {recipe} epochs exceed a quarter of this "
+                    f"{cfg.epochs}-epoch run; using {warmup:g} (set --warmup-epochs or "
+                    f"--warmup-steps to override)")
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     warmup, warmup_note = resolve_warmup(cfg)
     schedule = T.WarmupCosineSchedule(optimizer, base_lr=base_lr, epochs=cfg.epochs,
                                       steps_per_epoch=steps_per_epoch, warmup_epochs=warmup,
-                                      min_lr=cfg.min_lr)
+                                      warmup_steps=cfg.warmup_steps or None, min_lr=cfg.min_lr)
     trainer = T.Trainer(loader=loader,
         model=fcmae, optimizer=optimizer, schedule=schedule, cfg=cfg, info=info, out=out,
         args=dict(dataclasses.asdict(cfg), effective_batch=eff), images_per_step=eff,
@@ -304,7 +305,8 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     with trainer.open_log("metrics.jsonl") as log:
         return _train(cfg, trainer, base, log, dict(effective_batch=eff, lr=base_lr,
                                                     steps_per_epoch=steps_per_epoch,
-                                                    warmup_epochs=warmup),
+                                                    warmup_epochs=warmup,
+                                                    warmup_steps=schedule.warmup_steps),
                       [warmup_note, init_note])
 
 

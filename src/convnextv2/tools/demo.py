@@ -86,7 +86,7 @@ def finetune_kwargs(cfg: DemoConfig, data: str, output: str, seed: int,
                     checkpoint: str | None, **overrides) -> dict:
     """``FinetuneConfig`` keyword arguments of one demo fine-tuning run (pretrained when
     ``checkpoint`` is given, else from scratch), preset values first."""
-    from .presets import small_image_finetune
+    from ..recipes.presets import small_image_finetune
 
     recipe = small_image_finetune(checkpoint is not None,
                                   **{**cfg.finetune_overrides, **overrides})

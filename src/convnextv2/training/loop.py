@@ -207,7 +207,12 @@ class Trainer:
         ema: a timm ``ModelEmaV3`` updated after every optimizer step, saved with the state.
         clip_grad: gradient-norm clipping, None for none.
         step_fields: extra per-step record fields (e.g. skipped images), called at each step.
-        extra_state / restore_extra: the recipe's own resumable state (plain types).
+        train_mode: puts the model in training mode before each epoch (default
+            ``model.train()``; a linear probe keeps its frozen encoder in eval mode).
+
+    The recipe's own resumable state (best accuracy, per-epoch records; plain types) is handed
+    to ``save_state(extra=...)`` and is ``self.extra`` after ``resume``; saves inside an epoch
+    (``save_every_steps``, ``max_steps``) carry the last one given.
     """
 
     def __init__(self, *, model: torch.nn.Module, loader, optimizer, schedule, cfg: RunConfig,
@@ -215,15 +220,13 @@ class Trainer:
                  total_steps: int, images_per_step: int, ema=None,
                  clip_grad: float | None = None, desc: str = "train",
                  step_fields: Callable[[], dict] = dict,
-                 extra_state: Callable[[], dict] = dict,
-                 restore_extra: Callable[[dict], None] = lambda extra: None,
                  train_mode: Callable[[], None] | None = None):
         self.model, self.loader, self.optimizer, self.schedule = model, loader, optimizer, schedule
         self.cfg, self.info, self.out, self.args = cfg, info, out, args
         self.batches_per_epoch, self.images_per_step = batches_per_epoch, images_per_step
         self.stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.ema, self.desc, self.step_fields = ema, desc, step_fields
-        self.extra_state, self.restore_extra = extra_state, restore_extra
+        self.extra: dict = {}  # the recipe's resumable state (see the class docstring)
         self.train_mode = train_mode or model.train
         self.train_model = self._wrap(model)
         self.stepper = AccumulatingStep(self.train_model, optimizer, accum_steps=cfg.accum_steps,
@@ -301,11 +304,14 @@ class Trainer:
         if self.pos.batches_done:
             self.loss_sum = float(extra.get("epoch_loss_sum", 0.0))
             self.seen = int(extra.get("epoch_seen", 0))
-        self.restore_extra(extra)
+        self.extra = {k: v for k, v in extra.items() if k not in _ENGINE_EXTRA}
 
-    def save_state(self) -> Path | None:
+    def save_state(self, extra: dict | None = None) -> Path | None:
         """Write the run state at the current position (rank 0; with FSDP every rank helps
-        gather the full weights). Returns the file on rank 0."""
+        gather the full weights), with the recipe's ``extra`` state (kept for later saves;
+        None: the last one given). Returns the file on rank 0."""
+        if extra is not None:
+            self.extra = dict(extra)
         if self.cfg.fsdp:
             src_model, src_optim = fsdp.full_state_views(self.model, self.optimizer)
         else:
@@ -318,7 +324,7 @@ class Trainer:
                 scaler=self.stepper.scaler,
                 data_order=dict(seed=self.cfg.seed, kind="distributed-sampler"),
                 extra=dict(world_size=self.info.world_size, epoch_loss_sum=self.loss_sum,
-                           epoch_seen=self.seen, **self.extra_state()))
+                           epoch_seen=self.seen, **self.extra))
             state["ema"] = self.ema.module.state_dict() if self.ema is not None else None
             self.last_checkpoint = save_run_state(self.out, state, keep_last=self.cfg.keep_last)
         D.barrier()
@@ -414,6 +420,10 @@ class Trainer:
             self._bar.update(1)
             self._bar.set_postfix(epoch=record["epoch"], loss=f"{loss:.4f}", lr=f"{self.lr:.2e}",
                                   img_s=f"{img_per_s:.0f}")
+
+
+# what the engine itself keeps in a run state's "extra", apart from the recipe's state
+_ENGINE_EXTRA = ("world_size", "epoch_loss_sum", "epoch_seen")
 
 
 def _keyed(dataset):

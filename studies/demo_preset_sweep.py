@@ -1,6 +1,6 @@
 """Choose the demo's fine-tuning preset on images held out from the TRAINING split.
 
-The rule (``convnextv2.tools.presets``): fixed choices (small-image crop, no heavy
+The rule (``convnextv2.recipes.presets``): fixed choices (small-image crop, no heavy
 regularisation, no EMA, smoothing 0.1, wd 0.05, warmup 0.5 epoch + cosine) plus two free ones
 picked here, never on the test set:
 

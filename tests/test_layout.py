@@ -20,9 +20,13 @@ MODULES = {_module_name(p): p for p in SRC.rglob("*.py")}
 
 def _imports(name: str, path: Path) -> set[str]:
     """Package-internal modules that ``name`` imports anywhere in its body (lazy ones too)."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    return _imports_in(path.read_text(), name, is_package=path.name == "__init__.py")
+
+
+def _imports_in(source: str, name: str, is_package: bool) -> set[str]:
+    package = name if is_package else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -30,15 +34,14 @@ def _imports(name: str, path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            candidates = [f"{target}.{a.name}" for a in node.names] + [target]
+            # each imported name that is a module counts; else the module it comes from
+            modules = {f"{target}.{a.name}" for a in node.names} & MODULES.keys()
+            candidates = modules or {target}
         elif isinstance(node, ast.Import):
-            candidates = [a.name for a in node.names]
+            candidates = {a.name for a in node.names}
         else:
             continue
-        for c in candidates:
-            if c in MODULES and c != name:
-                found.add(c)
-                break
+        found |= {c for c in candidates if c in MODULES and c != name}
     return found
 
 
@@ -100,3 +103,30 @@ def test_public_api_is_kept():
     for attr in ("create_model", "FCMAE", "load_checkpoint", "save_checkpoint", "ConvNeXtV2",
                  "GRN", "list_models", "convert_state_dict", "load_model"):
         assert getattr(convnextv2, attr) is not None
+
+
+# Bottom to top. A module may import from its own layer or a lower one, never from above:
+# the shared pieces stay usable without the jobs built on them.
+LAYERS = (
+    ("models", "data"),
+    ("checkpoint",),
+    ("fcmae",),
+    ("training",),
+    ("recipes", "detection", "segmentation", "transfer", "analysis"),
+    ("tools", "demos"),
+    ("cli", "__main__", ""),           # "": the package facade, convnextv2/__init__.py
+)
+
+
+def _layer(name: str) -> int:
+    part = name.split(".")[1] if "." in name else ""
+    for level, members in enumerate(LAYERS):
+        if part in members:
+            return level
+    pytest.fail(f"{name}: its package {part!r} has no place in LAYERS; add it there")
+
+
+def test_every_import_points_down_the_layers():
+    upward = sorted(f"{name} (layer {_layer(name)}) imports {t} (layer {_layer(t)})"
+                    for name, deps in GRAPH.items() for t in deps if _layer(t) > _layer(name))
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)

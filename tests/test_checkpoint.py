@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import convnextv2.checkpoint as ckpt
-from convnextv2.checkpoint import (CheckpointError, convert_state_dict, detect_layout,
-                                   infer_config, load_checkpoint, load_model, load_pretrained,
-                                   read_metadata, save_checkpoint)
+from convnextv2.checkpoint import (CheckpointError, convert_state_dict, create_model,
+                                   detect_layout, infer_config, load_checkpoint, load_model,
+                                   load_pretrained, read_metadata, save_checkpoint)
 from convnextv2.cli import main as cli_main
 from convnextv2.models.model import ConvNeXtV2
-from convnextv2.models.registry import create_model
 
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
@@ -296,6 +295,30 @@ def test_meta_model_loads_by_assignment():
     load_checkpoint(target, source.state_dict())
     assert not any(p.is_meta for p in target.parameters())
     assert same_weights(source, target)
+
+
+# ---- create_model: architecture in models/, weights in checkpoint/ ---------------------
+
+def test_create_model_loads_weights_and_the_registry_builds_architecture_only(tmp_path):
+    import convnextv2
+    from convnextv2.models import registry
+    assert convnextv2.create_model is create_model   # the package's front door loads weights
+    source = randomised(registry.create_model("convnextv2_atto", num_classes=5, **SMALL))
+    save_checkpoint(source, tmp_path / "clf.safetensors")
+    loaded = create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"),
+                          num_classes=5, **SMALL)
+    assert same_weights(source, loaded)
+    fresh = create_model("convnextv2_atto", num_classes=5, **SMALL)
+    assert not same_weights(source, fresh)           # no pretrained=: random init
+    backbone = create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"),
+                            features_only=True, out_indices=(1, 3), num_classes=5, **SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    maps = backbone(x)
+    assert [m.shape[1] for m in maps] == [16, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(maps[-1], source.eval().forward_features(x))
+    with pytest.raises(TypeError, match="convnextv2.create_model"):
+        registry.create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"))
 
 
 # ---- hub ids ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from .. import training as T
 from ..checkpoint import infer_config, load_checkpoint, save_checkpoint
 from ..data import build_dataset, count_skipped, eval_transform, is_idx_folder, train_transform
 from ..models.model import ConvNeXtV2
-from ..models.registry import model_config
+from ..models.variants import model_config
 from ..models.variants import VARIANTS, resolve_name
 from ..training import fsdp, sample_key
 from ..training.dist_eval import evaluate, evaluate_distributed, sharded_loader

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.registry import create_model, model_config, resolve_name
+from ..models.registry import create_model
+from ..models.variants import model_config, resolve_name
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

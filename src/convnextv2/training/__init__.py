@@ -10,7 +10,8 @@
 - ``step``: bf16/fp16 autocast and gradient accumulation;
 - ``dist_eval``: classifier evaluation that counts every sample once across processes;
 - ``data_order``: sample order and augmentation keyed by (seed, epoch, index);
-- ``config``: the run options both recipes share and the checks of ``--output``;
+- ``config``: the run options both recipes share;
+- ``output``: what a run may do with its output folder (and a demo's or study's fresh one);
 - ``loop``: the engine (``Trainer``: ``train_one_epoch``, ``resume``, ``save_state``).
 """
 from .config import RunConfig, check_run_config, config_from_args

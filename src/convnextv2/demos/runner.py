@@ -42,7 +42,7 @@ class Job:
     target: str                          # "package.module:function" or "file.py:function"
     kwargs: dict = field(default_factory=dict)
     deps: tuple = ()                     # names of jobs that must succeed first
-    threads: int | None = None           # torch threads for the job; None: leave as they are
+    threads: int | None = None           # torch threads; None: the process's (1 in a worker)
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -205,6 +205,7 @@ class _Worker:
         tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in job.name)
         self.result = self.folder / f"{tag}.result.json"
         self.log = self.folder / f"{tag}.log" if self.keep_logs else None
+        self.result.unlink(missing_ok=True)  # only this run's record may count
         spec = self.folder / f"{tag}.json"
         spec.write_text(json.dumps(dict(target=job.target, kwargs=job.kwargs,
                                         threads=job.threads, result=str(self.result),
@@ -233,7 +234,11 @@ class _Worker:
             self.proc.kill()
         else:
             self.proc.stdin.close()
-        self.proc.wait()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # an idle worker that will not exit is killed
+            self.proc.kill()
+            self.proc.wait()
         self.job = None
 
 

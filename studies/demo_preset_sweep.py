@@ -40,14 +40,13 @@ def main(argv=None) -> int:
 
     from convnextv2.recipes.finetune import FinetuneConfig, finetune
     from convnextv2.recipes.pretrain import PretrainConfig, pretrain
-    from convnextv2.tools.demo import (DemoConfig, finetune_kwargs, fresh_folder,
-                                       pretrain_kwargs)
+    from convnextv2.demos.classification import DemoConfig, finetune_kwargs, pretrain_kwargs
     from convnextv2.recipes.holdout import holdout_split
     from convnextv2.recipes.presets import LAYER_DECAY_CANDIDATES, LR_CANDIDATES
+    from convnextv2.training.output import fresh_output
 
     torch.set_num_threads(args.threads)
-    out = fresh_folder(args.output)
-    out.mkdir(parents=True)
+    out = fresh_output(args.output)  # an earlier sweep is left alone: OUTPUT-2, ...
     cfg = DemoConfig.quick_config(str(out)) if args.quick else DemoConfig(output=str(out))
     cfg.progress = sys.stderr.isatty()
     cfg.val_subset = None

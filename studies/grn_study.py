@@ -24,12 +24,13 @@ layer scale); then six fine-tuning runs:
     scratch V2      -                         V2
     scratch no-GRN  -                         no-GRN block
 
-Moving an encoder between blocks is explicit, and the moved keys are listed in results.json:
-dropping GRN removes ``*.grn.gamma``/``*.grn.beta``; adding GRN creates them as zeros, as the
-model's own init does (so the new GRN starts as the identity); a layer scale that the target
-block lacks is folded into ``pwconv2`` (``s * (W x + b) = (s W) x + s b``, exact); a layer scale
-the source lacks is created as ones (the identity). Only GRN's presence changes at the phase
-boundary: the other conversions leave the network's function as it was.
+Moving an encoder between blocks is explicit (``convnextv2.checkpoint.convert_blocks``), and
+the moved keys are listed in results.json: dropping GRN removes ``*.grn.gamma``/``*.grn.beta``;
+adding GRN creates them as zeros, as the model's own init does (so the new GRN starts as the
+identity); a layer scale that the target block lacks is folded into ``pwconv2``
+(``s * (W x + b) = (s W) x + s b``, exact); a layer scale the source lacks is created as ones
+(the identity). Only GRN's presence changes at the phase boundary: the other conversions leave
+the network's function as it was.
 
 Budgets (``--budget``): ``smoke`` (every arm end to end in seconds, for CI), ``cpu`` (32 min
 measured on 2 busy CPU cores), ``gpu`` (about 2.5 minutes on one H100: tiny models are launch-bound,
@@ -56,12 +57,12 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from convnextv2.tools.demo import fresh_folder  # a new study never overwrites an old one
+from convnextv2.demos.runner import Job, load_average, run_jobs, say
+from convnextv2.training.output import fresh_output  # a new study never overwrites an old one
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMG_SIZE = 32
@@ -159,113 +160,31 @@ def subset_folder(data: str, folder: Path, train: int | None, test: int | None,
     return str(folder)
 
 
-# -- moving an encoder between blocks --------------------------------------------------------
-def convert_encoder(src: str, dst: str, target: dict) -> dict:
-    """Write the encoder ``src`` (native safetensors) as ``dst`` for a model whose blocks are
-    ``target`` (``use_grn``, ``layer_scale_init_value``). Returns the keys dropped, added and
-    folded; see the module docstring for the rules."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(src, "pt") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    blocks = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".pwconv2.weight")})
-    dropped, added, folded = [], [], []
-    for b in blocks:
-        gamma, beta, ls = f"{b}.grn.gamma", f"{b}.grn.beta", f"{b}.layer_scale"
-        has_grn, has_ls = gamma in state, ls in state
-        if has_grn and not target["use_grn"]:
-            dropped += [gamma, beta]
-            del state[gamma], state[beta]
-        elif not has_grn and target["use_grn"]:
-            hidden = state[f"{b}.pwconv1.weight"].shape[0]
-            state[gamma], state[beta] = torch.zeros(hidden), torch.zeros(hidden)
-            added += [gamma, beta]
-        if has_ls and not target["layer_scale_init_value"]:
-            s = state.pop(ls)
-            state[f"{b}.pwconv2.weight"] = state[f"{b}.pwconv2.weight"] * s[:, None]
-            state[f"{b}.pwconv2.bias"] = state[f"{b}.pwconv2.bias"] * s
-            folded.append(f"{ls} -> {b}.pwconv2.weight/bias")
-        elif not has_ls and target["layer_scale_init_value"]:
-            state[ls] = torch.ones(state[f"{b}.pwconv2.weight"].shape[0])
-            added.append(ls)
-    if "config" in meta:
-        config = json.loads(meta["config"])
-        config.update(target)
-        meta["config"] = json.dumps(config)
-    save_file({k: v.contiguous() for k, v in state.items()}, dst, metadata=meta)
-    return dict(dropped=dropped, added=added, folded=folded)
-
-
-# -- one training run (in-process or in a child process) --------------------------------------
-def run_job(spec: dict) -> dict:
-    """Run one pretraining or fine-tuning job described by ``spec``; returns its record."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    t0 = time.time()
-    try:
-        return _run_job(spec, t0)
-    finally:
-        while _RESTORE:
-            _RESTORE.pop()()
-
-
-def _run_job(spec: dict, t0: float) -> dict:
-    if spec["kind"] == "pretrain":
+# -- one training run (a job of the runner: in this process or in a child) -------------------
+def run_job(kind: str, config: dict, convert: str | None = None,
+            target_block: dict | None = None) -> dict:
+    """One pretraining or fine-tuning run of the study; returns its record. A fine-tuning run
+    from an encoder of another block kind first converts it (``convert``: the encoder file,
+    ``target_block``: the block constructor arguments)."""
+    if kind == "pretrain":
         from convnextv2.recipes.pretrain import PretrainConfig, pretrain
-        s = pretrain(_pretrain_config(PretrainConfig, spec["config"], spec["block_kwargs"]))
-        return dict(seconds=time.time() - t0, last_loss=s.get("last_loss"),
-                    steps=s.get("global_step"), encoder=str(Path(spec["config"]["output"]) /
-                                                            "encoder.safetensors"))
+        s = pretrain(PretrainConfig(**config))
+        return dict(last_loss=s.get("last_loss"), steps=s.get("global_step"),
+                    encoder=str(Path(config["output"]) / "encoder.safetensors"))
+    from convnextv2.checkpoint import convert_blocks_file
     from convnextv2.recipes.finetune import FinetuneConfig, finetune
-    config = dict(spec["config"])
+    config = dict(config)
     conversion = None
-    if spec.get("convert"):
+    if convert:
         out = Path(config["output"])
         out.mkdir(parents=True, exist_ok=True)
         converted = str(out.parent / f"{out.name}_encoder.safetensors")
-        conversion = convert_encoder(spec["convert"], converted, spec["target_block"])
+        conversion = convert_blocks_file(convert, converted, **target_block)
         config["finetune"] = converted
     s = finetune(FinetuneConfig(**config))
     final = s["final"] or {}
-    return dict(seconds=time.time() - t0, best_top1=s["best_top1"],
-                final_top1=final.get("val_top1"), best_epoch=s["best_epoch"],
-                steps=s.get("global_step"), conversion=conversion)
-
-
-def _pretrain_config(cls, config: dict, block: dict):
-    """A pretraining config whose encoder has ``block``'s GRN / layer scale. Through
-    ``model_kwargs`` where the config has that field; else ``v1_block`` for the V1 block; else
-    (the plain block on an older config) by having ``create_model`` add the block options."""
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if block == BLOCKS["v2"]:
-        return cls(**config)
-    if "model_kwargs" in fields:
-        return cls(**config, model_kwargs=dict(block))
-    if block == BLOCKS["v1"] and "v1_block" in fields:
-        return cls(**config, v1_block=True)
-    import convnextv2.models.registry as registry
-    original = registry.create_model
-
-    def create_model(name, *args, **kwargs):
-        return original(name, *args, **{**kwargs, **block})
-    registry.create_model = create_model  # this process runs one job, then exits or resets
-    _RESTORE.append(lambda: setattr(registry, "create_model", original))
-    return cls(**config)
-
-
-_RESTORE: list = []
-
-
-def _child_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    record = run_job(spec)
-    Path(spec["result"]).write_text(json.dumps(record, indent=2))
-    return 0
+    return dict(best_top1=s["best_top1"], final_top1=final.get("val_top1"),
+                best_epoch=s["best_epoch"], steps=s.get("global_step"), conversion=conversion)
 
 
 # -- the study's jobs and their scheduling ---------------------------------------------------
@@ -287,9 +206,9 @@ def plan(args, budget: dict, data: str, work: Path) -> list[dict]:
                        in_chans=arch["in_chans"], stem_stride=arch["stem_stride"],
                        recon_every=0, max_steps=(budget["max_steps"] * budget["pretrain_epochs"]
                                                  if budget["max_steps"] else None),
-                       **PRETRAIN)
+                       model_kwargs=dict(BLOCKS[kind]), **PRETRAIN)
             jobs.append(dict(name=f"pretrain {kind} seed {seed}", kind="pretrain", seed=seed,
-                             block=kind, config=cfg, deps=[], block_kwargs=BLOCKS[kind]))
+                             block=kind, config=cfg, deps=[]))
     for i in range(args.seeds):
         seed = args.seed + i
         for arm, pre, block in ARMS:
@@ -304,113 +223,20 @@ def plan(args, budget: dict, data: str, work: Path) -> list[dict]:
             job = dict(name=f"{arm} seed {seed}", kind="finetune", seed=seed, arm=arm,
                        config=cfg, deps=[], target_block=BLOCKS[ft_kind])
             if pre_kind:
-                dep = f"pretrain {pre_kind} seed {seed}"
-                job["deps"] = [dep]
-                job["convert_from"] = dep
+                job["deps"] = [f"pretrain {pre_kind} seed {seed}"]
+                job["convert"] = str(work / f"seed{seed}" / f"pretrain_{pre_kind}" /
+                                     "encoder.safetensors")
             jobs.append(job)
-    for job in jobs:
-        job["threads"] = args.threads
     return jobs
 
 
-def execute(jobs: list[dict], n_parallel: int, deadline_s: float | None, work: Path,
-            on_done=None) -> dict:
-    """Run ``jobs`` respecting their dependencies, ``n_parallel`` at a time (1: in this
-    process). After ``deadline_s`` nothing new starts; at ``deadline_s`` + the grace below the
-    running children are killed. Returns {name: record}; failed or skipped jobs get ``error``."""
-    t0 = time.time()
-    records: dict[str, dict] = {}
-    pending = list(jobs)
-    running: dict[str, tuple] = {}
-    grace = 25.0
-    by_name = {j["name"]: j for j in jobs}
-
-    def ready(job):
-        return all(d in records and "error" not in records[d] for d in job["deps"])
-
-    def blocked(job):
-        return any(d in records and "error" in records[d] for d in job["deps"])
-
-    def finish(job, record):
-        records[job["name"]] = record
-        status = (f"failed: {record['error']}" if "error" in record else
-                  f"{record['seconds']:.0f} s" + (f", top-1 {record['best_top1']:.2f}%"
-                                                  if "best_top1" in record else
-                                                  f", loss {record.get('last_loss') or 0:.4f}"))
-        print(f"[{time.time() - t0:5.0f} s] {len(records)}/{len(jobs)} {job['name']}: {status}",
-              flush=True)
-        if on_done:
-            on_done(job, record, records)
-
-    def spec_of(job):
-        spec = dict(kind=job["kind"], config=job["config"], threads=job["threads"],
-                    block_kwargs=job.get("block_kwargs"))
-        if job.get("convert_from"):
-            spec["convert"] = records[job["convert_from"]]["encoder"]
-            spec["target_block"] = job["target_block"]
-        return spec
-
-    while pending or running:
-        late = deadline_s is not None and time.time() - t0 > deadline_s
-        for job in [j for j in pending if blocked(j) or late]:
-            pending.remove(job)
-            finish(job, dict(error="skipped: " + ("a run it needs failed" if blocked(job)
-                                                  else "past the deadline")))
-        while pending and len(running) < max(n_parallel, 1):
-            job = next((j for j in pending if ready(j)), None)
-            if job is None:
-                break
-            pending.remove(job)
-            if n_parallel <= 1:
-                try:
-                    finish(job, run_job(spec_of(job)))
-                except Exception as e:  # one broken run must not lose the others' results
-                    finish(job, dict(error=f"{type(e).__name__}: {e}"))
-                continue
-            tag = job["name"].replace(" ", "_").replace("/", "_")
-            spec = dict(spec_of(job), result=str(work / "jobs" / f"{tag}.result.json"))
-            spec_path = work / "jobs" / f"{tag}.json"
-            spec_path.parent.mkdir(parents=True, exist_ok=True)
-            spec_path.write_text(json.dumps(spec, default=list))
-            log = open(work / "jobs" / f"{tag}.log", "w")
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--run-job",
-                                     str(spec_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=_child_env())
-            running[job["name"]] = (proc, log, spec["result"], time.time())
-            print(f"[{time.time() - t0:5.0f} s] started {job['name']}", flush=True)
-        if not running:
-            continue
-        time.sleep(0.2)
-        hard = deadline_s is not None and time.time() - t0 > deadline_s + grace
-        for name, (proc, log, result, started) in list(running.items()):
-            if proc.poll() is None and not hard:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-            del running[name]
-            if proc.returncode == 0 and Path(result).is_file():
-                finish(by_name[name], json.loads(Path(result).read_text()))
-            else:
-                why = ("killed at the deadline" if hard else
-                       f"exit status {proc.returncode}; log: {log.name}: "
-                       + _last_line(Path(log.name)))
-                finish(by_name[name], dict(error=why))
-    return records
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _last_line(path: Path) -> str:
-    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
-    return lines[-1][:300] if lines else "(no output)"
+def runner_jobs(plan: list[dict], threads: int) -> list[Job]:
+    """The planned runs as jobs of the shared runner, each calling ``run_job``."""
+    target = f"{Path(__file__).resolve()}:run_job"
+    return [Job(p["name"], target, dict(kind=p["kind"], config=p["config"],
+                                        convert=p.get("convert"),
+                                        target_block=p.get("target_block")),
+                deps=tuple(p["deps"]), threads=threads) for p in plan]
 
 
 # -- feature collapse after pretraining ------------------------------------------------------
@@ -596,10 +422,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-grn-block", choices=("v1", "plain"), default="v1",
                    help="the block without GRN: v1 (layer scale 1e-6, the paper's baseline) or "
                         "plain (neither GRN nor layer scale)")
-    p.add_argument("--run-job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.run_job:
-        return _child_main(args.run_job)
 
     budget = dict(BUDGETS[args.budget])
     if args.max_steps is not None:
@@ -620,30 +443,26 @@ def main(argv=None) -> int:
     if data != "builtin" and not Path(data).is_dir():
         p.error(f"--data {data}: no such folder")
 
-    out = fresh_folder(args.output)
-    if out != Path(args.output).expanduser():
-        print(f"{args.output} is not empty; writing to {out}", flush=True)
-    out.mkdir(parents=True)
+    out = fresh_output(args.output)
     if args.work:
-        work = fresh_folder(args.work)          # absent or empty
-        work.mkdir(parents=True, exist_ok=True)
+        work = fresh_output(args.work)
     elif args.budget == "gpu":
         import tempfile
         work = Path(tempfile.mkdtemp(prefix="grn_work."))
     else:
         work = out / "runs"
         work.mkdir(parents=True)
-    print(f"training runs go to {work}", flush=True)
+    say(f"training runs go to {work}")
 
     t0 = time.time()
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load0 = load_average()
     source = describe_data(data)
     run_data = subset_folder(data, work / "fashion_subset", budget["pretrain_images"],
                              budget["test_images"])
     used = source if run_data == data else f"{source}, seeded subset: {describe_data(run_data)}"
-    print(f"data: {used}", flush=True)
-    print(f"budget {args.budget}: {args.seeds} seeds, {jobs_n} process(es), device "
-          f"{args.device}, no-GRN block {args.no_grn_block}", flush=True)
+    say(f"data: {used}")
+    say(f"budget {args.budget}: {args.seeds} seeds, {jobs_n} process(es), device "
+        f"{args.device}, no-GRN block {args.no_grn_block}")
     jobs = plan(args, budget, run_data, work)
 
     import torch
@@ -664,7 +483,7 @@ def main(argv=None) -> int:
             threads=args.threads, deadline_s=deadline, device=args.device,
             device_name=device_name, cpu_count=os.cpu_count(), torch=torch.__version__,
             load_average_start=load0,
-            load_average_now=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            load_average_now=load_average(),
             complete=state["final"],
             runs={name: dict(rec, config=next(j["config"] for j in jobs if j["name"] == name))
                   for name, rec in records.items()},
@@ -684,21 +503,28 @@ def main(argv=None) -> int:
         (out / "results.md").write_text(format_tables(results) + footer + "\n")
         return [format_tables(results) + footer, failed]
 
-    def on_done(job, record, records):
+    def on_done(job: Job, record: dict, records: dict) -> None:
+        status = (f"failed: {record['error']}" if "error" in record else
+                  f"{record['seconds']:.0f} s" + (f", top-1 {record['best_top1']:.2f}%"
+                                                  if "best_top1" in record else
+                                                  f", loss {record.get('last_loss') or 0:.4f}"))
+        say(f"[{time.time() - t0:5.0f} s] {len(records)}/{len(jobs)} {job.name}: {status}")
         pretrains = [j for j in jobs if j["kind"] == "pretrain"]
-        if job["kind"] == "pretrain" and all(j["name"] in records for j in pretrains):
+        if job.name in {j["name"] for j in pretrains} and all(
+                j["name"] in records for j in pretrains):
             t = time.time()
             collapse.update(collapse_curves(records, jobs, run_data, budget, 0,
                                             "cuda" if args.device.startswith("cuda") else "cpu"))
             collapse["seconds"] = time.time() - t
-            print(f"collapse curves measured ({time.time() - t:.0f} s)", flush=True)
+            say(f"collapse curves measured ({time.time() - t:.0f} s)")
         write(records)
 
-    records = execute(jobs, jobs_n, deadline, work, on_done)
+    records = run_jobs(runner_jobs(jobs, args.threads), jobs_n, deadline, work / "jobs",
+                       on_done, keep_going=True)
     state["final"] = True
     text, failed = write(records)
-    print(text, flush=True)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}", flush=True)
+    say(text)
+    say(f"wrote {out / 'results.md'}, {out / 'results.json'}")
     return 0 if not failed else 1
 
 

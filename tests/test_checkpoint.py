@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import convnextv2.checkpoint as ckpt
-from convnextv2.checkpoint import (CheckpointError, convert_state_dict, detect_layout,
-                                   infer_config, load_checkpoint, load_model, load_pretrained,
-                                   read_metadata, save_checkpoint)
+from convnextv2.checkpoint import (CheckpointError, convert_state_dict, create_model,
+                                   detect_layout, infer_config, load_checkpoint, load_model,
+                                   load_pretrained, read_metadata, save_checkpoint)
 from convnextv2.cli import main as cli_main
 from convnextv2.models.model import ConvNeXtV2
-from convnextv2.models.registry import create_model
 
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
 
@@ -296,6 +295,118 @@ def test_meta_model_loads_by_assignment():
     load_checkpoint(target, source.state_dict())
     assert not any(p.is_meta for p in target.parameters())
     assert same_weights(source, target)
+
+
+# ---- create_model: architecture in models/, weights in checkpoint/ ---------------------
+
+def test_create_model_loads_weights_and_the_registry_builds_architecture_only(tmp_path):
+    import convnextv2
+    from convnextv2.models import registry
+    assert convnextv2.create_model is create_model   # the package's front door loads weights
+    source = randomised(registry.create_model("convnextv2_atto", num_classes=5, **SMALL))
+    save_checkpoint(source, tmp_path / "clf.safetensors")
+    loaded = create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"),
+                          num_classes=5, **SMALL)
+    assert same_weights(source, loaded)
+    fresh = create_model("convnextv2_atto", num_classes=5, **SMALL)
+    assert not same_weights(source, fresh)           # no pretrained=: random init
+    backbone = create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"),
+                            features_only=True, out_indices=(1, 3), num_classes=5, **SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    maps = backbone(x)
+    assert [m.shape[1] for m in maps] == [16, 32]
+    with torch.no_grad():
+        torch.testing.assert_close(maps[-1], source.eval().forward_features(x))
+    with pytest.raises(TypeError, match="convnextv2.create_model"):
+        registry.create_model("convnextv2_atto", pretrained=str(tmp_path / "clf.safetensors"))
+
+
+# ---- moving an encoder between block kinds (the GRN study's conversions) --------------
+
+BLOCKS = {"v2": dict(use_grn=True, layer_scale_init_value=None),
+          "v1": dict(use_grn=False, layer_scale_init_value=1e-6),
+          "plain": dict(use_grn=False, layer_scale_init_value=None)}
+ENCODER = dict(in_chans=1, num_classes=0, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
+               stem_stride=1)
+
+
+def _trained_blocks(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every GRN and layer scale non-trivial values, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "grn" in name or "layer_scale" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _features(model, x):
+    with torch.no_grad():
+        return model.forward_features(x)
+
+
+def test_v1_encoder_into_grn_model_folds_layer_scale_and_adds_zero_grn(tmp_path):
+    from convnextv2.checkpoint import convert_blocks_file
+    torch.manual_seed(0)
+    v1 = _trained_blocks(ConvNeXtV2(**ENCODER, **BLOCKS["v1"]), 1)
+    save_checkpoint(v1, tmp_path / "v1.safetensors")
+    report = convert_blocks_file(tmp_path / "v1.safetensors", tmp_path / "to_v2.st",
+                                 **BLOCKS["v2"])
+    blocks = [n for n, _ in v1.named_modules() if n.count(".") == 3 and "blocks" in n]
+    assert len(blocks) == 5
+    assert sorted(report["added"]) == sorted([f"{b}.grn.{p}" for b in blocks
+                                              for p in ("gamma", "beta")])
+    assert [f.split(" ")[0] for f in report["folded"]] == [f"{b}.layer_scale" for b in blocks]
+    assert report["dropped"] == []
+    v2 = ConvNeXtV2(**ENCODER, **BLOCKS["v2"]).eval()
+    load_checkpoint(v2, tmp_path / "to_v2.st", strict=True, drop_head=True)
+    for name, p in v2.named_parameters():
+        if "grn" in name:
+            assert torch.equal(p, torch.zeros_like(p)), name  # fresh GRN = identity
+    x = torch.randn(3, 1, 32, 32)
+    # folding the layer scale into pwconv2 and adding an identity GRN keeps the function
+    torch.testing.assert_close(_features(v2, x), _features(v1, x), rtol=1e-4, atol=1e-5)
+    # the stored config names the new block, so the file rebuilds the right network
+    rebuilt = load_model(tmp_path / "to_v2.st")
+    assert rebuilt.config["use_grn"] and not rebuilt.config["layer_scale_init_value"]
+    # any layout reads the same: the timm file of the same encoder converts identically
+    save_checkpoint(v1, tmp_path / "v1_timm.safetensors", layout="timm")
+    convert_blocks_file(tmp_path / "v1_timm.safetensors", tmp_path / "from_timm.st",
+                        **BLOCKS["v2"])
+    from_timm = load_model(tmp_path / "from_timm.st")
+    assert same_weights(rebuilt, from_timm)
+
+
+def test_v2_encoder_into_v1_model_drops_grn_only(tmp_path):
+    from convnextv2.checkpoint import convert_blocks_file
+    torch.manual_seed(0)
+    v2 = _trained_blocks(ConvNeXtV2(**ENCODER, **BLOCKS["v2"]), 2)
+    save_checkpoint(v2, tmp_path / "v2.safetensors")
+    report = convert_blocks_file(tmp_path / "v2.safetensors", tmp_path / "to_v1.st",
+                                 **BLOCKS["v1"])
+    assert len(report["dropped"]) == 10 and all(".grn." in k for k in report["dropped"])
+    assert len(report["added"]) == 5 and all(k.endswith(".layer_scale") for k in report["added"])
+    v1 = ConvNeXtV2(**ENCODER, **BLOCKS["v1"]).eval()
+    load_checkpoint(v1, tmp_path / "to_v1.st", strict=True, drop_head=True)
+    for name, p in v1.named_parameters():
+        if name.endswith("layer_scale"):
+            assert torch.equal(p, torch.ones_like(p)), name  # identity, not 1e-6
+    # the result is exactly the V2 network with its GRNs removed (set to the identity)
+    no_grn = _trained_blocks(ConvNeXtV2(**ENCODER, **BLOCKS["v2"]), 2)
+    no_grn.load_state_dict(v2.state_dict())
+    with torch.no_grad():
+        for name, p in no_grn.named_parameters():
+            if "grn" in name:
+                p.zero_()
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(_features(v1, x), _features(no_grn, x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(_features(v1, x), _features(v2, x), atol=1e-3)
+    # into the plain block: GRN dropped, nothing added
+    plain = convert_blocks_file(tmp_path / "v2.safetensors", tmp_path / "p.st",
+                                **BLOCKS["plain"])
+    assert len(plain["dropped"]) == 10 and plain["added"] == [] and plain["folded"] == []
+    meta = json.loads(read_metadata(tmp_path / "p.st")["config"])
+    assert meta["use_grn"] is False and meta["layer_scale_init_value"] is None
 
 
 # ---- hub ids ---------------------------------------------------------------------------

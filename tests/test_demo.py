@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from convnextv2.data import build_dataset, eval_transform, train_transform
-from convnextv2.tools import demo
+from convnextv2.demos import classification as demo
 from convnextv2.recipes.holdout import holdout_split
 from convnextv2.recipes.presets import SMALL_IMAGE_SHORT, small_image_finetune
 
@@ -125,3 +125,83 @@ def test_quick_demo_never_overwrites_an_earlier_one(tmp_path, capsys):
     assert (tmp_path / "demo-2" / "report" / "table.md").is_file()
     assert main(["demo", "--quick", "--output", str(out), "--seeds", "0"]) == 2
     assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+# ---- the job runner the demos and studies share ------------------------------------------
+
+JOBS_MODULE = '''
+import os
+import time
+
+
+def double(x):
+    return {"double": 2 * x, "pid": os.getpid()}
+
+
+def boom():
+    raise ValueError("bad input")
+
+
+def slow():
+    time.sleep(120)
+    return {}
+'''
+
+
+@pytest.fixture
+def jobs_file(tmp_path):
+    path = tmp_path / "jobs.py"
+    path.write_text(JOBS_MODULE)
+    return path
+
+
+def test_runner_in_process_follows_dependencies_and_stops_or_goes_on(jobs_file, capsys):
+    import os
+
+    from convnextv2.demos.runner import Job, run_jobs
+
+    t = f"{jobs_file}:"
+    done = []
+    records = run_jobs([Job("b", t + "double", dict(x=2), deps=("a",)),
+                        Job("a", t + "double", dict(x=1))],
+                       on_done=lambda job, record, records: done.append(job.name))
+    assert done == ["a", "b"]                                    # a dependency runs first
+    assert records["b"]["double"] == 4 and records["a"]["pid"] == os.getpid()
+    assert records["a"]["seconds"] >= 0
+    # by default the first failure stops the batch with the job's own exception
+    with pytest.raises(ValueError, match="bad input"):
+        run_jobs([Job("x", t + "boom"), Job("y", t + "double", dict(x=1))])
+    # keep_going records it, skips what needs it and runs the rest
+    records = run_jobs([Job("x", t + "boom"), Job("y", t + "double", dict(x=1), deps=("x",)),
+                        Job("z", t + "double", dict(x=3))], keep_going=True)
+    assert records["x"]["error"] == "ValueError: bad input"
+    assert records["y"]["error"].startswith("skipped: a run it needs failed")
+    assert records["z"]["double"] == 6
+    assert "Traceback" in capsys.readouterr().err                 # the failure is not hidden
+    late = run_jobs([Job("a", t + "double", dict(x=1))], deadline_s=-1, keep_going=True)
+    assert late["a"]["error"] == "skipped: past the deadline"
+
+
+def test_runner_children_run_side_by_side_and_leave_nothing_running(jobs_file, tmp_path):
+    import os
+    import time
+
+    from convnextv2.demos.runner import Job, JobFailed, run_jobs
+
+    t = f"{jobs_file}:"
+    logs = tmp_path / "logs"
+    records = run_jobs([Job("one", t + "double", dict(x=5)), Job("bad", t + "boom"),
+                        Job("after bad", t + "double", dict(x=1), deps=("bad",)),
+                        Job("two", t + "double", dict(x=6)), Job("three", t + "double", dict(x=7))],
+                       parallel=2, log_dir=logs, keep_going=True)
+    assert [records[n]["double"] for n in ("one", "two", "three")] == [10, 12, 14]
+    pids = {records[n]["pid"] for n in ("one", "two", "three")}
+    assert os.getpid() not in pids and len(pids) <= 2            # 2 workers, reused
+    assert records["bad"]["error"] == "ValueError: bad input"
+    assert "bad input" in (logs / "bad.log").read_text()          # its traceback, kept
+    assert records["after bad"]["error"].startswith("skipped")
+    # without keep_going a failed child stops the batch, and a running one is killed
+    start = time.time()
+    with pytest.raises(JobFailed, match="bad: ValueError: bad input"):
+        run_jobs([Job("slow", t + "slow"), Job("bad", t + "boom")], parallel=2)
+    assert time.time() - start < 60

@@ -11,7 +11,7 @@ import torch
 from convnextv2.checkpoint import (convert_state_dict, detect_layout, load_checkpoint,
                                    save_checkpoint)
 from convnextv2.models.model import ConvNeXtV2
-from convnextv2.models.registry import VARIANTS, model_config
+from convnextv2.models.variants import VARIANTS, model_config
 
 VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "vectors" / "convnextv2_interop_small.pt"
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))

@@ -138,7 +138,7 @@ def test_fcmae_file_round_trips(straight_run, image_folder):
 
 
 def test_encoder_loads_into_create_model(straight_run):
-    from convnextv2.models.registry import create_model
+    from convnextv2 import create_model
 
     fcmae = load_fcmae(straight_run / "fcmae.safetensors")
     # an encoder-only file: loads into a classifier of any size (head left as initialised)

@@ -1,7 +1,8 @@
 """ConvNeXt V2 and FCMAE pretraining with a truly sparse encoder, in plain PyTorch."""
 from .models.grn import GRN, grn
 from .models.model import Block, ConvNeXtV2, FeatureExtractor
-from .models.registry import VARIANTS, create_model, list_models, model_config, resolve_name
+from .checkpoint.create import create_model  # the one that also loads pretrained= weights
+from .models.variants import VARIANTS, list_models, model_config, resolve_name
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from .atomic import atomic_write_bytes  # noqa: F401  (re-exported for the checkpoint package)
+from .atomic import atomic_write_bytes
 from .errors import CheckpointError, CheckpointNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

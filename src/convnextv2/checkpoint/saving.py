@@ -9,7 +9,8 @@ from torch import nn
 
 from . import layouts
 from .errors import CheckpointError
-from .io import atomic_write_bytes, save_pickle, save_safetensors, string_metadata
+from .atomic import atomic_write_bytes
+from .io import save_pickle, save_safetensors, string_metadata
 
 FORMAT_TAG = "convnextv2"
 

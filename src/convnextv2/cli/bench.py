@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..models.registry import list_models
+from ..models.variants import list_models
 
 HELP = "Measure images/s, peak memory and GFLOP/s of a model, optionally against timm."
 EPILOG = """examples:
@@ -43,7 +43,7 @@ def run(args) -> int:
     import torch
 
     from ..tools.bench import BenchConfig, run_benchmark
-    from ..models.registry import resolve_name
+    from ..models.variants import resolve_name
     from . import CLIError
 
     model = resolve_name(args.model)

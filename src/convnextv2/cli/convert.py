@@ -31,7 +31,7 @@ def add_arguments(p):
 
 
 def _describe(config: dict) -> str:
-    from ..models.registry import VARIANTS
+    from ..models.variants import VARIANTS
     name = next((n for n, v in VARIANTS.items() if list(v["depths"]) == list(config["depths"])
                  and list(v["dims"]) == list(config["dims"])), "custom")
     return (f"{name}: depths {list(config['depths'])}, dims {list(config['dims'])}, "
@@ -61,7 +61,7 @@ def run(args) -> int:
                                                    trust_pickle=args.trust_pickle)
     config = _config_of(state_dict, metadata)
     if args.model:
-        from ..models.registry import model_config
+        from ..models.variants import model_config
         config = model_config(args.model, num_classes=config["num_classes"],
                               in_chans=config["in_chans"], stem_stride=config["stem_stride"])
     with torch.device("meta"):

@@ -38,9 +38,8 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: automatic), got {args.threads}")
     if args.task != "classification":
-        from ..transfer.demo import run_from_args
-        return run_from_args(args)
-    from ..tools.demo import DemoConfig, run_demo
+        return _run_transfer(args)
+    from ..demos.classification import DemoConfig, run_demo
 
     cfg = DemoConfig.quick_config(args.output) if args.quick else DemoConfig(output=args.output)
     cfg.seed, cfg.threads = args.seed, args.threads
@@ -51,4 +50,19 @@ def run(args) -> int:
     if args.seeds is not None:
         cfg.seeds = args.seeds
     run_demo(cfg)
+    return 0
+
+
+def _run_transfer(args) -> int:
+    """``convnextv2 demo --task detection|segmentation``; the default output is named after
+    the task."""
+    from ..demos.transfer import TransferDemoConfig, run_transfer_demo
+
+    output = args.output if args.output != "runs/demo" else f"runs/demo_{args.task}"
+    cfg = (TransferDemoConfig.quick_config(args.task, output) if args.quick
+           else TransferDemoConfig(task=args.task, output=output))
+    cfg.seed, cfg.threads, cfg.pretrained = args.seed, args.threads, args.pretrained
+    if args.pretrain_epochs:
+        cfg.pretrain_epochs = args.pretrain_epochs
+    run_transfer_demo(cfg)
     return 0

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..models.registry import list_models, resolve_name
+from ..models.variants import list_models, resolve_name
 
 HELP = "Show a model's layout, parameter count and multiply-accumulates (GMACs)."
 EPILOG = """examples:

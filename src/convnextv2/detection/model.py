@@ -26,7 +26,6 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..transfer.backbone import ConvNeXtBackbone, backbone_config, build_backbone
 
 COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)
-FORMAT = "convnextv2-detector-1"
 
 
 class ConvNeXtFPN(nn.Module):

@@ -126,7 +126,7 @@ def load_classifier(checkpoint: str | Path, model_name: str | None = None, key: 
     info = checkpoint_info(checkpoint)
     model = load_model(checkpoint, key=key, **{k: v for k, v in overrides.items() if v is not None})
     if model_name:
-        from ..models.registry import model_config
+        from ..models.variants import model_config
         want = model_config(model_name)
         got = model.config
         if list(want["depths"]) != list(got["depths"]) or list(want["dims"]) != list(got["dims"]):

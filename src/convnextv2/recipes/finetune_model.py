@@ -7,7 +7,7 @@ from torch import nn
 
 from ..checkpoint import infer_config, load_checkpoint
 from ..models.model import ConvNeXtV2
-from ..models.registry import model_config
+from ..models.variants import model_config
 from .finetune_config import FinetuneConfig
 from .layer_decay import param_groups_layer_decay
 

@@ -41,7 +41,8 @@ from ..fcmae.masking import keyed_mask
 from ..fcmae.sparse import DWCONV_KERNELS, resolve_dwconv
 from ..models.registry import create_model
 from ..training import fsdp
-from ..training.config import RunConfig, check_writable
+from ..training.config import RunConfig
+from ..training.output import check_writable
 from ..training.loop import NonFiniteLossError, seed_everything, set_deterministic  # noqa: F401
 from .presets import PRETRAIN
 

@@ -22,7 +22,6 @@ from torch import nn
 
 from ..transfer.backbone import ConvNeXtBackbone, backbone_config, build_backbone
 
-FORMAT = "convnextv2-segmenter-1"
 IGNORE_INDEX = 255
 
 

@@ -1,1 +1,2 @@
-"""Tools around the model: benchmarks, the built-in demo, ONNX/TorchScript export, model stats."""
+"""Tools around the model: benchmarks, ONNX/TorchScript export, model stats (the demos are in
+``convnextv2.demos``)."""

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.registry import create_model, model_config, resolve_name
+from ..models.registry import create_model
+from ..models.variants import model_config, resolve_name
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,32 +74,19 @@ class Result:
 # ---- building the contenders --------------------------------------------------------------
 
 def timm_twin(model: nn.Module, name: str) -> nn.Module:
-    """timm's implementation of the same variant carrying exactly ``model``'s weights."""
+    """timm's implementation of the same variant carrying exactly ``model``'s weights (in
+    timm's names and shapes, by the checkpoint package's conversion)."""
     import timm
+
+    from ..checkpoint import convert_state_dict
 
     cfg = model.config
     twin = timm.create_model(resolve_name(name), pretrained=False, num_classes=cfg["num_classes"],
                              in_chans=cfg["in_chans"], depths=tuple(cfg["depths"]),
                              dims=tuple(cfg["dims"]))
-    twin.load_state_dict(native_to_timm(model.state_dict(), twin.state_dict()), strict=True)
+    weights = convert_state_dict(model.state_dict(), src="native", dst="timm", model_config=cfg)
+    twin.load_state_dict(weights, strict=True)
     return twin.to(next(model.parameters()).device)
-
-
-_TIMM_RENAMES = [("stem.conv.", "stem.0."), ("stem.norm.", "stem.1."),
-                 ("downsample.norm.", "downsample.0."), ("downsample.conv.", "downsample.1."),
-                 (".dwconv.", ".conv_dw."), (".pwconv1.", ".mlp.fc1."), (".pwconv2.", ".mlp.fc2."),
-                 (".grn.gamma", ".mlp.grn.weight"), (".grn.beta", ".mlp.grn.bias")]
-
-
-def native_to_timm(native: dict, timm_state: dict) -> dict:
-    """Our state dict in timm's names and shapes (timm builds the MLP of atto..nano from 1x1
-    convolutions, so fc1/fc2 weights take timm's 4-D shape)."""
-    out = {}
-    for key, value in native.items():
-        for old, new in _TIMM_RENAMES:
-            key = key.replace(old, new)
-        out[key] = value
-    return {k: v.reshape(timm_state[k].shape) if k in timm_state else v for k, v in out.items()}
 
 
 def _autocast(cfg: BenchConfig):

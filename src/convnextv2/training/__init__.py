@@ -10,16 +10,18 @@
 - ``step``: bf16/fp16 autocast and gradient accumulation;
 - ``dist_eval``: classifier evaluation that counts every sample once across processes;
 - ``data_order``: sample order and augmentation keyed by (seed, epoch, index);
-- ``config``: the run options both recipes share and the checks of ``--output``;
+- ``config``: the run options both recipes share;
+- ``output``: what a run may do with its output folder (and a demo's or study's fresh one);
 - ``loop``: the engine (``Trainer``: ``train_one_epoch``, ``resume``, ``save_state``).
 """
-from .config import RunConfig, check_output, check_run_config, config_from_args
+from .config import RunConfig, check_run_config, config_from_args
 from .data_order import KeyedAugmentDataset, ResumableSampler, sample_key
 from .distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, build_sampler,
                           cleanup_distributed, effective_batch, init_distributed, wrap_ddp)
 from .loop import (NonFiniteLossError, Position, RunLog, StepKey, Trainer, run_session,
                    seed_everything, set_deterministic, worker_init)
 from .metrics import MetricsLog, Throughput, plot_curves, read_metrics, truncate_after
+from .output import check_output
 from .runstate import (apply_run_state, atomic_torch_save, build_run_state, capture_rng_state,
                        checkpoint_path, latest_checkpoint, list_checkpoints, load_resume_state,
                        load_run_state, remove_orphaned_temps, resolve_resume,

@@ -4,26 +4,20 @@
 seed, device, precision, workers, resume, checkpoints, logging) have one name, one default
 rule and one validation, and the command line fills either config the same way
 (``config_from_args``). The checks here only read: a refused run leaves its ``--output``
-exactly as it was, which is why they run before the first file is written.
+exactly as it was, which is why they run before the first file is written. What a run may do
+with its output folder is decided in ``training.output``.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..models.variants import block_kwargs
-from .runstate import plain, remove_orphaned_temps
+from .runstate import plain
 from .step import AMP_MODES
 
-# the files a training run leaves in its output folder; one of them means "a run lives here"
-RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "encoder.safetensors",
-             "fcmae.safetensors", "best.safetensors", "best_ema.safetensors", "last.safetensors",
-             "last_ema.safetensors")
 
 
 @dataclass
@@ -114,90 +108,6 @@ def check_fraction(value, flag: str, *, upper: float = 1.0, closed: bool = True,
     if not ok:
         bracket = "]" if closed else ")"
         raise ValueError(f"--{flag} must be in [0, {upper:g}{bracket}{why}, got {value}")
-
-
-# -- the output folder -------------------------------------------------------------------------
-def existing_run(out: Path) -> list[str]:
-    """Names of run files in ``out`` (empty when it holds no run)."""
-    if not out.is_dir():
-        return []
-    names = sorted(p.name for p in out.iterdir()
-                   if p.name in RUN_FILES or (p.name.startswith("checkpoint-")
-                                              and p.name.endswith(".pt")))
-    return names
-
-
-def check_output(cfg: RunConfig) -> Path:
-    """Read-only checks of ``cfg.output`` before any work: it can be created and written, and
-    a run already there is only continued (``resume``) or moved aside (``overwrite``), never
-    silently replaced. Safe to call on every process of a distributed run."""
-    out = Path(cfg.output).expanduser()
-    check_writable(out, create=False)
-    found = existing_run(out)
-    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-    if found and not cfg.resume and not cfg.overwrite:
-        raise ValueError(f"--output {cfg.output} already holds a run ({shown}); continue it with "
-                         f"--resume auto, choose a new --output, or add --overwrite to move "
-                         f"the old run aside to {aside_name(out).name}")
-    weights = [n for n in found if n.endswith(".safetensors")]
-    if cfg.resume == "auto" and weights and not any(n.startswith("checkpoint-") for n in found):
-        raise ValueError(f"--resume auto: {cfg.output} holds weights ({', '.join(weights)}) but no "
-                         f"checkpoint to continue from, and starting over would replace them; "
-                         f"choose a new --output, or add --overwrite instead of --resume to move "
-                         f"the old run aside")
-    return out
-
-
-def prepare_output(cfg: RunConfig, out: Path) -> Path | None:
-    """Create ``out`` (main process only), move an old run aside under ``overwrite``, and
-    remove temp files of checkpoint writes a kill interrupted. Returns where the old run went."""
-    moved = None
-    if cfg.overwrite and existing_run(out):
-        moved = aside_name(out)
-        shutil.move(str(out), str(moved))
-        print(f"--overwrite: moved the old run in {out} to {moved}", flush=True)
-    check_writable(out, create=True)
-    removed = remove_orphaned_temps(out)
-    if removed:
-        print(f"removed {len(removed)} unfinished checkpoint write(s) left by an interrupted "
-              f"run: {', '.join(p.name for p in removed)}", flush=True)
-    return moved
-
-
-def aside_name(out: Path) -> Path:
-    """A sibling ``<name>.old-<UTC time>`` that does not exist yet."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    candidate = out.with_name(f"{out.name}.old-{stamp}")
-    n = 1
-    while candidate.exists():
-        n += 1
-        candidate = out.with_name(f"{out.name}.old-{stamp}-{n}")
-    return candidate
-
-
-def check_writable(output: str | os.PathLike, create: bool = True) -> Path:
-    """Prove files can be written to ``output``. ``create`` makes the folder and writes a
-    throw-away file there; otherwise nothing is written: an existing folder must be writable,
-    a missing one must have a writable nearest existing parent."""
-    import tempfile
-    out = Path(output).expanduser()
-    try:
-        if create:
-            out.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-                pass
-            return out
-        probe = out
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir():
-            raise NotADirectoryError(20, f"{probe} is a file")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise PermissionError(13, "permission denied")
-    except OSError as e:
-        raise PermissionError(f"--output {output}: cannot write there ({e.strerror or e}); "
-                              f"pick a folder you can write to") from None
-    return out
 
 
 # -- resuming with other arguments --------------------------------------------------------------

@@ -34,9 +34,9 @@ import torch
 
 from . import distributed as D
 from . import fsdp
-from .config import RunConfig, check_output, check_run_config, compare_resumed_args, \
-    prepare_output
+from .config import RunConfig, check_run_config, compare_resumed_args
 from .metrics import MetricsLog, Throughput
+from .output import check_output, prepare_output
 from .runstate import (apply_run_state, build_run_state, load_resume_state, load_run_state,
                        save_run_state)
 from .step import AccumulatingStep, check_amp

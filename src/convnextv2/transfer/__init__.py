@@ -1,6 +1,7 @@
 """What detection and segmentation share: the ConvNeXt V2 backbone from any checkpoint, the
-detection-style layer-wise lr decay, the poly/step schedules, the transfer training loop, the
-synthetic scenes built from the Fashion-MNIST subset, and the demos."""
+detection-style layer-wise lr decay, the poly/step schedules, the transfer training loop and
+the synthetic scenes built from the Fashion-MNIST subset (the demos that use them are in
+``convnextv2.demos``)."""
 from .backbone import ConvNeXtBackbone, build_backbone
 from .layer_decay import default_num_layers, layer_id, param_groups
 from .schedule import TransferSchedule

@@ -55,7 +55,7 @@ def build_backbone(model: str | None = None, pretrained: str | None = None,
     (the detection recipes use 0.2-0.5, segmentation 0.1-0.4).
     """
     from ..models.model import ConvNeXtV2
-    from ..models.registry import model_config
+    from ..models.variants import model_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if model is None and pretrained is None and not {"depths", "dims"} <= set(overrides):

@@ -20,11 +20,13 @@ Everything goes through the same readers, model builders and training loop as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..training.output import fresh_output
+from .runner import Job, load_average, pick_threads, run_jobs, say
 
 TASKS = ("detection", "segmentation")
 
@@ -66,104 +68,109 @@ class TransferDemoConfig:
                    batch_size=2, progress=False)
 
 
-def _say(cfg, text: str) -> None:
-    print(text, flush=True)
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
     """Write the scenes, pretrain (unless given an encoder), train twice, compare."""
     import torch
 
-    from ..recipes.pretrain import PretrainConfig, pretrain
-    from .engine import TransferConfig, check_new_output, train
-    from .synthetic import write_synthetic, write_unlabelled
-
     if cfg.task not in TASKS:
         raise ValueError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
-    out = check_new_output(cfg.output, None)
+    if cfg.pretrained and not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained {cfg.pretrained} does not exist")
+    out = fresh_output(cfg.output)
     report = out / "report"
     report.mkdir()
-    load_at_start = _load_average()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif not torch.cuda.is_available():
-        torch.set_num_threads(1)  # 1 thread beats 2 on a busy 2-core machine for these sizes
+    load_at_start = load_average()
+    torch.set_num_threads(pick_threads(cfg.threads))
     t0 = time.time()
+    paths = _write_scenes(cfg, out)
+    encoder, shape, pretrain_time = _encoder(cfg, out, paths["unlabelled"])
     detection = cfg.task == "detection"
     iters = cfg.iters or (480 if detection else 160)
     batch = cfg.batch_size or (2 if detection else 8)
     lr = cfg.lr or (1e-3 if detection else 2e-3)
+    jobs = []
+    for i, (name, ckpt) in enumerate((("FCMAE-pretrained", encoder), ("from scratch", None))):
+        tag = "pretrained" if ckpt else "scratch"
+        run = dict(output=str(out / tag), pretrained=str(ckpt) if ckpt else None,
+                   depths=None if ckpt else shape[0], dims=None if ckpt else shape[1],
+                   iters=iters, batch_size=batch, eval_batch_size=16, lr=lr,
+                   weight_decay=0.05, layer_decay=cfg.layer_decay if ckpt else 1.0,
+                   layer_decay_mode="layer_wise" if detection else "stage_wise",
+                   schedule="cosine" if detection else "poly",
+                   warmup_iters=max(1, iters // 12), workers=0, seed=cfg.seed,
+                   eval_interval=iters, log_interval=10, progress=cfg.progress, **cfg.extra)
+        jobs.append(Job(name, f"{__name__}:train_arm", dict(
+            demo=asdict(cfg), paths={k: str(v) for k, v in paths.items()}, run=run,
+            picture=str(report / f"prediction_{tag}.png"),
+            announce=f"[{i + 3}/4] {cfg.task}, {name} backbone: {iters} steps of {batch} "
+                     f"images")))
+    records = run_jobs(jobs)
+    runs = {job.name: dict(metrics=records[job.name]["metrics"],
+                           time_s=records[job.name]["seconds"],
+                           output=records[job.name]["output"]) for job in jobs}
 
-    _say(cfg, f"[1/4] writing {cfg.n_train} + {cfg.n_val} labelled scenes and "
-              f"{cfg.n_unlabelled} unlabelled ones ({cfg.size} px) to {out / 'data'}")
+    results = dict(task=cfg.task, config=asdict(cfg), pretrain_time_s=pretrain_time,
+                   runs=runs, total_time_s=time.time() - t0,
+                   load_average_at_start=load_at_start, load_average_at_end=load_average(),
+                   threads=torch.get_num_threads())
+    table = format_table(results)
+    (report / "table.md").write_text(table + "\n")
+    (report / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    say("\n" + table)
+    return results
+
+
+def _write_scenes(cfg: TransferDemoConfig, out: Path) -> dict[str, Path]:
+    """The labelled scenes of both tasks and the unlabelled pool (which also gets the
+    training images, without their labels)."""
+    from ..transfer.synthetic import write_synthetic, write_unlabelled
+
+    say(f"[1/4] writing {cfg.n_train} + {cfg.n_val} labelled scenes and {cfg.n_unlabelled} "
+        f"unlabelled ones ({cfg.size} px) to {out / 'data'}")
     paths = write_synthetic(out / "data", cfg.n_train, cfg.n_val, cfg.size, cfg.seed,
                             objects=tuple(cfg.objects), label_set=cfg.label_set,
                             scale=tuple(cfg.scale))
     pool = write_unlabelled(out / "data" / "unlabelled", cfg.n_unlabelled, cfg.size, cfg.seed,
                             tuple(cfg.objects), tuple(cfg.scale))
-    for p in sorted((paths["detection"] / "train").iterdir()):  # training images, no labels
+    for p in sorted((paths["detection"] / "train").iterdir()):
         shutil.copyfile(p, pool / p.name)
-    arch = dict(depths=tuple(cfg.depths), dims=tuple(cfg.dims))
+    return dict(paths, unlabelled=pool)
 
-    pretrain_time = 0.0
+
+def _encoder(cfg: TransferDemoConfig, out: Path, pool: Path) -> tuple[Path, tuple, float]:
+    """(encoder file, its (depths, dims), pretraining seconds): the given one, or FCMAE
+    pretraining on the unlabelled pool."""
+    from ..recipes.pretrain import PretrainConfig, pretrain
+
     if cfg.pretrained:
-        encoder = Path(cfg.pretrained)
-        if not encoder.is_file():
-            raise FileNotFoundError(f"--pretrained {encoder} does not exist")
-        _say(cfg, f"[2/4] using the given encoder {encoder} (no pretraining)")
-        arch = {}
-    else:
-        _say(cfg, f"[2/4] FCMAE pretraining: depths {arch['depths']}, dims {arch['dims']}, "
-                  f"{cfg.size} px, patch 32, mask ratio {cfg.mask_ratio}, "
-                  f"{cfg.pretrain_epochs} epochs on {cfg.n_unlabelled + cfg.n_train} images")
-        t = time.time()
-        pretrain(PretrainConfig(
-            model="convnextv2_atto", data=str(pool), output=str(out / "pretrain"),
-            epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, img_size=cfg.size,
-            in_chans=3, depths=arch["depths"], dims=arch["dims"], mask_ratio=cfg.mask_ratio,
-            decoder_dim=cfg.decoder_dim, lr=cfg.pretrain_lr,
-            warmup_epochs=min(1.0, cfg.pretrain_epochs / 4), workers=0, seed=cfg.seed,
-            recon_every=0, progress=cfg.progress))
-        pretrain_time = time.time() - t
-        encoder = out / "pretrain" / "encoder.safetensors"
+        say(f"[2/4] using the given encoder {cfg.pretrained} (no pretraining)")
+        return Path(cfg.pretrained), _shape(Path(cfg.pretrained)), 0.0
+    depths, dims = tuple(cfg.depths), tuple(cfg.dims)
+    say(f"[2/4] FCMAE pretraining: depths {depths}, dims {dims}, {cfg.size} px, patch 32, "
+        f"mask ratio {cfg.mask_ratio}, {cfg.pretrain_epochs} epochs on "
+        f"{cfg.n_unlabelled + cfg.n_train} images")
+    t = time.time()
+    pretrain(PretrainConfig(
+        model="convnextv2_atto", data=str(pool), output=str(out / "pretrain"),
+        epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, img_size=cfg.size,
+        in_chans=3, depths=depths, dims=dims, mask_ratio=cfg.mask_ratio,
+        decoder_dim=cfg.decoder_dim, lr=cfg.pretrain_lr,
+        warmup_epochs=min(1.0, cfg.pretrain_epochs / 4), workers=0, seed=cfg.seed,
+        recon_every=0, progress=cfg.progress))
+    return out / "pretrain" / "encoder.safetensors", (depths, dims), time.time() - t
 
-    shape = (arch["depths"], arch["dims"]) if arch else _shape(encoder)
-    task = _task(cfg, paths)
-    runs = {}
-    for i, (name, ckpt) in enumerate((("FCMAE-pretrained", encoder), ("from scratch", None))):
-        _say(cfg, f"[{i + 3}/4] {cfg.task}, {name} backbone: {iters} steps of {batch} images")
-        run_cfg = TransferConfig(
-            output=str(out / ("pretrained" if ckpt else "scratch")), pretrained=
-            str(ckpt) if ckpt else None, depths=None if ckpt else shape[0],
-            dims=None if ckpt else shape[1], iters=iters, batch_size=batch,
-            eval_batch_size=16, lr=lr, weight_decay=0.05,
-            layer_decay=cfg.layer_decay if ckpt else 1.0,
-            layer_decay_mode="layer_wise" if detection else "stage_wise",
-            schedule="cosine" if detection else "poly", warmup_iters=max(1, iters // 12),
-            workers=0, seed=cfg.seed, eval_interval=iters, log_interval=10,
-            progress=cfg.progress, **cfg.extra)
-        t = time.time()
-        summary = train(task, run_cfg)
-        runs[name] = dict(metrics=summary["metrics"], time_s=time.time() - t,
-                          output=summary["output"])
-        _picture(cfg, Path(summary["output"]), paths, report / f"prediction_{'pretrained' if ckpt else 'scratch'}.png")
 
-    results = dict(task=cfg.task, config=asdict(cfg), pretrain_time_s=pretrain_time,
-                   runs=runs, total_time_s=time.time() - t0,
-                   load_average_at_start=load_at_start, load_average_at_end=_load_average(),
-                   threads=torch.get_num_threads())
-    table = format_table(results)
-    (report / "table.md").write_text(table + "\n")
-    (report / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print("\n" + table)
-    return results
+def train_arm(demo: dict, paths: dict, run: dict, picture: str, announce: str) -> dict:
+    """One arm of the demo (a job of the runner): train ``run`` (``TransferConfig`` fields)
+    on the scenes, then draw its predictions on the first validation scenes."""
+    from ..transfer.engine import TransferConfig, train
+
+    say(announce)
+    cfg = TransferDemoConfig(**demo)
+    paths = {k: Path(v) for k, v in paths.items()}
+    summary = train(_task(cfg, paths), TransferConfig(**run))
+    _picture(cfg, Path(summary["output"]), paths, Path(picture))
+    return dict(metrics=summary["metrics"], output=summary["output"])
 
 
 def _shape(encoder: Path):
@@ -234,29 +241,3 @@ def format_table(results: dict) -> str:
                  f"{'ahead' if gap >= 0 else 'behind'} by {abs(gap):.2f} points of {primary}; "
                  f"whole demo {results['total_time_s']:.0f} s")
     return "\n".join(lines)
-
-
-def free_output(output: str | Path) -> Path:
-    """``output`` when it is new or empty, else the first free ``output-2``, ``output-3``...:
-    a demo never writes into an earlier run."""
-    base = Path(output)
-    path, k = base, 1
-    while path.exists() and (not path.is_dir() or any(path.iterdir())):
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
-
-
-def run_from_args(args) -> int:
-    """``convnextv2 demo --task detection|segmentation``."""
-    output = args.output if args.output != "runs/demo" else f"runs/demo_{args.task}"
-    output = free_output(output)
-    if str(output) != args.output:
-        print(f"writing to {output}", flush=True)
-    cfg = (TransferDemoConfig.quick_config(args.task, str(output)) if args.quick
-           else TransferDemoConfig(task=args.task, output=str(output)))
-    cfg.seed, cfg.threads, cfg.pretrained = args.seed, args.threads, args.pretrained
-    if args.pretrain_epochs:
-        cfg.pretrain_epochs = args.pretrain_epochs
-    run_transfer_demo(cfg)
-    return 0

@@ -14,7 +14,7 @@ the effect being measured. Each seed draws its own 2,500 labelled images, head i
 and augmentation; both arms of a seed share them, so the per-seed difference is a paired one.
 Whether FCMAE's gain exceeds the seed spread is stated, not left to the reader.
 
-The fine-tuning recipe is ``convnextv2.tools.presets.SMALL_IMAGE_SHORT`` (RandomCrop with
+The fine-tuning recipe is ``convnextv2.recipes.presets.SMALL_IMAGE_SHORT`` (RandomCrop with
 padding 4, no eval resize, no RandAugment/mixup/cutmix/erasing/EMA, label smoothing 0.1): the
 official ImageNet recipe hides most of the accuracy on 28 px images in 4 epochs. How it was
 chosen, on images held out from the training split, is in that module.
@@ -27,6 +27,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..training.output import fresh_output
+from .runner import Job, load_average, pick_jobs, pick_threads, run_jobs, say
 
 ARMS = ("FCMAE + fine-tune", "from scratch")
 
@@ -99,125 +102,92 @@ def finetune_kwargs(cfg: DemoConfig, data: str, output: str, seed: int,
                 **recipe)
 
 
-def fresh_folder(path: str | Path) -> Path:
-    """``path`` if it is absent or empty, else the first free ``path-2``, ``path-3``, ...: a new
-    demo never overwrites (or trips over) an earlier one."""
-    path = Path(path).expanduser()
-    candidate, n = path, 1
-    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
-        n += 1
-        candidate = path.with_name(f"{path.name}-{n}")
-    return candidate
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """Pretrain once, fine-tune both arms for every seed, compare; returns the results dict
     also written to ``OUTPUT/report/metrics.json``."""
-    from ..recipes.finetune import FinetuneConfig, finetune
-    from ..recipes.pretrain import PretrainConfig, pretrain
-
     import torch
+
+    from ..recipes.pretrain import PretrainConfig, pretrain
 
     if cfg.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {cfg.seeds}")
-    load_at_start = _load_average()
-    threads = cfg.threads or _pick_threads()
+    load_at_start = load_average()
+    threads = pick_threads(cfg.threads)
     torch.set_num_threads(threads)
-    out = fresh_folder(cfg.output)
-    if out != Path(cfg.output).expanduser():
-        print(f"{cfg.output} holds an earlier run; writing this one to {out}", flush=True)
+    out = fresh_output(cfg.output)
     report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
+    report.mkdir()
     arch = _arch(cfg)
     steps = 2 + 2 * cfg.seeds
     t0 = time.time()
 
-    print(f"using {threads} CPU thread(s) for torch" if not torch.cuda.is_available()
-          else f"device: {torch.cuda.get_device_name()}", flush=True)
-    print(f"data: {_describe(cfg.data)}", flush=True)
-    print(f"[1/{steps}] FCMAE pretraining: depths {arch['depths']}, dims {arch['dims']}, "
-          f"{cfg.img_size} px, patch 8, mask ratio {cfg.mask_ratio}, "
-          f"{cfg.pretrain_epochs} epochs", flush=True)
+    say(f"using {threads} CPU thread(s) for torch" if not torch.cuda.is_available()
+        else f"device: {torch.cuda.get_device_name()}")
+    say(f"data: {_describe(cfg.data)}")
+    say(f"[1/{steps}] FCMAE pretraining: depths {arch['depths']}, dims {arch['dims']}, "
+        f"{cfg.img_size} px, patch 8, mask ratio {cfg.mask_ratio}, {cfg.pretrain_epochs} epochs")
     t = time.time()
     pre = pretrain(PretrainConfig(**pretrain_kwargs(cfg, cfg.data, str(out / "pretrain"))))
     pretrain_time = time.time() - t
-    encoder = str(out / "pretrain" / "encoder.safetensors")
-
-    runs: dict[str, list[dict]] = {name: [] for name in ARMS}
-    todo = []
-    for i in range(cfg.seeds):
-        seed = cfg.seed + i
-        for name, ckpt, folder in ((ARMS[0], encoder, "finetune_pretrained"),
-                                   (ARMS[1], None, "finetune_scratch")):
-            todo.append((name, seed, finetune_kwargs(cfg, cfg.data,
-                                                     str(out / f"{folder}_seed{seed}"), seed,
-                                                     ckpt)))
-    jobs = cfg.jobs or _pick_jobs()
-    epochs = todo[0][2]["epochs"]
-    print(f"[2/{steps}] fine-tuning, {cfg.seeds} seed(s) x 2 arms, {epochs} epochs on "
-          f"{cfg.train_subset or 'all'} labelled images"
-          + (f", {jobs} runs side by side (1 torch thread each)" if jobs > 1 else ""),
-          flush=True)
-    for k, (name, seed, summary, seconds) in enumerate(_run_finetunes(todo, jobs), start=3):
-        runs[name].append(dict(seed=seed, summary=summary, time_s=seconds))
-        print(f"[{k}/{steps}] {name}, seed {seed}: top-1 {summary['best_top1']:.2f}% "
-              f"({seconds:.0f} s)", flush=True)
-    for name in runs:
-        runs[name].sort(key=lambda r: r["seed"])
+    runs = _finetune_arms(cfg, out, str(out / "pretrain" / "encoder.safetensors"), steps)
 
     results = summarise(cfg, pre, pretrain_time, runs, time.time() - t0)
     results["machine"] = dict(torch_threads=threads, load_average_at_start=load_at_start,
-                              load_average_at_end=_load_average(),
+                              load_average_at_end=load_average(),
                               device="cuda" if torch.cuda.is_available() else "cpu")
     _write_report(report, out, results, runs)
     table = format_table(results)
     (report / "table.md").write_text(table + "\n")
-    print(table, flush=True)
-    print(f"report: {report}", flush=True)
+    say(table)
+    say(f"report: {report}")
     return results
 
 
-def _finetune_job(kwargs: dict, threads: int) -> tuple[dict, float]:
-    """One fine-tuning run, in this process or a worker; returns the picklable summary (the
-    model objects dropped) and the wall time."""
-    import torch
+def _finetune_arms(cfg: DemoConfig, out: Path, encoder: str, steps: int) -> dict:
+    """Both arms for every seed, side by side where the machine allows (one torch thread per
+    run then); ``{arm: [run, ...]}`` sorted by seed."""
+    jobs = pick_jobs(cfg.jobs)
+    side_by_side = jobs > 1
+    arm_of, todo = {}, []
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        for name, ckpt, folder in ((ARMS[0], encoder, "finetune_pretrained"),
+                                   (ARMS[1], None, "finetune_scratch")):
+            kwargs = finetune_kwargs(cfg, cfg.data, str(out / f"{folder}_seed{seed}"), seed,
+                                     ckpt)
+            if side_by_side:
+                kwargs["progress"] = False  # interleaved bars from several runs are noise
+            job = Job(f"{name}, seed {seed}", f"{__name__}:finetune_job", dict(config=kwargs),
+                      threads=1 if side_by_side else None)
+            arm_of[job.name] = (name, seed)
+            todo.append(job)
+    say(f"[2/{steps}] fine-tuning, {cfg.seeds} seed(s) x 2 arms, "
+        f"{todo[0].kwargs['config']['epochs']} epochs on {cfg.train_subset or 'all'} labelled "
+        f"images" + (f", {jobs} runs side by side (1 torch thread each)" if side_by_side else ""))
+    finished = iter(range(3, steps + 1))
 
+    def report(job: Job, record: dict, records: dict) -> None:
+        if "error" not in record:
+            say(f"[{next(finished)}/{steps}] {job.name}: top-1 {record['best_top1']:.2f}% "
+                f"({record['seconds']:.0f} s)")
+
+    records = run_jobs(todo, jobs, on_done=report)
+    runs: dict[str, list[dict]] = {name: [] for name in ARMS}
+    for job in todo:
+        name, seed = arm_of[job.name]
+        record = dict(records[job.name])
+        seconds = record.pop("seconds")
+        runs[name].append(dict(seed=seed, summary=record, time_s=seconds))
+    return runs
+
+
+def finetune_job(config: dict) -> dict:
+    """One fine-tuning run, in this process or a child: its summary, less the model objects
+    (which stay in the process that trained them)."""
     from ..recipes.finetune import FinetuneConfig, finetune
 
-    torch.set_num_threads(threads)
-    t = time.time()
-    summary = finetune(FinetuneConfig(**kwargs))
-    return {k: v for k, v in summary.items() if k not in ("model", "ema")}, time.time() - t
-
-
-def _run_finetunes(todo: list, jobs: int):
-    """Yield (arm, seed, summary, seconds) as runs finish. With ``jobs`` > 1 the runs go to
-    worker processes with one torch thread each: on 2 cores, two single-threaded tiny models
-    side by side finish sooner than one after the other with two threads each."""
-    if jobs <= 1:
-        for name, seed, kwargs in todo:
-            summary, seconds = _finetune_job(kwargs, torch_threads())
-            yield name, seed, summary, seconds
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_finetune_job, dict(kwargs, progress=False), 1): (name, seed)
-                   for name, seed, kwargs in todo}
-        for future in as_completed(futures):
-            summary, seconds = future.result()
-            yield (*futures[future], summary, seconds)
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
-
-
-def _pick_jobs() -> int:
-    import os
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    summary = finetune(FinetuneConfig(**config))
+    return {k: v for k, v in summary.items() if k not in ("model", "ema")}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -332,23 +302,3 @@ def _count_test(data: str) -> int:
 def _describe(data: str) -> str:
     from ..data import describe_source
     return describe_source(data)
-
-
-def _pick_threads() -> int:
-    """torch's default (one thread per core) unless the machine is already busy: then two
-    OpenMP threads per process spin against the other processes and small models run several
-    times slower than with one thread (measured on the shared 2-core machine)."""
-    import os
-
-    import torch
-    load = _load_average()
-    busy = load is not None and load >= (os.cpu_count() or 1)
-    return 1 if busy else torch.get_num_threads()
-
-
-def _load_average() -> float | None:
-    import os
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None

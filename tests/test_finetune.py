@@ -9,7 +9,7 @@ from torch import nn
 from convnextv2 import create_model
 from convnextv2.recipes.finetune import (FinetuneConfig, LinearProbe, build_finetune_model, finetune,
                                  resolve, resolve_recipe)
-from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_layer_decay
+from convnextv2.training.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
 

@@ -44,7 +44,7 @@ from ..models.variants import VARIANTS, resolve_name
 from ..training import fsdp, sample_key
 from ..training.dist_eval import evaluate, evaluate_distributed, sharded_loader
 from ..training.runstate import plain
-from .layer_decay import param_groups_layer_decay
+from ..training.layer_decay import param_groups_layer_decay
 from ..training.config import RunConfig, check_fraction
 from ..training.schedule import clip_warmup_epochs
 

@@ -27,9 +27,8 @@ from torch.utils.data import DataLoader
 from .. import training as T
 from ..training.dist_eval import sharded_loader
 from .errors import DataError
-from .layer_decay import MODES as DECAY_MODES
-from .layer_decay import default_num_layers, param_groups
-from .schedule import TransferSchedule
+from ..training.layer_decay import MODES as DECAY_MODES
+from ..training.layer_decay import default_num_layers, param_groups_layer_decay
 
 MODEL_FORMAT = "convnextv2-transfer-model-1"
 
@@ -218,18 +217,20 @@ def _train(task: Task, cfg: TransferConfig, info, out: Path) -> dict:
     model = task.build_model(cfg, classes)
     config = dict(model.config, class_names=classes)
     depths = model.config["backbone"]["depths"]
-    num_layers = cfg.num_layers or default_num_layers(depths)
-    groups = param_groups(model, weight_decay=cfg.weight_decay, rate=cfg.layer_decay,
-                          mode=cfg.layer_decay_mode, num_layers=num_layers)
+    num_layers = cfg.num_layers or default_num_layers(depths, cfg.layer_decay_mode)
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay,
+                                      layer_decay=cfg.layer_decay, mode=cfg.layer_decay_mode,
+                                      depths=depths, num_layers=num_layers, prefix="backbone.")
     model = task.prepare_distributed(model, info).to(info.device)
     ddp = T.wrap_ddp(model, info, find_unused_parameters=task.find_unused_parameters) \
         if info.distributed else model
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     stepper = T.AccumulatingStep(ddp, optimizer, accum_steps=1, amp=cfg.amp,
                                  device=info.device, clip_grad=cfg.clip_grad)
-    schedule = TransferSchedule(cfg.lr, total, kind=cfg.schedule,
-                                warmup_steps=min(cfg.warmup_iters, total // 2),
-                                warmup_ratio=cfg.warmup_ratio, min_lr=cfg.min_lr)
+    schedule = T.WarmupDecaySchedule(optimizer, base_lr=cfg.lr, total_steps=total,
+                                     kind=cfg.schedule,
+                                     warmup_steps=min(cfg.warmup_iters, total // 2),
+                                     warmup_ratio=cfg.warmup_ratio, min_lr=cfg.min_lr)
 
     epoch = batches_done = global_step = 0
     resume_path = T.broadcast_object(T.resolve_resume(cfg.resume, out) if info.is_main else None)
@@ -282,7 +283,7 @@ def _train(task: Task, cfg: TransferConfig, info, out: Path) -> dict:
                     break
                 except Exception as e:  # a bad file met by a worker: one clear line
                     raise worker_error(e) from None
-                lr = schedule.apply(optimizer, global_step)
+                lr = schedule.step(global_step)
                 with stepper.micro_batch():
                     losses = task.losses(ddp, batch, info.device)
                 loss = losses["loss"]

@@ -213,8 +213,8 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
     task = DetectionTask(data, img_size=96, scale_range=None, detector_kwargs=dict(
         SMALL_HEADS, fpn_channels=32, box_head_dim=64, mask_head_dim=16))
     cfg = TransferConfig(output=str(tmp_path / "run"), iters=120, batch_size=2, lr=2e-3,
-                         schedule="cosine", warmup_iters=10, workers=0, eval_batch_size=4,
-                         eval_interval=120, progress=False, **TINY)
+                         schedule="cosine", warmup_steps=10, workers=0, eval_batch_size=4,
+                         eval_every=120, progress=False, **TINY)
     summary = train(task, cfg)
     assert summary["metrics"]["bbox_AP50"] > 80, summary["metrics"]
     assert summary["metrics"]["segm_AP50"] > 60, summary["metrics"]

@@ -172,7 +172,7 @@ def test_cli_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
         p.name for p in run.iterdir()}
     assert main(["detect", "train", "--data", "builtin", "--output", str(run),
                  "--max-steps", "2", *tiny]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["detect", "train", "--data", "builtin", "--output", str(run), "--resume",
                  "auto", "--max-steps", "3", "--fpn-channels", "16", "--box-head-dim", "32",
                  "--mask-head-dim", "8", *tiny]) == 0

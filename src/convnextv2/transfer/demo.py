@@ -82,12 +82,18 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
     import torch
 
     from ..recipes.pretrain import PretrainConfig, pretrain
-    from .engine import TransferConfig, check_new_output, train
+    from .engine import TransferConfig, train
     from .synthetic import write_synthetic, write_unlabelled
 
     if cfg.task not in TASKS:
         raise ValueError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
-    out = check_new_output(cfg.output, None)
+    out = Path(cfg.output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output {out} already holds files; pick a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"--output {out}: cannot write there ({e.strerror or e})") from None
     report = out / "report"
     report.mkdir()
     load_at_start = _load_average()
@@ -146,8 +152,8 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
             eval_batch_size=16, lr=lr, weight_decay=0.05,
             layer_decay=cfg.layer_decay if ckpt else 1.0,
             layer_decay_mode="layer_wise" if detection else "stage_wise",
-            schedule="cosine" if detection else "poly", warmup_iters=max(1, iters // 12),
-            workers=0, seed=cfg.seed, eval_interval=iters, log_interval=10,
+            schedule="cosine" if detection else "poly", warmup_steps=max(1, iters // 12),
+            workers=0, seed=cfg.seed, eval_every=iters,  # evaluated once, at the end
             progress=cfg.progress, **cfg.extra)
         t = time.time()
         summary = train(task, run_cfg)

@@ -17,6 +17,18 @@ options that would change the run (backbone, data, image size, batch, seed) are 
 
 
 # -- training options -------------------------------------------------------------------------
+def add_train_parser(sub, what: str, model: str, data_help: str, epilog: str):
+    """The ``train`` action's parser with its data and output options."""
+    import argparse
+
+    t = sub.add_parser("train", help=f"train a {what}", description=f"Train {model}.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--data", required=True, help=data_help)
+    t.add_argument("--output", required=True,
+                   help="run folder (created; one holding a run needs --resume or --overwrite)")
+    return t
+
+
 def add_backbone_options(p) -> None:
     g = p.add_argument_group("backbone")
     g.add_argument("--model", help="backbone variant (convnextv2_atto ... _huge); default: the "

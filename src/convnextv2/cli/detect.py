@@ -2,12 +2,11 @@
 backbone, on COCO-format data."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ._transfer import (LENGTH_HELP, add_backbone_options, add_eval_options,
-                        add_predict_options, add_training_options, evaluate_run, pick,
-                        predict_images, transfer_config)
+                        add_predict_options, add_train_parser, add_training_options,
+                        evaluate_run, pick, predict_images, transfer_config)
 from ._transfer import run  # noqa: F401  (the command's entry point, shared with segment)
 
 HELP = "Object detection and instance segmentation (Mask R-CNN) with a ConvNeXt V2 backbone."
@@ -34,11 +33,7 @@ def add_arguments(p):
     from ..recipes.presets import DETECTION_RECIPE as RECIPE
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a detector", description="Train Mask R-CNN.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--data", required=True, help="COCO root, or 'builtin'")
-    t.add_argument("--output", required=True,
-                   help="run folder (created; one holding a run needs --resume or --overwrite)")
+    t = add_train_parser(sub, "detector", "Mask R-CNN", "COCO root, or 'builtin'", EPILOG)
     _add_data_overrides(t, ("train", "val"))
     add_backbone_options(t)
     g = t.add_argument_group("detector")

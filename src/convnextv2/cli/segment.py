@@ -2,12 +2,11 @@
 ADE20K-layout data."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ._transfer import (LENGTH_HELP, add_backbone_options, add_eval_options,
-                        add_predict_options, add_training_options, evaluate_run, pick,
-                        predict_images, transfer_config)
+                        add_predict_options, add_train_parser, add_training_options,
+                        evaluate_run, pick, predict_images, transfer_config)
 from ._transfer import run  # noqa: F401  (the command's entry point, shared with detect)
 
 HELP = "Semantic segmentation (UPerNet) with a ConvNeXt V2 backbone."
@@ -35,11 +34,8 @@ def add_arguments(p):
     from ..recipes.presets import SEGMENTATION_RECIPE as RECIPE
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a segmenter", description="Train UPerNet.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--data", required=True, help="ADE20K-layout root, or 'builtin'")
-    t.add_argument("--output", required=True,
-                   help="run folder (created; one holding a run needs --resume or --overwrite)")
+    t = add_train_parser(sub, "segmenter", "UPerNet", "ADE20K-layout root, or 'builtin'",
+                         EPILOG)
     _add_data_options(t)
     add_backbone_options(t)
     g = t.add_argument_group("segmenter")

@@ -77,6 +77,18 @@ def _load_average() -> float | None:
         return None
 
 
+def _new_folder(output: str) -> Path:
+    """``output`` created; a demo never writes into a folder that already holds files."""
+    out = Path(output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output {out} already holds files; pick a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
 def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
     """Write the scenes, pretrain (unless given an encoder), train twice, compare."""
     import torch
@@ -87,13 +99,7 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
 
     if cfg.task not in TASKS:
         raise ValueError(f"--task {cfg.task!r}: choose one of {', '.join(TASKS)}")
-    out = Path(cfg.output).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--output {out} already holds files; pick a new folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    out = _new_folder(cfg.output)
     report = out / "report"
     report.mkdir()
     load_at_start = _load_average()

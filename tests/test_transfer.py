@@ -175,7 +175,9 @@ def test_cli_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert main(["detect", "train", "--data", "builtin", "--output", str(run), "--resume",
                  "auto", "--max-steps", "3", "--fpn-channels", "16", "--box-head-dim", "32",
-                 "--mask-head-dim", "8", *tiny]) == 0
+                 "--mask-head-dim", "8", "--lr", "2e-3", *tiny]) == 0
+    # the lr may change on resume (noted); the image size may not (see test_cli_table)
+    assert "resuming with changed lr (0.001 -> 0.002)" in capsys.readouterr().out
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "val"]
     assert steps == [2, 3]
     image = next((tmp_path / "cache" / "convnextv2").glob("scenes-*/detection/val/*.jpg"))

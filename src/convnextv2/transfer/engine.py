@@ -130,7 +130,7 @@ def train(task: Task, cfg: TransferConfig) -> dict:
     check_transfer_config(cfg)
     train_set, val_set = task.datasets(cfg)
     with T.run_session(cfg) as (info, out):
-        return _train(task, cfg, (train_set, val_set), info, out)
+        return _main(task, cfg, (train_set, val_set), info, out)
 
 
 def _loaders(task: Task, cfg: TransferConfig, train_set, val_set, info):
@@ -156,7 +156,9 @@ def _loaders(task: Task, cfg: TransferConfig, train_set, val_set, info):
     return loader, val_loader, steps_per_epoch
 
 
-def _train(task: Task, cfg: TransferConfig, sets, info, out: Path) -> dict:
+def _main(task: Task, cfg: TransferConfig, sets, info, out: Path) -> dict:
+    """The recipe's main, a straight line: build the parts, resume, then per epoch train,
+    evaluate (every ``eval_every``) and save; evaluate where a stop inside an epoch left it."""
     train_set, val_set = sets
     classes = list(train_set.classes)
     loader, val_loader, steps_per_epoch = _loaders(task, cfg, train_set, val_set, info)

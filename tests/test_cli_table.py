@@ -360,3 +360,150 @@ def test_eval_warns_when_the_class_names_differ_from_the_checkpoint(w, capsys, t
     line = _one_error_line(captured.err, ["warning", "differ", "'cat'", "'a'"])
     assert line.startswith("convnextv2 eval: warning:")
     assert json.loads(captured.out)["count"] == 4
+
+
+# -- training commands: refused resumes and training failures ---------------------------------
+TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--workers", "0",
+        "--no-progress", "--device", "cpu", "--batch-size", "2"]
+DET = ["detect", "train", "--data", "{SCENES}/detection", *TINY, "--img-size", "64",
+       "--fpn-channels", "16", "--box-head-dim", "32", "--mask-head-dim", "8", "--anchor-sizes",
+       "8", "16", "32", "64", "128"]
+SEG = ["segment", "train", "--data", "{SCENES}/segmentation", *TINY, "--crop", "48",
+       "--channels", "16", "--aux-channels", "8"]
+
+# (id, argv, exit status, words the one stderr line must contain). {DET} and {SEG} are runs
+# of one step made by the fixture with DET / SEG as they are; they must not change.
+TRAINING_CASES = [
+    ("detect-existing-run", [*DET, "--output", "{DET}"], 2, ["--resume auto", "--overwrite"]),
+    ("segment-existing-run", [*SEG, "--output", "{SEG}"], 2, ["--resume auto", "--overwrite"]),
+    ("detect-resume-other-img-size", [*DET, "--output", "{DET}", "--resume", "auto",
+                                      "--img-size", "96"], 2, ["--resume auto", "img_size"]),
+    ("detect-resume-other-seed", [*DET, "--output", "{DET}", "--resume", "auto", "--seed", "5"],
+     2, ["--resume auto", "seed (0 -> 5)"]),
+    ("segment-resume-other-crop", [*SEG, "--output", "{SEG}", "--resume", "auto", "--crop",
+                                   "32"], 2, ["--resume auto", "crop (48 -> 32)"]),
+    ("segment-resume-other-backbone", [*SEG, "--output", "{SEG}", "--resume", "auto", "--dims",
+                                       "8", "16", "24", "48"], 2, ["--resume auto", "dims"]),
+    ("segment-resume-and-overwrite", [*SEG, "--output", "{SEG}", "--resume", "auto",
+                                      "--overwrite"], 2, ["--overwrite", "--resume"]),
+    ("detect-keep-last-negative", [*DET, "--output", "{OUT}", "--keep-last", "-1"], 2,
+     ["--keep-last"]),
+    ("detect-accum-steps-0", [*DET, "--output", "{OUT}", "--accum-steps", "0"], 2,
+     ["--accum-steps"]),
+    ("segment-warmup-steps-negative", [*SEG, "--output", "{OUT}", "--warmup-steps", "-5"], 2,
+     ["--warmup-steps"]),
+    ("segment-drop-path-1", [*SEG, "--output", "{OUT}", "--drop-path", "1"], 2, ["--drop-path"]),
+    ("detect-layer-decay-0", [*DET, "--output", "{OUT}", "--layer-decay", "0"], 2,
+     ["--layer-decay"]),
+    ("detect-missing-data", [*DET[:3], "{R}/nowhere", *DET[4:], "--output", "{OUT}"], 2,
+     ["nowhere"]),
+    ("segment-fp16-on-cpu", [*SEG, "--output", "{OUT}", "--amp", "fp16"], 2, ["fp16"]),
+    ("segment-no-fsdp", [*SEG, "--output", "{OUT}", "--fsdp"], 2, ["--fsdp"]),
+    ("detect-output-below-a-file", [*DET, "--output", "{R}/a-file/run"], 2, ["a-file"]),
+    # a loss that becomes NaN/inf: exit 1, one line naming the step and the last checkpoint
+    ("detect-lr-1e6", [*DET, "--output", "{OUT}", "--lr", "1e6", "--warmup-steps", "0",
+                       "--max-steps", "6"], 1,
+     ["non-finite loss", "optimizer step", "no checkpoint had been written yet"]),
+    ("segment-lr-1e6", [*SEG, "--output", "{OUT}", "--lr", "1e6", "--warmup-steps", "0",
+                        "--max-steps", "6", "--save-every-steps", "1"], 1,
+     ["non-finite loss", "optimizer step", "checkpoint-00000001.pt"]),
+    ("pretrain-lr-1e6", [*PRE, "--data", "{R}/data/train", "--output", "{OUT}", "--lr", "1e6",
+                         "--warmup-steps", "0", "--epochs", "3"], 1,
+     ["convnextv2 pretrain: stopped", "non-finite loss", "optimizer step"]),
+    ("finetune-lr-1e6", [*FT, "--data", "{R}/data", "--output", "{OUT}", "--lr", "1e6",
+                         "--warmup-steps", "0", "--epochs", "3"], 1,
+     ["convnextv2 finetune: stopped", "non-finite loss", "optimizer step"]),
+]
+
+
+@pytest.fixture(scope="module")
+def transfer_runs(w) -> dict[str, Path]:
+    """Synthetic scenes and a one-step ``detect train`` and ``segment train`` run on them."""
+    from convnextv2.transfer.synthetic import write_synthetic
+
+    write_synthetic(w["root"] / "scenes", n_train=4, n_val=1, size=64, seed=1)
+    runs = {"{DET}": w["root"] / "det_run", "{SEG}": w["root"] / "seg_run"}
+    for argv, run in ((DET, runs["{DET}"]), (SEG, runs["{SEG}"])):
+        assert main([*_transfer_argv(argv, w, runs), "--output", str(run), "--max-steps",
+                     "1"]) == 0
+    return runs
+
+
+def _transfer_argv(template, w, runs, out: Path | None = None) -> list[str]:
+    argv = _argv(template, w, out)
+    for key, run in {**runs, "{SCENES}": w["root"] / "scenes"}.items():
+        argv = [a.replace(key, str(run)) for a in argv]
+    return argv
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES, ids=[c[0] for c in TRAINING_CASES])
+def test_training_commands_refuse_and_stop_in_one_line(case, w, transfer_runs, capsys):
+    case_id, template, code, words = case
+    before = {key: _hash_tree(run) for key, run in transfer_runs.items()}
+    out = w["root"] / "fresh" / case_id
+    try:
+        rc = main(_transfer_argv(template, w, transfer_runs, out))
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == code, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert {key: _hash_tree(run) for key, run in transfer_runs.items()} == before
+    if code == 2:  # a refused run writes nothing; a failed one keeps its logs for a look
+        assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+
+
+# -- the same options in every training command ------------------------------------------------
+TRAINING_COMMANDS = {
+    "pretrain": ["pretrain", "--output", "o"],
+    "finetune": ["finetune", "--data", "d", "--output", "o"],
+    "detect train": ["detect", "train", "--data", "d", "--output", "o"],
+    "segment train": ["segment", "train", "--data", "d", "--output", "o"],
+}
+SHARED_DEFAULTS = dict(resume=None, overwrite=False, log_dir=None, accum_steps=1,
+                       save_every_steps=0, keep_last=3, max_steps=None, warmup_steps=None,
+                       drop_path=None, amp="none", compile=False, seed=0, deterministic=False,
+                       device=None, progress=True)
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_every_training_command_has_the_shared_options_and_defaults(command):
+    from convnextv2.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(TRAINING_COMMANDS[command])
+    assert {k: getattr(args, k) for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
+    given = parser.parse_args([*TRAINING_COMMANDS[command], "--resume", "auto", "--log-dir", "tb",
+                               "--accum-steps", "4", "--save-every-steps", "7", "--keep-last",
+                               "2", "--max-steps", "9", "--warmup-steps", "5", "--drop-path",
+                               "0.2", "--amp", "bf16", "--compile"])
+    assert (given.resume, given.log_dir, given.accum_steps, given.save_every_steps,
+            given.keep_last, given.max_steps, given.warmup_steps, given.drop_path, given.amp,
+            given.compile) == ("auto", "tb", 4, 7, 2, 9, 5, 0.2, "bf16", True)
+
+
+@pytest.mark.parametrize("command,old,value,dest", [
+    ("pretrain", "--decoder-embed-dim", "32", "decoder_dim"),
+    ("pretrain", "--accum-iter", "2", "accum_steps"),
+    ("finetune", "--accum-iter", "2", "accum_steps"),
+    ("finetune", "--drop-path-rate", "0.3", "drop_path"),
+    ("detect train", "--save-interval", "5", "save_every_steps"),
+    ("detect train", "--warmup-iters", "5", "warmup_steps"),
+    ("segment train", "--warmup-iters", "5", "warmup_steps"),
+    ("segment train", "--accum-iter", "2", "accum_steps"),
+    ("segment train", "--eval-interval", "5", None),  # evaluation is per epoch now: ignored
+])
+def test_old_option_names_still_work_and_say_their_new_name(command, old, value, dest, capsys):
+    from convnextv2.cli import build_parser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([*TRAINING_COMMANDS[command][:len(command.split())], "--help"])
+    assert old not in capsys.readouterr().out  # hidden from the help
+    args = parser.parse_args([*TRAINING_COMMANDS[command], old, value])
+    line = _one_error_line(capsys.readouterr().err, [old, "deprecated"])
+    if dest is None:
+        assert "ignored" in line
+    else:
+        assert getattr(args, dest) == type(getattr(args, dest))(value)
+        assert f"--{dest.replace('_', '-')}" in line

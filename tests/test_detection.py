@@ -213,10 +213,30 @@ def test_tiny_overfit_reaches_high_map(tmp_path):
     task = DetectionTask(data, img_size=96, scale_range=None, detector_kwargs=dict(
         SMALL_HEADS, fpn_channels=32, box_head_dim=64, mask_head_dim=16))
     cfg = TransferConfig(output=str(tmp_path / "run"), iters=120, batch_size=2, lr=2e-3,
-                         schedule="cosine", warmup_iters=10, workers=0, eval_batch_size=4,
-                         eval_interval=120, progress=False, **TINY)
+                         schedule="cosine", warmup_steps=10, workers=0, eval_batch_size=4,
+                         eval_every=120, progress=False, **TINY)
     summary = train(task, cfg)
     assert summary["metrics"]["bbox_AP50"] > 80, summary["metrics"]
     assert summary["metrics"]["segm_AP50"] > 60, summary["metrics"]
     assert (tmp_path / "run" / "model.pt").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_bad_image_met_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """A file that fails only when a worker process loads it (its size differs from the
+    annotation file's) comes back through the DataLoader wrapped in the worker's traceback;
+    the command still ends with the one line naming the file, exit 2."""
+    from PIL import Image
+
+    from convnextv2.cli import main
+
+    folder, ann = _coco_files(tmp_path)
+    Image.new("RGB", (30, 30)).save(folder / "b.png")
+    code = main(["detect", "train", "--train-images", str(folder), "--train-ann", str(ann),
+                 "--val-images", str(folder), "--val-ann", str(ann), "--data", "",
+                 "--output", str(tmp_path / "run"), "--depths", "1", "1", "1", "1", "--dims",
+                 "8", "16", "24", "32", "--img-size", "64", "--batch-size", "2",
+                 "--workers", "1", "--no-progress", "--device", "cpu", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "b.png" in err and "30x30" in err and "Traceback" not in err, err

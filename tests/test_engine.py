@@ -187,3 +187,68 @@ def test_tensorboard_gets_the_step_scalars(tmp_path):
     assert [s for s, _ in logged] == [s for s, _ in expected]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
     assert all(math.isfinite(v) for _, v in logged)
+
+
+def test_a_forward_may_return_loss_parts_which_are_logged_per_step(tmp_path):
+    """A dict forward ({"loss", parts}) trains exactly as the plain loss does; each step's
+    record also holds each part, averaged over the step's micro-batches."""
+    _run(tmp_path / "plain", accum=2, max_steps=3)
+    trainer, forward, epochs = _trainer(tmp_path / "parts", accum=2, max_steps=3)
+
+    def with_parts(m, batch, key):
+        loss, n = forward(m, batch, key)
+        return {"loss_half": loss / 2, "loss": loss, "micro": float(key.micro)}, n
+
+    with trainer.open_log("steps.jsonl"):
+        _fit(trainer, epochs, with_parts)
+    plain, parts = (T.read_metrics(tmp_path / d / "steps.jsonl") for d in ("plain", "parts"))
+    assert [r["loss"] for r in parts] == [r["loss"] for r in plain]
+    for r in parts:
+        assert r["loss_half"] == pytest.approx(r["loss"] / 2)
+        assert r["micro"] == 0.5  # micro-batches 0 and 1 of each step
+
+
+def test_the_shared_warmup_steps_option_replaces_the_schedules_warmup(tmp_path):
+    trainer, _, _ = _trainer(tmp_path, warmup_steps=3)
+    assert trainer.schedule.warmup_steps == 3
+    assert [trainer.schedule.lr_at(s) for s in range(4)] == pytest.approx(
+        [0.0, 0.1 / 3, 0.2 / 3, 0.1])
+    trainer, _, _ = _trainer(tmp_path, warmup_steps=0)  # 0: no warmup at all
+    assert trainer.schedule.lr_at(0) == pytest.approx(0.1)
+    trainer, _, _ = _trainer(tmp_path, accum=2)  # None: the recipe's (half of 3 steps)
+    assert trainer.schedule.warmup_steps == 2
+
+
+def test_one_training_loop_in_the_package():
+    """Only the engine trains: ``training/loop.py`` is the one module that drives the
+    optimizer step (``AccumulatingStep``) over batches. The recipes (pretrain, finetune,
+    detection and segmentation) hand their loaders to the ``Trainer`` and never call
+    ``backward``; the two other places that step an optimizer (a benchmark's timed step,
+    the CUDA-graph step of ``fcmae/fast.py``) take no data loader."""
+    import ast
+    from pathlib import Path
+
+    import convnextv2
+
+    src = Path(convnextv2.__file__).parent
+    steppers, backward = set(), set()
+    for path in src.rglob("*.py"):
+        rel = path.relative_to(src).as_posix()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id == "AccumulatingStep":
+                steppers.add(rel)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "backward" and not (
+                        isinstance(node.func.value, ast.Name) and node.func.value.id == "ctx"):
+                backward.add(rel)
+    assert steppers == {"training/loop.py"}
+    assert backward - {"training/step.py", "training/loop.py"} == {"tools/bench.py",
+                                                                   "fcmae/fast.py"}
+    for rel in ("tools/bench.py", "fcmae/fast.py"):
+        assert "DataLoader" not in (src / rel).read_text() and "loader" not in \
+            (src / rel).read_text()
+    for rel in ("recipes/pretrain.py", "recipes/finetune.py", "transfer/engine.py"):
+        text = (src / rel).read_text()
+        assert "T.Trainer(" in text and ".backward(" not in text and "next(" not in text

@@ -12,7 +12,7 @@ from convnextv2.recipes.finetune_config import resolve
 from convnextv2.recipes.finetune_model import build_finetune_model
 from convnextv2.recipes.linear_probe import LinearProbe
 from convnextv2.recipes.presets import resolve_recipe
-from convnextv2.recipes.layer_decay import layer_id, layer_scale, param_groups_layer_decay
+from convnextv2.training.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
 

@@ -116,8 +116,8 @@ def test_tiny_overfit_reaches_high_miou(tmp_path):
     task = SegmentationTask(root, crop=64, scale=(64, 64), ratio_range=(1.0, 1.0),
                             photometric=False, head_kwargs=dict(channels=32, aux_channels=16))
     cfg = TransferConfig(output=str(tmp_path / "run"), iters=140, batch_size=4, lr=3e-3,
-                         schedule="poly", warmup_iters=5, workers=0, eval_batch_size=4,
-                         eval_interval=140, layer_decay_mode="stage_wise", progress=False,
+                         schedule="poly", warmup_steps=5, workers=0, eval_batch_size=4,
+                         eval_every=140, layer_decay_mode="stage_wise", progress=False,
                          **TINY)
     summary = train(task, cfg)
     assert summary["metrics"]["mIoU"] > 70, summary["metrics"]
@@ -137,7 +137,7 @@ def test_resume_continues_exactly(tmp_path):
 
     def run(output, **kw):
         cfg = TransferConfig(output=str(output), iters=6, batch_size=2, lr=1e-3, workers=0,
-                             eval_batch_size=2, eval_interval=6, progress=False, seed=3,
+                             eval_batch_size=2, eval_every=6, progress=False, seed=3,
                              drop_path=0.1, **TINY, **kw)
         return train(task, cfg)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from convnextv2.transfer import build_backbone
-from convnextv2.transfer.layer_decay import default_num_layers, layer_id, param_groups
-from convnextv2.transfer.schedule import TransferSchedule
+from convnextv2.training.layer_decay import (default_num_layers, layer_id,
+                                             param_groups_layer_decay)
+from convnextv2.training.schedule import WarmupDecaySchedule
 
 TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
 
@@ -91,7 +92,8 @@ def test_layer_decay_follows_the_detection_rule(mode, rate):
     assert default_num_layers(depths) == 6 and default_num_layers((3, 3, 27, 3)) == 12
     seg = build_segmenter(5, build_backbone(None, depths=depths, dims=(8, 8, 8, 8)),
                           channels=8, aux_channels=8)
-    groups = param_groups(seg, weight_decay=0.05, rate=rate, mode=mode, depths=depths)
+    groups = param_groups_layer_decay(seg, weight_decay=0.05, layer_decay=rate, mode=mode,
+                                      depths=depths, prefix="backbone.")
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
     body = {k[len("backbone.body."):]: k for k in scale if k.startswith("backbone.body.")}
@@ -113,19 +115,20 @@ def test_layer_decay_follows_the_detection_rule(mode, rate):
     assert decay["decode_head.classifier.bias"] == 0.0
     assert decay["backbone.body.stages.2.blocks.8.pwconv1.weight"] == 0.05
     assert decay["backbone.body.stages.2.blocks.8.grn.gamma"] == 0.0
-    assert layer_id("stages.2.blocks.8.dwconv.weight", 6) == 5
+    assert layer_id("stages.2.blocks.8.dwconv.weight", depths, "layer_wise") == 5
 
 
 def test_schedules():
-    poly = TransferSchedule(1e-4, 1000, "poly", warmup_steps=100, warmup_ratio=1e-6)
+    opt = torch.optim.AdamW([dict(params=[torch.nn.Parameter(torch.zeros(1))], lr_scale=0.5)])
+    poly = WarmupDecaySchedule(opt, base_lr=1e-4, total_steps=1000, kind="poly",
+                               warmup_steps=100, warmup_ratio=1e-6)
     assert poly.lr_at(0) == pytest.approx(1e-4 * 1e-6)
     assert poly.lr_at(50) == pytest.approx((1 - 0.5 * (1 - 1e-6)) * 1e-4 * 0.95)
     assert poly.lr_at(500) == pytest.approx(0.5e-4)
     assert poly.lr_at(1000) == 0.0
-    step = TransferSchedule(1e-4, 36, "step")
+    step = WarmupDecaySchedule(opt, base_lr=1e-4, total_steps=36, kind="step")
     assert [step.lr_at(e) for e in (26, 27, 33)] == pytest.approx([1e-4, 1e-5, 1e-6])
-    opt = torch.optim.AdamW([dict(params=[torch.nn.Parameter(torch.zeros(1))], lr_scale=0.5)])
-    step.apply(opt, 0)
+    assert step.step(0) == pytest.approx(1e-4)  # the engine's interface: sets and returns
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5e-4)
 
 
@@ -169,10 +172,12 @@ def test_cli_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
         p.name for p in run.iterdir()}
     assert main(["detect", "train", "--data", "builtin", "--output", str(run),
                  "--max-steps", "2", *tiny]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["detect", "train", "--data", "builtin", "--output", str(run), "--resume",
                  "auto", "--max-steps", "3", "--fpn-channels", "16", "--box-head-dim", "32",
-                 "--mask-head-dim", "8", *tiny]) == 0
+                 "--mask-head-dim", "8", "--lr", "2e-3", *tiny]) == 0
+    # the lr may change on resume (noted); the image size may not (see test_cli_table)
+    assert "resuming with changed lr (0.001 -> 0.002)" in capsys.readouterr().out
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r.get("split") == "val"]
     assert steps == [2, 3]
     image = next((tmp_path / "cache" / "convnextv2").glob("scenes-*/detection/val/*.jpg"))

@@ -60,12 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from ._guard import check_device, report_error
+    from ._guard import check_device, one_line, report_error
     try:
         check_device(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except (CLIError, ValueError, OSError) as e:  # OSError: missing, unwritable, full disk
         return report_error(args.command, e)
+    except FloatingPointError as e:  # a training failure, not a usage error: exit 1
+        from ..training.loop import NonFiniteLossError
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"convnextv2 {args.command}: stopped: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"convnextv2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,8 @@
 """``convnextv2 finetune``: supervised fine-tuning and linear probing (see docs/recipes.md)."""
 from __future__ import annotations
 
-from ._common import add_architecture_arguments, add_run_arguments
+from ._common import (add_architecture_arguments, add_run_arguments,
+                      add_shared_optimisation_arguments)
 
 HELP = "Fine-tune a classifier (official ConvNeXt V2 recipe) or train a linear probe."
 EPILOG = """examples:
@@ -53,10 +54,8 @@ def add_arguments(p):
             ("lr", float, "absolute peak lr (overrides --blr)"),
             ("blr", float, "base lr per 256 images"), ("min-lr", float, "cosine floor"),
             ("warmup-epochs", float, "linear warmup"),
-            ("warmup-steps", int, "linear warmup in optimizer steps (overrides --warmup-epochs)"),
             ("weight-decay", float, "AdamW decay, >= 0"),
             ("layer-decay", float, "layer-wise lr decay, in (0, 1]"),
-            ("drop-path", float, "stochastic depth rate, in [0, 1)"),
             ("smoothing", float, "label smoothing, in [0, 1)"),
             ("mixup", float, "mixup alpha (0: off)"), ("cutmix", float, "cutmix alpha (0: off)"),
             ("mixup-prob", float, "probability of mixing a batch, in [0, 1]"),
@@ -69,6 +68,7 @@ def add_arguments(p):
             ("model-ema-decay", float, "EMA decay, in [0, 1]"),
             ("clip-grad", float, "max gradient norm")):
         g.add_argument(f"--{flag}", type=kind, help=what)
+    add_shared_optimisation_arguments(g, warmup="--warmup-epochs", drop_path="the preset's")
     g.add_argument("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="cutmix box size range as a fraction of the image (overrides alpha)")
     g.add_argument("--mixup-mode", choices=("batch", "pair", "elem"),
@@ -90,8 +90,6 @@ def add_arguments(p):
     g.add_argument("--model-ema-warmup", action="store_true",
                    help="timm's EMA decay warmup (useful for short runs)")
     g = p.add_argument_group("run")
-    g.add_argument("--accum-steps", "--accum-iter", dest="accum_steps", type=int, default=1,
-                   help="micro-batches per optimizer step (gradient accumulation, default 1)")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap batches per epoch (quick tests)")
     g.add_argument("--train-subset", type=int, help="train on N random images only (>= 1)")
     g.add_argument("--val-subset", type=int, help="evaluate on N random images only (>= 1)")
@@ -99,17 +97,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import sys
-
     from ..recipes.finetune import FinetuneConfig, finetune
-    from ..training import NonFiniteLossError, config_from_args
+    from ..training import config_from_args
 
-    cfg = config_from_args(FinetuneConfig, args, crop_scale=tuple(args.crop_scale))
-    try:
-        summary = finetune(cfg)
-    except NonFiniteLossError as e:  # a training failure, not a usage error: exit 1
-        print(f"convnextv2 finetune: stopped: {e}", file=sys.stderr)
-        return 1
+    summary = finetune(config_from_args(FinetuneConfig, args, crop_scale=tuple(args.crop_scale)))
     if summary["rank"] == 0 and summary["best_epoch"] is None:  # --max-steps mid-epoch
         print(f"stopped at step {summary['global_step']} before an epoch ended; "
               f"--resume auto continues")

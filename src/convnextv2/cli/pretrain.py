@@ -1,7 +1,8 @@
 """``convnextv2 pretrain``: FCMAE self-supervised pretraining (see docs/pretraining.md)."""
 from __future__ import annotations
 
-from ._common import add_architecture_arguments, add_run_arguments
+from ._common import (add_architecture_arguments, add_deprecated_alias, add_run_arguments,
+                      add_shared_optimisation_arguments)
 
 HELP = "FCMAE masked-image pretraining of a ConvNeXt V2 encoder (official recipe by default)."
 EPILOG = """examples:
@@ -27,6 +28,7 @@ def add_arguments(p):
     g.add_argument("--model", default=d.model, help=f"encoder variant (default {d.model})")
     add_architecture_arguments(g, in_chans_default="3")
     g.add_argument("--decoder-dim", type=int, default=d.decoder_dim, help="decoder width (512)")
+    add_deprecated_alias(g, "--decoder-embed-dim", "--decoder-dim", type=int)
     g.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="decoder blocks (1)")
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio,
                    help="masked fraction of the patches, in (0, 1) (default 0.6)")
@@ -60,8 +62,6 @@ def add_arguments(p):
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="images per process and micro-batch (default 64)")
-    g.add_argument("--accum-steps", type=int, default=d.accum_steps,
-                   help="micro-batches per optimizer step (gradient accumulation, default 1)")
     g.add_argument("--blr", type=float, default=d.blr, help="base lr per 256 images (1.5e-4)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine floor (0)")
@@ -75,19 +75,14 @@ def add_arguments(p):
                         "1-D tensors, so GRN and the mask token ARE decayed, as in the "
                         "official code; 'grn' also exempts GRN gamma/beta and the mask token")
     g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (off)")
+    add_shared_optimisation_arguments(g, warmup="--warmup-epochs", drop_path="0")
 
     add_run_arguments(p.add_argument_group("run control"), d)
 
 
 def run(args) -> int:
-    import sys
-
     from ..recipes.pretrain import PretrainConfig, pretrain
-    from ..training import NonFiniteLossError, config_from_args
+    from ..training import config_from_args
 
-    try:
-        pretrain(config_from_args(PretrainConfig, args))
-    except NonFiniteLossError as e:  # a training failure, not a usage error: exit 1
-        print(f"convnextv2 pretrain: stopped: {e}", file=sys.stderr)
-        return 1
+    pretrain(config_from_args(PretrainConfig, args))
     return 0

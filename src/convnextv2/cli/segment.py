@@ -2,12 +2,12 @@
 ADE20K-layout data."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .detect import (add_backbone_options, add_eval_options, add_predict_options, add_run_options,
-                     pick, predict_images, print_metrics, set_threads, transfer_config,
-                     write_json)
+from ._transfer import (LENGTH_HELP, add_backbone_options, add_eval_options,
+                        add_predict_options, add_train_parser, add_training_options,
+                        evaluate_run, pick, predict_images, transfer_config)
+from ._transfer import run  # noqa: F401  (the command's entry point, shared with detect)
 
 HELP = "Semantic segmentation (UPerNet) with a ConvNeXt V2 backbone."
 EPILOG = """examples:
@@ -25,24 +25,19 @@ ROOT/annotations/{training,validation}/*.png, mask value 0 = ignore and 1..K the
 or objectInfo150.txt; otherwise pass --num-classes. 'builtin': synthetic Fashion-MNIST scenes.
 Defaults are the ConvNeXt V2 ADE20K recipe (UPerNet, 160k iterations of 16 512x512 crops,
 AdamW lr 1e-4, wd 0.05, poly schedule, 1500 warmup, stage-wise layer decay 0.9, drop path
-0.4); see docs/transfer.md."""
+0.4, evaluated every 13 epochs: about mmseg's every 16k iterations); see docs/transfer.md.
 
-BUILTIN_DEFAULTS = dict(crop=128, scale=(128, 128), ratio_range=(0.75, 1.25), iters=None,
-                        epochs=8, batch_size=8, lr=1e-3, drop_path=0.0, layer_decay=0.9,
-                        schedule="poly", warmup_iters=20, channels=64, aux_channels=32,
-                        depths=(1, 1, 2, 1), dims=(24, 48, 96, 192), eval_batch_size=16)
+""" + LENGTH_HELP
 
 
 def add_arguments(p):
-    from ..segmentation.train import RECIPE
+    from ..recipes.presets import SEGMENTATION_RECIPE as RECIPE
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a segmenter", description="Train UPerNet.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--data", required=True, help="ADE20K-layout root, or 'builtin'")
-    t.add_argument("--output", required=True, help="new run folder")
+    t = add_train_parser(sub, "segmenter", "UPerNet", "ADE20K-layout root, or 'builtin'",
+                         EPILOG)
     _add_data_options(t)
-    add_backbone_options(t, RECIPE)
+    add_backbone_options(t)
     g = t.add_argument_group("segmenter")
     g.add_argument("--crop", type=int, help=f"training crop (recipe {RECIPE['crop']})")
     g.add_argument("--scale", type=int, nargs=2, metavar=("SHORT", "LONG"),
@@ -55,7 +50,7 @@ def add_arguments(p):
     g.add_argument("--aux-weight", type=float, default=RECIPE["aux_weight"])
     g.add_argument("--head-norm", choices=("bn", "gn"), default="bn",
                    help="BatchNorm (SyncBN under torchrun) or GroupNorm in the heads")
-    add_run_options(t, RECIPE, "iters")
+    add_training_options(t, RECIPE, gpus=1)
     t.set_defaults(_action=_train)
 
     e = sub.add_parser("eval", help="mIoU and pixel accuracy of a trained segmenter",
@@ -85,11 +80,6 @@ def _add_data_options(p) -> None:
                                                  "crop size in training, as they are in eval)")
 
 
-def run(args) -> int:
-    set_threads(args)
-    return args._action(args)
-
-
 def _root(args) -> Path:
     if args.data == "builtin":
         from ..transfer.synthetic import builtin_scenes
@@ -98,12 +88,13 @@ def _root(args) -> Path:
 
 
 def _train(args) -> int:
-    from ..segmentation.train import RECIPE, SegmentationTask
+    from ..recipes.presets import SEGMENTATION_BUILTIN, SEGMENTATION_RECIPE
+    from ..segmentation.train import SegmentationTask
     from ..transfer.engine import train
 
-    builtin = BUILTIN_DEFAULTS if args.data == "builtin" else None
-    d = [builtin or {}, RECIPE]
-    cfg = transfer_config(args, RECIPE, builtin)
+    builtin = SEGMENTATION_BUILTIN if args.data == "builtin" else None
+    d = [builtin or {}, SEGMENTATION_RECIPE]
+    cfg = transfer_config(args, SEGMENTATION_RECIPE, builtin)
     head = dict(channels=pick(args, "channels", builtin or {}, 512),
                 aux_channels=pick(args, "aux_channels", builtin or {}, 256), aux=args.aux,
                 norm=args.head_norm)
@@ -129,33 +120,27 @@ def _load(checkpoint):
 def _eval(args) -> int:
     from ..segmentation.data import SegmentationFolder, collate, eval_transforms
     from ..segmentation.evaluate import evaluate_segmenter
-    from ..training.dist_eval import sharded_loader
-    from ..training.distributed import cleanup_distributed, init_distributed
 
     model, classes, ckpt = _load(args.checkpoint)
-    info = init_distributed(args.device)
-    try:
+    trained = ckpt["config"]["num_classes"]
+
+    def prepare():
         ds = SegmentationFolder(_root(args), "val", eval_transforms(args.eval_size),
-                                args.num_classes or ckpt["config"]["num_classes"],
-                                args.reduce_zero_label)
-        if ds.num_classes != ckpt["config"]["num_classes"]:
+                                args.num_classes or trained, args.reduce_zero_label)
+        if ds.num_classes != trained:
             raise ValueError(f"the data has {ds.num_classes} classes but the model was trained "
-                             f"on {ckpt['config']['num_classes']}")
-        model.to(info.device)
-        loader = sharded_loader(ds, info, batch_size=args.batch_size, collate_fn=collate,
-                                num_workers=args.workers)
-        scales = (0.75, 1.0, 1.25) if args.tta else (1.0,)
-        metrics = evaluate_segmenter(model, loader, ds.num_classes, info.device, args.amp,
-                                     info, progress=args.progress, scales=scales,
-                                     flip=args.tta)
-    finally:
-        cleanup_distributed()
-    if info.is_main:
-        print(f"{len(ds)} validation images, {ds.num_classes} classes"
-              f"{' (multi-scale + flip)' if args.tta else ''}:")
-        print_metrics(metrics, ["mIoU", "aAcc", "mAcc"])
-        write_json(args.json, metrics)
-    return 0
+                             f"on {trained}")
+        return model, ds, collate
+
+    scales = (0.75, 1.0, 1.25) if args.tta else (1.0,)
+    return evaluate_run(
+        args, prepare,
+        lambda model, loader, ds, info: evaluate_segmenter(
+            model, loader, ds.num_classes, info.device, args.amp, info, progress=args.progress,
+            scales=scales, flip=args.tta),
+        lambda ds: (f"{len(ds)} validation images, {ds.num_classes} classes"
+                    f"{' (multi-scale + flip)' if args.tta else ''}:"),
+        lambda metrics: ["mIoU", "aAcc", "mAcc"])
 
 
 def _predict(args) -> int:

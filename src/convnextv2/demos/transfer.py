@@ -97,8 +97,8 @@ def run_transfer_demo(cfg: TransferDemoConfig) -> dict:
                    weight_decay=0.05, layer_decay=cfg.layer_decay if ckpt else 1.0,
                    layer_decay_mode="layer_wise" if detection else "stage_wise",
                    schedule="cosine" if detection else "poly",
-                   warmup_iters=max(1, iters // 12), workers=0, seed=cfg.seed,
-                   eval_interval=iters, log_interval=10, progress=cfg.progress, **cfg.extra)
+                   warmup_steps=max(1, iters // 12), workers=0, seed=cfg.seed,
+                   eval_every=iters, progress=cfg.progress, **cfg.extra)
         jobs.append(Job(name, f"{__name__}:train_arm", dict(
             demo=asdict(cfg), paths={k: str(v) for k, v in paths.items()}, run=run,
             picture=str(report / f"prediction_{tag}.png"),

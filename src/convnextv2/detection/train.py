@@ -1,8 +1,7 @@
 """Detection as a transfer ``Task``: COCO data, Mask R-CNN, COCO mAP.
 
-Recipe defaults (ConvNeXt V2 paper, COCO, Mask R-CNN 3x): 36 epochs, 16 x 2 images, AdamW lr
-1e-4, weight decay 0.05, layer-wise decay 0.95 ('layer_wise'), drop path 0.4 (tiny; the paper
-sweeps 0.2-0.5), large-scale jitter at 1024 (scale 0.1-2.0), lr / 10 at epochs 27 and 33.
+The recipe's values (ConvNeXt V2 paper, COCO, Mask R-CNN 3x) are ``DETECTION_RECIPE`` in
+``recipes/presets.py``; the training main is ``transfer/engine.py``.
 """
 from __future__ import annotations
 
@@ -11,16 +10,10 @@ from pathlib import Path
 
 import torch
 
-from ..transfer.backbone import build_backbone
 from ..transfer.engine import Task, TransferConfig
 from .data import CocoDetection, collate, eval_transforms, train_transforms
 from .evaluate import evaluate_detector
 from .model import COCO_ANCHOR_SIZES, build_detector
-
-RECIPE = dict(epochs=36, batch_size=2, lr=1e-4, weight_decay=0.05, layer_decay=0.95,
-              layer_decay_mode="layer_wise", drop_path=0.4, schedule="step", warmup_iters=500,
-              warmup_ratio=1e-3, img_size=1024, scale_range=(0.1, 2.0))
-
 
 @dataclass
 class DetectionData:
@@ -56,12 +49,18 @@ class DetectionTask(Task):
     name = "detect"
     primary_metric = "bbox_AP"
     find_unused_parameters = True  # a crop can leave an image without objects
+    resume_must_match = ("img_size", "scale_range", "masks", "detector")
 
     def __init__(self, data: DetectionData, img_size: int = 1024,
                  scale_range: tuple[float, float] | None = (0.1, 2.0), masks: bool = True,
                  detector_kwargs: dict | None = None):
         self.data, self.img_size, self.scale_range = data, img_size, scale_range
         self.masks, self.detector_kwargs = masks, dict(detector_kwargs or {})
+
+    def options(self) -> dict:
+        return dict(data={k: str(v) for k, v in vars(self.data).items()},
+                    img_size=self.img_size, scale_range=self.scale_range, masks=self.masks,
+                    detector=self.detector_kwargs)
 
     def datasets(self, cfg: TransferConfig):
         train = CocoDetection(self.data.train_images, self.data.train_ann,
@@ -77,9 +76,7 @@ class DetectionTask(Task):
     def collate(self, train: bool):
         return collate
 
-    def build_model(self, cfg: TransferConfig, classes: list[str]):
-        backbone = build_backbone(cfg.model, cfg.pretrained, drop_path_rate=cfg.drop_path,
-                                  depths=cfg.depths, dims=cfg.dims, stem_stride=cfg.stem_stride)
+    def build_model(self, backbone, classes: list[str]):
         kwargs = dict(min_size=self.img_size, max_size=self.img_size)
         kwargs.update(self.detector_kwargs)
         kwargs.setdefault("anchor_sizes", COCO_ANCHOR_SIZES)

@@ -9,7 +9,7 @@ from ..checkpoint import infer_config, load_checkpoint
 from ..models.model import ConvNeXtV2
 from ..models.variants import model_config
 from .finetune_config import FinetuneConfig
-from .layer_decay import param_groups_layer_decay
+from ..training.layer_decay import param_groups_layer_decay
 
 
 def finetune_architecture(model_name: str | None, checkpoint: str | None = None,

@@ -1,9 +1,8 @@
 """Semantic segmentation as a transfer ``Task``: ADE20K-layout data, UPerNet, mIoU.
 
-Recipe defaults (ConvNeXt V2 paper, ADE20K, UPerNet): 160k iterations of 16 images (512 x 512
-crops), AdamW lr 1e-4 (swept 1e-4 to 3e-4), weight decay 0.05, poly schedule (power 1) after
-1500 warmup iterations, 'stage_wise' layer decay 0.9, drop path 0.4 (swept 0.1-0.4), PPM pool
-scales (1, 2, 3, 6), 512 head channels, auxiliary FCN head with loss weight 0.4.
+The recipe's values (ConvNeXt V2 paper, ADE20K, UPerNet: 160k iterations) are
+``SEGMENTATION_RECIPE`` in ``recipes/presets.py``; the training main is
+``transfer/engine.py``.
 """
 from __future__ import annotations
 
@@ -11,20 +10,16 @@ from pathlib import Path
 
 import torch
 
-from ..transfer.backbone import build_backbone
 from ..transfer.engine import Task, TransferConfig
 from .data import SegmentationFolder, collate, eval_transforms, train_transforms
 from .evaluate import evaluate_segmenter
 from .model import build_segmenter, segmentation_loss
 
-RECIPE = dict(iters=160_000, batch_size=16, lr=1e-4, weight_decay=0.05, layer_decay=0.9,
-              layer_decay_mode="stage_wise", drop_path=0.4, schedule="poly", warmup_iters=1500,
-              warmup_ratio=1e-6, crop=512, ratio_range=(0.5, 2.0), aux_weight=0.4)
-
-
 class SegmentationTask(Task):
     name = "segment"
     primary_metric = "mIoU"
+    resume_must_match = ("crop", "scale", "ratio_range", "num_classes", "reduce_zero_label",
+                         "head", "photometric")
 
     def __init__(self, root: str | Path, crop: int = 512, scale: tuple[int, int] | None = None,
                  ratio_range: tuple[float, float] = (0.5, 2.0), num_classes: int | None = None,
@@ -36,6 +31,13 @@ class SegmentationTask(Task):
         self.eval_size, self.aux_weight = eval_size, aux_weight
         self.head_kwargs, self.photometric = dict(head_kwargs or {}), photometric
         self.tta_scales, self.tta_flip = tuple(tta_scales), tta_flip
+
+    def options(self) -> dict:
+        return dict(data=str(self.root), crop=self.crop, scale=self.scale,
+                    ratio_range=self.ratio_range, num_classes=self.num_classes,
+                    reduce_zero_label=self.reduce_zero_label, eval_size=self.eval_size,
+                    aux_weight=self.aux_weight, head=self.head_kwargs,
+                    photometric=self.photometric)
 
     def datasets(self, cfg: TransferConfig):
         train = SegmentationFolder(self.root, "train",
@@ -49,9 +51,7 @@ class SegmentationTask(Task):
     def collate(self, train: bool):
         return collate
 
-    def build_model(self, cfg: TransferConfig, classes: list[str]):
-        backbone = build_backbone(cfg.model, cfg.pretrained, drop_path_rate=cfg.drop_path,
-                                  depths=cfg.depths, dims=cfg.dims, stem_stride=cfg.stem_stride)
+    def build_model(self, backbone, classes: list[str]):
         return build_segmenter(len(classes), backbone, **self.head_kwargs)
 
     def prepare_distributed(self, model, info):

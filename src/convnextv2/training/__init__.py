@@ -1,8 +1,10 @@
-"""The generic training engine shared by ``convnextv2 pretrain`` and ``convnextv2 finetune``.
+"""The training engine of every training command (pretrain, finetune, detect|segment train).
 
-- ``schedule``: ``WarmupCosineSchedule`` (warmup + half-cosine lr per step), ``param_groups``
+- ``schedule``: ``WarmupCosineSchedule`` (warmup + half-cosine lr per step) and
+  ``WarmupDecaySchedule`` (poly / step / cosine of the transfer recipes), ``param_groups``
   with the fine-tuning exemptions (biases, 1-D tensors, GRN) or the official pretraining ones
   (``PRETRAIN_NO_DECAY``), the ``blr * batch / 256`` rule;
+- ``layer_decay``: layer-wise lr decay with the classification and detection layer-id rules;
 - ``runstate``: atomic checkpoints holding everything for an exact resume, keep-last-K,
   ``--resume auto|PATH``;
 - ``metrics``: ``metrics.jsonl`` (cut back to the resumed step on resume) and curve PNGs;
@@ -26,9 +28,10 @@ from .runstate import (apply_run_state, atomic_torch_save, build_run_state, capt
                        checkpoint_path, latest_checkpoint, list_checkpoints, load_resume_state,
                        load_run_state, remove_orphaned_temps, resolve_resume,
                        restore_rng_state, save_run_state)
-from .schedule import (PRETRAIN_NO_DECAY, WarmupCosineSchedule, clip_warmup_epochs,
-                       official_pretrain_exempt, param_groups, scaled_lr, set_lr,
-                       skips_weight_decay, warmup_cosine_lr)
+from .layer_decay import param_groups_layer_decay
+from .schedule import (PRETRAIN_NO_DECAY, PerStepSchedule, WarmupCosineSchedule,
+                       WarmupDecaySchedule, clip_warmup_epochs, official_pretrain_exempt,
+                       param_groups, scaled_lr, set_lr, skips_weight_decay, warmup_cosine_lr)
 from .step import AMP_MODES, AccumulatingStep, autocast, check_amp
 
 __all__ = [
@@ -44,7 +47,8 @@ __all__ = [
     "apply_run_state", "atomic_torch_save", "build_run_state", "capture_rng_state",
     "checkpoint_path", "latest_checkpoint", "list_checkpoints", "load_run_state",
     "resolve_resume", "restore_rng_state", "save_run_state",
-    "WarmupCosineSchedule", "clip_warmup_epochs", "param_groups", "scaled_lr", "set_lr",
+    "PerStepSchedule", "WarmupCosineSchedule", "WarmupDecaySchedule", "param_groups_layer_decay",
+    "clip_warmup_epochs", "param_groups", "scaled_lr", "set_lr",
     "skips_weight_decay", "warmup_cosine_lr",
     "AMP_MODES", "AccumulatingStep", "autocast", "check_amp",
 ]

@@ -1,8 +1,9 @@
 """The options every training run shares, and the checks made before a run writes anything.
 
-``PretrainConfig`` and ``FinetuneConfig`` both inherit ``RunConfig``, so the run fields (output,
-seed, device, precision, workers, resume, checkpoints, logging) have one name, one default
-rule and one validation, and the command line fills either config the same way
+``PretrainConfig``, ``FinetuneConfig`` and ``TransferConfig`` (detection, segmentation) all
+inherit ``RunConfig``, so the run fields (output, seed, device, precision, workers, resume,
+checkpoints, logging, accumulation, warmup steps, drop path) have one name, one default rule
+and one validation, and the command line fills any of these configs the same way
 (``config_from_args``). The checks here only read: a refused run leaves its ``--output``
 exactly as it was, which is why they run before the first file is written. What a run may do
 with its output folder is decided in ``training.output``.
@@ -24,9 +25,10 @@ from .step import AMP_MODES
 class RunConfig:
     """How a run is executed and recorded, whatever it trains.
 
-    The model fields describe the architecture identically for both recipes: a variant name,
-    optionally reshaped by ``depths``/``dims``/``stem_stride``/``in_chans``, ``v1_block`` for
-    the V1 ablation block, and ``model_kwargs`` for any other constructor argument.
+    The model fields describe the architecture identically for every recipe: a variant
+    name, optionally reshaped by ``depths``/``dims``/``stem_stride``/``in_chans``,
+    ``v1_block`` for the V1 ablation block, ``drop_path`` for stochastic depth, and
+    ``model_kwargs`` for any other constructor argument. ``None`` means the recipe's value.
     """
     # the architecture
     model: str | None = "convnextv2_atto"
@@ -35,6 +37,7 @@ class RunConfig:
     depths: Sequence[int] | None = None
     dims: Sequence[int] | None = None
     v1_block: bool = False                # ConvNeXt V1 block (no GRN, layer scale 1e-6)
+    drop_path: float | None = None        # stochastic depth rate; None: the recipe's
     model_kwargs: dict = field(default_factory=dict)
     # data and output
     data: str = "builtin"
@@ -42,9 +45,10 @@ class RunConfig:
     img_size: int | None = None
     workers: int = 2
     strict_data: bool = False             # unreadable images are fatal instead of skipped
-    # optimisation shared by both recipes
+    # optimisation shared by every recipe
     batch_size: int | None = None         # per process and micro-batch
     accum_steps: int = 1                  # micro-batches per optimizer step
+    warmup_steps: int | None = None       # linear warmup in optimizer steps; None: the recipe's
     amp: str | None = "none"              # "bf16" / "fp16" autocast; None / "none": float32
     compile: bool = False                 # torch.compile the model
     # execution
@@ -69,6 +73,8 @@ class RunConfig:
                 arch[k] = tuple(getattr(self, k))
         if self.v1_block:
             arch.update(block_kwargs(True))
+        if self.drop_path is not None:
+            arch["drop_path_rate"] = self.drop_path
         arch.update({k: v for k, v in self.model_kwargs.items() if v is not None})
         return arch
 
@@ -81,6 +87,9 @@ def check_run_config(cfg: RunConfig) -> None:
 
     need(cfg.workers >= 0, "workers", ">= 0", cfg.workers)
     need(cfg.accum_steps >= 1, "accum-steps", ">= 1", cfg.accum_steps)
+    need(cfg.warmup_steps is None or cfg.warmup_steps >= 0, "warmup-steps",
+         ">= 0 (0: no warmup)", cfg.warmup_steps)
+    check_fraction(cfg.drop_path, "drop-path", closed=False, why=" (1 drops every block)")
     need(cfg.batch_size is None or cfg.batch_size >= 1, "batch-size", ">= 1", cfg.batch_size)
     need(cfg.img_size is None or cfg.img_size >= 1, "img-size", ">= 1", cfg.img_size)
     need(cfg.in_chans is None or cfg.in_chans >= 1, "in-chans", ">= 1", cfg.in_chans)

@@ -1,9 +1,11 @@
-"""The training engine both recipes run: one loop, one resume, one checkpoint writer.
+"""The training engine every training command runs: one loop, one resume, one checkpoint writer.
 
-A recipe (``recipes/pretrain.py``, ``recipes/finetune.py``) builds its parts (data, model,
-optimizer, schedule) and a ``forward(model, batch, key) -> (loss, images)`` function, and
-hands them to a ``Trainer``, in the shape of the official ``main_*.py`` / ``engine_*.py``
-pairs. Everything that must behave identically in both lives here, written once:
+A recipe (``recipes/pretrain.py``, ``recipes/finetune.py``, ``transfer/engine.py`` for
+detection and segmentation) builds its parts (data, model, optimizer, schedule) and a
+``forward(model, batch, key) -> (loss, images)`` function, and hands them to a ``Trainer``, in
+the shape of the official ``main_*.py`` / ``engine_*.py`` pairs; ``loss`` may be a dict with
+"loss" and its parts (a detector's RPN and RoI losses), the parts then logged per step too.
+Everything that must behave identically in every command lives here, written once:
 
 - ``Trainer.train_one_epoch``: skipping the part of an epoch a resumed run already did,
   gradient accumulation, the non-finite-loss stop, per-step logging (JSON lines, TensorBoard,
@@ -50,8 +52,9 @@ class NonFiniteLossError(FloatingPointError):
         kept = (f"the last good checkpoint is {checkpoint}" if checkpoint
                 else "no checkpoint had been written yet")
         super().__init__(f"non-finite loss ({value}) at optimizer step {step} (epoch {epoch}); "
-                         f"stopped without applying it; {kept}. Lower --blr/--lr, lengthen "
-                         f"--warmup-epochs, or try --amp none.")
+                         f"stopped without applying it; {kept}. Lower the learning rate "
+                         f"(--lr), lengthen the warmup (--warmup-steps), clip gradients "
+                         f"(--clip-grad), or try --amp none.")
 
 
 @dataclass
@@ -197,7 +200,8 @@ class Trainer:
         model: the module whose weights are trained and saved (not DDP-wrapped or compiled).
         loader: the training batches; ``loader.sampler`` and ``loader.dataset`` take
             ``set_epoch`` (``ResumableSampler``, ``KeyedAugmentDataset``).
-        optimizer, schedule: the schedule's ``step(global_step)`` sets and returns the lr.
+        optimizer, schedule: the schedule's ``step(global_step)`` sets and returns the lr;
+            ``cfg.warmup_steps``, when set, replaces its ``warmup_steps`` (the shared option).
         cfg: the run's config (accumulation, precision, checkpoints, logging fields).
         info: the process's place in the run.
         out: the run folder.
@@ -206,6 +210,8 @@ class Trainer:
         total_steps: optimizer steps of the whole schedule; ``cfg.max_steps`` may stop sooner.
         ema: a timm ``ModelEmaV3`` updated after every optimizer step, saved with the state.
         clip_grad: gradient-norm clipping, None for none.
+        find_unused_parameters: for DDP, when some parameters may get no gradient in a step
+            (a detector's mask head on a crop without objects).
         step_fields: extra per-step record fields (e.g. skipped images), called at each step.
         train_mode: puts the model in training mode before each epoch (default
             ``model.train()``; a linear probe keeps its frozen encoder in eval mode).
@@ -220,7 +226,8 @@ class Trainer:
                  total_steps: int, images_per_step: int, ema=None,
                  clip_grad: float | None = None, desc: str = "train",
                  step_fields: Callable[[], dict] = dict,
-                 train_mode: Callable[[], None] | None = None):
+                 train_mode: Callable[[], None] | None = None,
+                 find_unused_parameters: bool = False):
         self.model, self.loader, self.optimizer, self.schedule = model, loader, optimizer, schedule
         self.cfg, self.info, self.out, self.args = cfg, info, out, args
         self.batches_per_epoch, self.images_per_step = batches_per_epoch, images_per_step
@@ -228,7 +235,9 @@ class Trainer:
         self.ema, self.desc, self.step_fields = ema, desc, step_fields
         self.extra: dict = {}  # the recipe's resumable state (see the class docstring)
         self.train_mode = train_mode or model.train
-        self.train_model = self._wrap(model)
+        if cfg.warmup_steps is not None:
+            schedule.warmup_steps = int(cfg.warmup_steps)
+        self.train_model = self._wrap(model, find_unused_parameters)
         self.stepper = AccumulatingStep(self.train_model, optimizer, accum_steps=cfg.accum_steps,
                                         amp=cfg.amp or "none", device=info.device,
                                         clip_grad=clip_grad)
@@ -240,10 +249,11 @@ class Trainer:
         self.log: RunLog | None = None
         self._bar = None
 
-    def _wrap(self, model):
+    def _wrap(self, model, find_unused_parameters: bool):
         """What the forward runs: DDP around the model (FSDP shards in place instead), then
         ``torch.compile`` when asked; checkpoints always read ``self.model``."""
-        wrapped = model if self.cfg.fsdp else D.wrap_ddp(model, self.info)
+        ddp_options = dict(find_unused_parameters=True) if find_unused_parameters else {}
+        wrapped = model if self.cfg.fsdp else D.wrap_ddp(model, self.info, **ddp_options)
         if self.cfg.compile:
             wrapped = torch.compile(wrapped)
         return wrapped
@@ -368,10 +378,11 @@ class Trainer:
 
     def train_one_epoch(self, forward) -> bool:
         """The rest of the current epoch. ``forward(model, batch, key)`` returns the loss of a
-        micro-batch and its number of images; it runs under autocast (and DDP's no_sync
-        between accumulation steps). Returns True when the epoch ran to its end (the position
-        is then the next epoch's start, what ``save_state`` records), False when ``max_steps``
-        stopped it inside the epoch (its state is then saved)."""
+        micro-batch (a tensor, or a dict with "loss" and its parts) and its number of images;
+        it runs under autocast (and DDP's no_sync between accumulation steps). Returns True
+        when the epoch ran to its end (the position is then the next epoch's start, what
+        ``save_state`` records), False when the run's last step (``max_steps`` or the
+        schedule's end) stopped it inside the epoch (its state is then saved)."""
         pos, stepper, loader = self.pos, self.stepper, self.loader
         loader.sampler.set_epoch(pos.epoch, skip=pos.batches_done * loader.batch_size)
         _keyed(loader.dataset).set_epoch(pos.epoch)
@@ -384,13 +395,13 @@ class Trainer:
             if stepper.micro == 0:
                 self.lr = self.schedule.step(pos.global_step)
             with stepper.micro_batch():
-                loss, n = forward(self.train_model, batch,
-                                  StepKey(pos.epoch, pos.global_step, stepper.micro))
-            value = float(D.all_reduce_mean(loss.detach().float()))
-            if not math.isfinite(value):
-                raise NonFiniteLossError(pos.global_step + 1, pos.epoch + 1, value,
+                out, n = forward(self.train_model, batch,
+                                 StepKey(pos.epoch, pos.global_step, stepper.micro))
+            loss, values = _mean_losses(out)
+            if not math.isfinite(values["loss"]):
+                raise NonFiniteLossError(pos.global_step + 1, pos.epoch + 1, values["loss"],
                                          self.last_checkpoint)
-            losses.append(value)
+            losses.append(values)
             self.loss_sum += loss.item() * n
             self.seen += n
             if not stepper.backward(loss):
@@ -399,7 +410,8 @@ class Trainer:
             pos.batches_done = b + 1
             if self.ema is not None:
                 self.ema.update(self.model, step=pos.global_step)
-            self._log_step(sum(losses) / len(losses), clock.rate(self.images_per_step))
+            self._log_step({k: sum(v[k] for v in losses) / len(losses) for k in losses[0]},
+                           clock.rate(self.images_per_step))
             losses = []
             if pos.batches_done < self.batches_per_epoch:  # the recipe saves an epoch's end
                 if not self.running:
@@ -410,9 +422,11 @@ class Trainer:
         self.pos = Position(pos.epoch + 1, 0, pos.global_step)
         return True
 
-    def _log_step(self, loss: float, img_per_s: float) -> None:
-        self.last_loss = loss
-        record = dict(step=self.pos.global_step, epoch=self.pos.epoch + 1, loss=loss, lr=self.lr,
+    def _log_step(self, losses: dict[str, float], img_per_s: float) -> None:
+        """One step's record: the loss and its parts (means over the micro-batches and the
+        processes), lr, throughput and the recipe's ``step_fields``."""
+        loss = self.last_loss = losses["loss"]
+        record = dict(step=self.pos.global_step, epoch=self.pos.epoch + 1, **losses, lr=self.lr,
                       img_per_s=img_per_s, **self.step_fields())
         if self.log is not None:
             self.log.step(record)
@@ -424,6 +438,17 @@ class Trainer:
 
 # what the engine itself keeps in a run state's "extra", apart from the recipe's state
 _ENGINE_EXTRA = ("world_size", "epoch_loss_sum", "epoch_seen")
+
+
+def _mean_losses(out) -> tuple[torch.Tensor, dict[str, float]]:
+    """A forward's loss (a tensor, or a dict with "loss" and its parts): the tensor to
+    backpropagate and every value as its mean over the processes, reduced together."""
+    parts = dict(out) if isinstance(out, dict) else {"loss": out}
+    loss = parts["loss"]
+    stacked = torch.stack([torch.as_tensor(v, device=loss.device).detach().float().reshape(())
+                           for v in parts.values()])
+    means = D.all_reduce_mean(stacked).tolist()
+    return loss, dict(zip(parts, means))
 
 
 def _keyed(dataset):

@@ -1,13 +1,16 @@
-"""Learning-rate schedule and optimizer parameter groups, shared by pretraining and fine-tuning.
+"""Learning-rate schedules and optimizer parameter groups, shared by every training command.
 
-The schedule is a pure function of the iteration (optimizer step), so a resumed run recomputes
-exactly the rate the uninterrupted run used; ``set_lr`` writes it into every parameter group,
+A schedule is a pure function of the iteration (optimizer step), so a resumed run recomputes
+exactly the rate the uninterrupted run used; every schedule has the one interface the engine
+calls, ``schedule.step(global_step) -> lr``, which writes the rate into every parameter group
 multiplied by the group's ``lr_scale`` (1 when absent; layer-wise decay sets it per group).
+``WarmupCosineSchedule`` serves pretraining and fine-tuning, ``WarmupDecaySchedule`` (poly,
+step, cosine) detection and segmentation.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -33,8 +36,26 @@ def warmup_cosine_lr(step: int, *, base_lr: float, total_steps: int, warmup_step
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosineSchedule:
-    """Per-iteration schedule bound to an optimizer: ``schedule.step(it)`` sets and returns lr.
+class PerStepSchedule:
+    """A learning rate that is a pure function of the optimizer step, bound to an optimizer:
+    ``schedule.step(global_step)`` sets every group's lr (times its ``lr_scale``) and returns
+    the base value. Subclasses say ``lr_at(step)``; every schedule counts its warmup in
+    ``warmup_steps``, which the engine's shared ``--warmup-steps`` option replaces."""
+
+    optimizer = None
+    warmup_steps: int = 0
+
+    def lr_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    def step(self, step: int) -> float:
+        lr = self.lr_at(step)
+        set_lr(self.optimizer, lr)
+        return lr
+
+
+class WarmupCosineSchedule(PerStepSchedule):
+    """Linear warmup then half a cosine (pretraining and fine-tuning).
 
     ``steps_per_epoch`` converts the epoch-based recipe values (``epochs``, ``warmup_epochs``)
     into optimizer steps; ``warmup_steps``, when given, sets the warmup in steps instead (the
@@ -56,9 +77,51 @@ class WarmupCosineSchedule:
         return warmup_cosine_lr(step, base_lr=self.base_lr, total_steps=self.total_steps,
                                 warmup_steps=self.warmup_steps, min_lr=self.min_lr)
 
-    def step(self, step: int) -> float:
-        lr = self.lr_at(step)
-        set_lr(self.optimizer, lr)
+
+DECAYS = ("poly", "step", "cosine")
+
+
+class WarmupDecaySchedule(PerStepSchedule):
+    """The per-iteration schedules of the detection and segmentation recipes (OpenMMLab's):
+
+    - ``poly`` (UPerNet on ADE20K): ``(base - min) * (1 - t / T) ** power + min``, power 1;
+    - ``step`` (Mask R-CNN 3x): the base lr divided by 10 at 27/36 and again at 33/36 of the
+      run (epochs 27 and 33 of 36);
+    - ``cosine``: half a cosine from the base lr to ``min_lr`` over the whole run.
+
+    The warmup multiplies the decayed value by a factor rising linearly from ``warmup_ratio``
+    to 1 over ``warmup_steps``, as those schedules do (the decay already runs meanwhile).
+    """
+
+    def __init__(self, optimizer, *, base_lr: float, total_steps: int, kind: str = "poly",
+                 warmup_steps: int = 0, warmup_ratio: float = 1e-6, min_lr: float = 0.0,
+                 power: float = 1.0, milestones: Sequence[float] = (27 / 36, 33 / 36),
+                 gamma: float = 0.1):
+        if kind not in DECAYS:
+            raise ValueError(f"--schedule {kind!r}: choose one of {', '.join(DECAYS)}")
+        if total_steps < 1:
+            raise ValueError(f"a schedule needs at least 1 step, got {total_steps}")
+        self.optimizer, self.kind = optimizer, kind
+        self.base_lr, self.total_steps, self.min_lr = float(base_lr), int(total_steps), min_lr
+        self.warmup_steps, self.warmup_ratio = int(warmup_steps), warmup_ratio
+        self.power, self.milestones, self.gamma = power, tuple(milestones), gamma
+
+    def decayed_lr(self, step: int) -> float:
+        """The lr before the warmup factor."""
+        t = min(max(step, 0), self.total_steps)
+        if self.kind == "step":
+            drops = sum(t >= round(m * self.total_steps) for m in self.milestones)
+            return self.base_lr * self.gamma ** drops
+        span = self.base_lr - self.min_lr
+        if self.kind == "poly":
+            return span * (1 - t / self.total_steps) ** self.power + self.min_lr
+        return self.min_lr + span * 0.5 * (1 + math.cos(math.pi * t / self.total_steps))
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimizer step ``step`` (0-based)."""
+        lr = self.decayed_lr(step)
+        if step < self.warmup_steps:
+            lr *= 1 - (1 - step / self.warmup_steps) * (1 - self.warmup_ratio)
         return lr
 
 

@@ -1,10 +1,8 @@
 """What detection and segmentation share: the ConvNeXt V2 backbone from any checkpoint, the
-detection-style layer-wise lr decay, the poly/step schedules, the transfer training loop and
-the synthetic scenes built from the Fashion-MNIST subset (the demos that use them are in
-``convnextv2.demos``)."""
+transfer recipe's main (``engine``: a ``Task`` trained by the training engine) and the
+synthetic scenes built from the Fashion-MNIST subset (the demos that use them are in
+``convnextv2.demos``). Their layer-wise lr decay and poly/step schedules are the engine's
+(``training.layer_decay``, ``training.schedule``)."""
 from .backbone import ConvNeXtBackbone, build_backbone
-from .layer_decay import default_num_layers, layer_id, param_groups
-from .schedule import TransferSchedule
 
-__all__ = ["ConvNeXtBackbone", "build_backbone", "default_num_layers", "layer_id",
-           "param_groups", "TransferSchedule"]
+__all__ = ["ConvNeXtBackbone", "build_backbone"]

@@ -223,8 +223,8 @@ def test_one_training_loop_in_the_package():
     """Only the engine trains: ``training/loop.py`` is the one module that drives the
     optimizer step (``AccumulatingStep``) over batches. The recipes (pretrain, finetune,
     detection and segmentation) hand their loaders to the ``Trainer`` and never call
-    ``backward``; the two other places that step an optimizer (a benchmark's timed step,
-    the CUDA-graph step of ``fcmae/fast.py``) take no data loader."""
+    ``backward``; the one other place that steps an optimizer (a benchmark's timed step,
+    which takes no data loader; the CUDA-graph step lives in ``benchmarks/``)."""
     import ast
     from pathlib import Path
 
@@ -244,9 +244,8 @@ def test_one_training_loop_in_the_package():
                         isinstance(node.func.value, ast.Name) and node.func.value.id == "ctx"):
                 backward.add(rel)
     assert steppers == {"training/loop.py"}
-    assert backward - {"training/step.py", "training/loop.py"} == {"tools/bench.py",
-                                                                   "fcmae/fast.py"}
-    for rel in ("tools/bench.py", "fcmae/fast.py"):
+    assert backward - {"training/step.py", "training/loop.py"} == {"tools/bench.py"}
+    for rel in ("tools/bench.py",):
         assert "DataLoader" not in (src / rel).read_text() and "loader" not in \
             (src / rel).read_text()
     for rel in ("recipes/pretrain.py", "recipes/finetune.py", "transfer/engine.py"):

@@ -6,7 +6,7 @@ backbone: ConvNeXt V2's four stage maps (strides 4-32, each through a channel La
 ``torchvision.ops.FeaturePyramidNetwork`` with a max-pooled fifth level, as in the ConvNeXt
 Mask R-CNN setup (FPN on the four stage widths, 256 channels, 5 levels). The backbone has no
 BatchNorm, so nothing needs freezing or converting: it trains in full with drop path and the
-layer-wise lr decay of ``transfer.layer_decay``.
+layer-wise lr decay of ``training.layer_decay``.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # the files a training run leaves in its output folder; one of them means "a run lives here"
 RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "encoder.safetensors",
              "fcmae.safetensors", "best.safetensors", "best_ema.safetensors", "last.safetensors",
-             "last_ema.safetensors")
+             "last_ema.safetensors", "model.pt")
 
 
 def existing_run(out: Path) -> list[str]:

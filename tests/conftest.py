@@ -21,7 +21,24 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image
 
+# The toy networks every test file builds from (imported as ``from conftest import TOY``):
 TOY_DEPTHS, TOY_DIMS = (1, 1, 1, 1), (8, 16, 24, 32)
+TOY = dict(depths=TOY_DEPTHS, dims=TOY_DIMS)           # four stages of one block, widths 8-32
+TOY_DEEP = dict(depths=(1, 1, 2, 1), dims=TOY_DIMS)    # two blocks in stage 3 (block-wise paths)
+TOY_WIDE = dict(depths=TOY_DEPTHS, dims=(16, 32, 64, 128))  # detection/segmentation backbones
+TOY_FLAGS = ["--depths", *map(str, TOY_DEPTHS), "--dims", *map(str, TOY_DIMS)]  # the CLI's
+
+
+def make_tiny_fcmae(in_chans=3, stem_stride=1, decoder_dim=16, **fcmae_kwargs):
+    """An FCMAE around the toy encoder (patch 8 with stem stride 1, 32 with 4), seeded for
+    repeatable weights; ``fcmae_kwargs`` go to ``FCMAE`` (mask ratio, loss, backend...)."""
+    from convnextv2.fcmae.fcmae import FCMAE
+    from convnextv2.models.registry import create_model
+
+    torch.manual_seed(0)
+    encoder = create_model("atto", num_classes=0, in_chans=in_chans, stem_stride=stem_stride,
+                           **TOY)
+    return FCMAE(encoder, decoder_embed_dim=decoder_dim, **fcmae_kwargs)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,14 +55,13 @@ def one_thread():
 def toy_arch() -> dict:
     """Constructor overrides that shrink any variant to the toy network (add ``stem_stride=1``
     for 8 px patches on 32 px images)."""
-    return dict(depths=TOY_DEPTHS, dims=TOY_DIMS)
+    return dict(TOY)
 
 
 @pytest.fixture(scope="session")
 def toy_cli() -> list:
     """The toy network as command-line options of ``pretrain`` / ``finetune``."""
-    return ["--model", "atto", "--depths", *map(str, TOY_DEPTHS), "--dims", *map(str, TOY_DIMS),
-            "--stem-stride", "1"]
+    return ["--model", "atto", *TOY_FLAGS, "--stem-stride", "1"]
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +82,8 @@ def make_images():
 
 @pytest.fixture(scope="session")
 def tiny_fcmae():
-    """``tiny_fcmae(in_chans=3, stem_stride=1, decoder_dim=16, **fcmae_kwargs)``: an FCMAE
-    around the toy encoder (patch 8 with stem stride 1), seeded for repeatable weights."""
-    from convnextv2.fcmae.fcmae import FCMAE
-    from convnextv2.models.registry import create_model
-
-    def make(in_chans=3, stem_stride=1, decoder_dim=16, **kw):
-        torch.manual_seed(0)
-        encoder = create_model("atto", num_classes=0, in_chans=in_chans, stem_stride=stem_stride,
-                               depths=TOY_DEPTHS, dims=TOY_DIMS)
-        return FCMAE(encoder, decoder_embed_dim=decoder_dim, **kw)
-    return make
+    """``make_tiny_fcmae`` as a fixture."""
+    return make_tiny_fcmae
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from convnextv2.analysis import (activation_grid, collapse_profile, feature_dive
 from convnextv2.cli import main
 from convnextv2.fcmae.fcmae import FCMAE
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+from conftest import TOY as TINY
+from conftest import TOY_DIMS, make_tiny_fcmae
 TINY_SPEC = "depths=(1,1,1,1),dims=(8,16,24,32),stem_stride=1"
 
 
@@ -78,7 +79,7 @@ def test_zero_channels_follow_the_documented_convention():
 
 # -- collapse_profile ------------------------------------------------------------------------
 def test_profile_hooks_every_block_output():
-    model = create_model("atto", num_classes=0, depths=(1, 2, 1, 1), dims=(8, 16, 24, 32))
+    model = create_model("atto", num_classes=0, depths=(1, 2, 1, 1), dims=TOY_DIMS)
     imgs = torch.randn(3, 3, 64, 64)
     prof = collapse_profile(model, imgs, batch_size=2)
     assert prof["layers"] == ["stages.0.blocks.0", "stages.1.blocks.0", "stages.1.blocks.1",
@@ -98,7 +99,7 @@ def test_profile_hooks_every_block_output():
 
 
 def test_expansion_site_scores_the_hidden_activation_entering_pwconv2():
-    model = create_model("atto", num_classes=0, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
+    model = create_model("atto", num_classes=0, depths=(1, 1, 2, 1), dims=TOY_DIMS,
                          use_grn=False, layer_scale_init_value=1e-6)
     imgs = torch.randn(2, 3, 64, 64)
     prof = collapse_profile(model, imgs, site="expansion")
@@ -171,14 +172,8 @@ def test_activation_grid_scales_each_map_to_unit_range():
 
 
 # -- reconstruction --------------------------------------------------------------------------
-def tiny_fcmae(in_chans=3, norm_pix_loss=True):
-    torch.manual_seed(0)
-    enc = create_model("atto", num_classes=0, in_chans=in_chans, stem_stride=1, **TINY)
-    return FCMAE(enc, decoder_embed_dim=16, norm_pix_loss=norm_pix_loss, mask_ratio=0.5)
-
-
 def test_pasted_image_takes_visible_pixels_from_original_and_masked_from_reconstruction():
-    fcmae = tiny_fcmae()
+    fcmae = make_tiny_fcmae(mask_ratio=0.5)
     imgs = torch.randn(2, 3, 32, 32)
     mask = fcmae.random_mask(imgs, generator=torch.Generator().manual_seed(1))
     out = reconstruct(fcmae, imgs, mask)
@@ -191,7 +186,7 @@ def test_pasted_image_takes_visible_pixels_from_original_and_masked_from_reconst
 
 
 def test_norm_pix_prediction_is_undone_with_each_target_patch_statistics():
-    fcmae = tiny_fcmae()
+    fcmae = make_tiny_fcmae(mask_ratio=0.5)
     imgs = torch.rand(1, 3, 32, 32) * 3
     mask = fcmae.random_mask(imgs, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -216,7 +211,7 @@ def test_norm_pix_prediction_is_undone_with_each_target_patch_statistics():
 
 
 def test_without_norm_pix_the_prediction_is_shown_as_is():
-    fcmae = tiny_fcmae(norm_pix_loss=False)
+    fcmae = make_tiny_fcmae(norm_pix_loss=False, mask_ratio=0.5)
     imgs = torch.randn(1, 3, 32, 32)
     mask = fcmae.random_mask(imgs)
     with torch.no_grad():
@@ -227,7 +222,7 @@ def test_without_norm_pix_the_prediction_is_shown_as_is():
 
 def test_save_reconstruction_grid_keeps_train_mode(tmp_path):
     from convnextv2.analysis import save_reconstruction_grid
-    fcmae = tiny_fcmae(in_chans=1).train()
+    fcmae = make_tiny_fcmae(in_chans=1, mask_ratio=0.5).train()
     imgs = torch.randn(2, 1, 32, 32)
     path = save_reconstruction_grid(fcmae, imgs, None, tmp_path / "r.png", (0.5,), (0.25,),
                                     caption="test")
@@ -267,7 +262,7 @@ def test_cli_activations_writes_png_and_rejects_bad_layer(tmp_path, capsys):
 
 def test_cli_reconstruct_from_pretrain_output(tmp_path, capsys):
     from convnextv2.fcmae.io import save_fcmae
-    ckpt = save_fcmae(tiny_fcmae(), tmp_path / "fcmae.safetensors")
+    ckpt = save_fcmae(make_tiny_fcmae(mask_ratio=0.5), tmp_path / "fcmae.safetensors")
     imgs = []
     for i in range(2):
         imgs.append(tmp_path / f"{i}.png")
@@ -283,7 +278,7 @@ def test_cli_reconstruct_from_pretrain_output(tmp_path, capsys):
 
 def test_load_fcmae_from_a_run_state_keeps_weights_and_recipe(tmp_path):
     from convnextv2.fcmae.io import load_fcmae
-    src = tiny_fcmae(norm_pix_loss=False)
+    src = make_tiny_fcmae(norm_pix_loss=False, mask_ratio=0.5)
     path = tmp_path / "checkpoint-00000001.pt"
     torch.save({"model": src.state_dict(), "args": {"mask_ratio": 0.75, "norm_pix_loss": False}},
                path)

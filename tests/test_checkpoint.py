@@ -16,7 +16,8 @@ from convnextv2.checkpoint import (CheckpointError, convert_state_dict, create_m
 from convnextv2.cli import main as cli_main
 from convnextv2.models.model import ConvNeXtV2
 
-SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+from conftest import TOY as SMALL
+from conftest import TOY_DIMS
 
 
 
@@ -326,7 +327,7 @@ def test_create_model_loads_weights_and_the_registry_builds_architecture_only(tm
 BLOCKS = {"v2": dict(use_grn=True, layer_scale_init_value=None),
           "v1": dict(use_grn=False, layer_scale_init_value=1e-6),
           "plain": dict(use_grn=False, layer_scale_init_value=None)}
-ENCODER = dict(in_chans=1, num_classes=0, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
+ENCODER = dict(in_chans=1, num_classes=0, depths=(1, 1, 2, 1), dims=TOY_DIMS,
                stem_stride=1)
 
 

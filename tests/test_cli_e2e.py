@@ -8,8 +8,9 @@ import torch
 
 from convnextv2.cli import main
 
-TOY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--stem-stride", "1",
-       "--in-chans", "1", "--img-size", "32"]
+from conftest import TOY_DIMS, TOY_FLAGS
+
+TOY = [*TOY_FLAGS, "--stem-stride", "1", "--in-chans", "1", "--img-size", "32"]
 CLASSES = ["Ankle boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker",
            "T-shirt_top", "Trouser"]  # folder names, sorted as ImageFolder sorts them
 
@@ -56,7 +57,7 @@ def test_finetune_outputs(finetuned):
                  "metrics.jsonl", "accuracy.png", "loss.png", "summary.json", "config.json"):
         assert (ft / name).is_file(), name
     cfg = json.loads((ft / "config.json").read_text())
-    assert cfg["model_config"]["dims"] == [8, 16, 24, 32]
+    assert cfg["model_config"]["dims"] == list(TOY_DIMS)
     assert cfg["model_config"]["stem_stride"] == 1 and cfg["model_config"]["in_chans"] == 1
     assert cfg["classes"] == CLASSES
     records = [json.loads(l) for l in (ft / "metrics.jsonl").read_text().splitlines()]

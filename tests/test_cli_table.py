@@ -23,6 +23,8 @@ from PIL import Image
 
 from convnextv2.cli import main
 
+from conftest import TOY, TOY_FLAGS
+
 ARCH = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--stem-stride", "1"]
 PRE = ["pretrain", "--model", "atto", *ARCH, "--img-size", "32", "--batch-size", "4",
        "--decoder-dim", "16", "--workers", "0", "--epochs", "1", "--recon-every", "0",
@@ -65,7 +67,7 @@ def w(tmp_path_factory) -> dict[str, Path]:
             _png(root / "empty_class" / split / ("a" if i % 2 else "b") / f"{i}.png", seed=i)
         (root / "empty_class" / split / "c").mkdir()
     (root / "empty_folder").mkdir()
-    arch = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
+    arch = dict(TOY, stem_stride=1)
     torch.manual_seed(0)
     save_checkpoint(create_model("atto", num_classes=2, **arch), root / "clf.safetensors",
                     metadata={"class_names": json.dumps(["a", "b"]), "img_size": "32"})
@@ -363,7 +365,7 @@ def test_eval_warns_when_the_class_names_differ_from_the_checkpoint(w, capsys, t
 
 
 # -- training commands: refused resumes and training failures ---------------------------------
-TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--workers", "0",
+TINY = [*TOY_FLAGS, "--workers", "0",
         "--no-progress", "--device", "cpu", "--batch-size", "2"]
 DET = ["detect", "train", "--data", "{SCENES}/detection", *TINY, "--img-size", "64",
        "--fpn-channels", "16", "--box-head-dim", "32", "--mask-head-dim", "8", "--anchor-sizes",

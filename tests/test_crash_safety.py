@@ -18,6 +18,8 @@ import torch
 
 from convnextv2 import training as T
 
+from conftest import TOY_FLAGS
+
 DRIVER = r"""
 import io, os, signal, sys
 import torch
@@ -158,8 +160,7 @@ def test_resumed_runs_end_with_the_reference_weights(runs, name):
 
 
 # -- detection and segmentation: the same engine, the same guarantee ----------------------------
-TRANSFER_TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--workers",
-                 "0", "--deterministic", "--no-progress", "--device", "cpu", "--batch-size", "2",
+TRANSFER_TINY = [*TOY_FLAGS, "--workers", "0", "--deterministic", "--no-progress", "--device", "cpu", "--batch-size", "2",
                  "--epochs", "3", "--lr", "1e-3", "--warmup-steps", "1", "--drop-path", "0.1",
                  "--save-every-steps", "2", "--keep-last", "2", "--eval-batch-size", "2",
                  "--eval-every", "1"]

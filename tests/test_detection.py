@@ -12,7 +12,7 @@ from convnextv2.detection.data import CocoDetection, DataError, eval_transforms
 from convnextv2.detection.evaluate import coco_map, to_coco_results
 from convnextv2.transfer import build_backbone
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+from conftest import TOY_WIDE as TINY
 SMALL_HEADS = dict(fpn_channels=32, box_head_dim=64, mask_head_dim=16,
                    anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_top_n_train=200,
                    rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,

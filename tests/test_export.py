@@ -10,7 +10,9 @@ from convnextv2 import create_model
 from convnextv2.recipes.evaluate import class_names, imagenet_class_names, predict
 from convnextv2.tools.export import export_model, verify_export
 
-TOY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem_stride=1)
+from conftest import TOY as _TOY
+
+TOY = dict(_TOY, stem_stride=1)  # 8 px patches for 32 px inputs
 
 
 

@@ -8,22 +8,18 @@ import convnextv2
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import keyed_mask, random_mask
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
-
-
-def tiny_fcmae(**kw):
-    enc_kw = {**TINY, **kw.pop("encoder_kwargs", {})}
-    return FCMAE("convnextv2_atto", encoder_kwargs=enc_kw, decoder_embed_dim=16, **kw)
+from conftest import TOY as TINY
+from conftest import make_tiny_fcmae
 
 
 def test_patch_size_follows_the_stem():
-    assert tiny_fcmae().patch_size == 32
-    assert tiny_fcmae(encoder_kwargs=dict(stem_stride=1)).patch_size == 8
-    assert tiny_fcmae(encoder_kwargs=dict(stem_stride=2, in_chans=1)).pred.out_channels == 16 * 16
+    assert make_tiny_fcmae(stem_stride=4).patch_size == 32
+    assert make_tiny_fcmae(stem_stride=1).patch_size == 8
+    assert make_tiny_fcmae(stem_stride=2, in_chans=1).pred.out_channels == 16 * 16
 
 
 def test_patchify_order_against_a_hand_built_example():
-    m = tiny_fcmae(encoder_kwargs=dict(stem_stride=1, in_chans=2))  # p = 8
+    m = make_tiny_fcmae(stem_stride=1, in_chans=2)  # p = 8
     p, c, h, w = 8, 2, 16, 24
     imgs = torch.empty(1, c, h, w)
     for ch in range(c):
@@ -46,7 +42,7 @@ def test_patchify_order_against_a_hand_built_example():
 
 
 def test_unpatchify_inverts_patchify():
-    m = tiny_fcmae(encoder_kwargs=dict(stem_stride=2, in_chans=3))
+    m = make_tiny_fcmae(stem_stride=2, in_chans=3)
     imgs = torch.randn(2, 3, 32, 48)
     assert torch.equal(m.unpatchify(m.patchify(imgs), (2, 3)), imgs)
     square = torch.randn(2, 3, 32, 32)
@@ -81,8 +77,8 @@ def hand_loss(imgs, pred, mask, p, norm_pix):
 @pytest.mark.parametrize("norm_pix,backend", [(True, "sparse"), (False, "sparse"), (True, "dense")])
 def test_loss_matches_hand_computation(norm_pix, backend):
     torch.manual_seed(0)
-    m = tiny_fcmae(norm_pix_loss=norm_pix, backend=backend,
-                   encoder_kwargs=dict(stem_stride=1, in_chans=2))
+    m = make_tiny_fcmae(stem_stride=1, in_chans=2, norm_pix_loss=norm_pix,
+                        backend=backend)
     imgs = torch.randn(2, 2, 16, 16) * 3 + 1
     if backend == "sparse":
         mask = torch.tensor([[1., 0., 1., 0.], [0., 1., 1., 0.]])
@@ -97,7 +93,7 @@ def test_loss_matches_hand_computation(norm_pix, backend):
 
 def test_decoder_fills_masked_cells_with_the_mask_token():
     torch.manual_seed(1)
-    m = tiny_fcmae()
+    m = make_tiny_fcmae(stem_stride=4)
     latent = torch.randn(2, 32, 2, 2)
     mask = torch.tensor([[1., 0., 0., 1.], [0., 1., 1., 0.]])
     noisy = latent + torch.randn_like(latent) * mask.view(2, 1, 2, 2) * 100
@@ -147,7 +143,7 @@ def test_keyed_mask_depends_only_on_seed_epoch_and_index():
 
 
 def test_forward_draws_a_mask_when_none_given():
-    m = tiny_fcmae(mask_ratio=0.75)
+    m = make_tiny_fcmae(stem_stride=4, mask_ratio=0.75)
     imgs = torch.randn(3, 3, 64, 128)
     loss, pred, mask = m(imgs)
     assert mask.shape == (3, 8) and torch.all(mask.eq(0).sum(1) == 2)
@@ -156,7 +152,7 @@ def test_forward_draws_a_mask_when_none_given():
 
 def test_encoder_state_dict_loads_into_a_plain_model_after_training():
     torch.manual_seed(4)
-    m = tiny_fcmae(encoder_kwargs=dict(stem_stride=2))
+    m = make_tiny_fcmae(stem_stride=2)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     imgs = torch.randn(2, 3, 32, 32)
     before = m.encoder.stages[0].blocks[0].grn.gamma.detach().clone()

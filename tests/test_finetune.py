@@ -14,6 +14,8 @@ from convnextv2.recipes.linear_probe import LinearProbe
 from convnextv2.recipes.presets import resolve_recipe
 from convnextv2.training.layer_decay import layer_id, layer_scale, param_groups_layer_decay
 
+from conftest import TOY
+
 ATTO, TINY, BASE = (2, 2, 6, 2), (3, 3, 9, 3), (3, 3, 27, 3)
 
 
@@ -99,7 +101,7 @@ def test_recipes_and_overrides():
     # one rule, by name or by shape: nano is nano whether named or inferred from its shape
     assert resolve_recipe("convnextv2_nano")["recipe"] == "nano"
     assert resolve_recipe(None, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640))["recipe"] == "nano"
-    assert resolve_recipe(None, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))["recipe"] == "atto"
+    assert resolve_recipe(None, **TOY)["recipe"] == "atto"
     assert resolve(FinetuneConfig(model="tiny", recipe="auto")).recipe == "tiny"
     run = resolve(FinetuneConfig(model="convnextv2_tiny", epochs=300, blr=1e-3, mixup=0.0))
     assert (run.blr, run.mixup, run.cutmix, run.warmup_epochs) == (1e-3, 0.0, 1.0, 40)

@@ -10,6 +10,8 @@ import convnextv2
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
 
+from conftest import TOY
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # train_step.py
 
 pytestmark = [pytest.mark.gpu,
@@ -180,7 +182,7 @@ def test_a_bad_mask_on_the_device_fails_asynchronously():
     code = textwrap.dedent("""
         import torch, convnextv2
         from convnextv2.fcmae.fcmae import FCMAE
-        m = FCMAE(convnextv2.create_model("atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),
+        m = FCMAE(convnextv2.create_model("atto", **TOY),
                   decoder_embed_dim=16).cuda()
         imgs = torch.randn(2, 3, 64, 64, device="cuda")
         m(imgs, torch.zeros(2, 4, device="cuda"))[0].sum().item()

@@ -15,7 +15,9 @@ from PIL import Image
 from convnextv2 import training as T
 from convnextv2.cli import main
 
-TINY = ["--model", "atto", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32",
+from conftest import TOY, TOY_FLAGS
+
+TINY = ["--model", "atto", *TOY_FLAGS,
         "--stem-stride", "1", "--device", "cpu", "--no-progress"]
 PRETRAIN = ["pretrain", *TINY, "--img-size", "32", "--batch-size", "4", "--decoder-dim", "16",
             "--workers", "0", "--deterministic", "--recon-every", "0", "--epochs", "1"]
@@ -62,8 +64,7 @@ def _tiny_classifier(path):
     from convnextv2.checkpoint import save_checkpoint
     from convnextv2.models.registry import create_model
 
-    model = create_model("atto", num_classes=2, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                         stem_stride=1)
+    model = create_model("atto", num_classes=2, stem_stride=1, **TOY)
     save_checkpoint(model, path, layout="native")
     return path
 

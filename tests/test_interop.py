@@ -14,7 +14,7 @@ from convnextv2.models.model import ConvNeXtV2
 from convnextv2.models.variants import VARIANTS, model_config
 
 VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "vectors" / "convnextv2_interop_small.pt"
-SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+from conftest import TOY as SMALL
 LAYOUT_OF = {"official_dense": "official", "official_fcmae_encoder": "official_fcmae",
              "timm": "timm", "hf_transformers": "hf"}
 
@@ -206,7 +206,7 @@ def test_transformers_random_model_loads_into_ours():
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.1 * torch.randn_like(p))  # GRN leaves zero-init
-    ours = ConvNeXtV2(num_classes=4, depths=(1, 2, 1, 1), dims=(8, 16, 24, 32)).eval()
+    ours = ConvNeXtV2(num_classes=4, depths=(1, 2, 1, 1), dims=SMALL["dims"]).eval()
     report = load_checkpoint(ours, hf.state_dict())
     assert report["layout"] == "hf"
     x = torch.randn(2, 3, 64, 64)
@@ -219,7 +219,7 @@ def test_timm_file_loads_with_timm_pretrained(tmp_path, name):
     """Our timm layout loads through timm's own pretrained-weights path (1x1-conv MLP for
     atto, Linear MLP for tiny)."""
     timm = pytest.importorskip("timm")
-    shallow = dict(depths=(1, 1, 1, 1))  # the variant's widths (they decide the MLP form)
+    shallow = dict(depths=SMALL["depths"])  # the variant's widths (they decide the MLP form)
     model = ConvNeXtV2(**model_config(name, num_classes=6, **shallow)).eval()
     with torch.no_grad():
         for block in (b for s in model.stages for b in s.blocks):

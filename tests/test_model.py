@@ -6,7 +6,7 @@ import convnextv2
 from convnextv2.models.grn import grn, grn_scale
 from convnextv2.tools.stats import model_stats
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+from conftest import TOY as TINY
 
 # the published sizes: params (M) and GMACs at 224 px, 1000 classes.
 SPEC_TABLE = {

@@ -9,7 +9,7 @@ from convnextv2.cli import main
 from convnextv2.fcmae.io import load_fcmae
 from convnextv2.recipes.pretrain import NonFiniteLossError, PretrainConfig, pretrain
 
-TOY_DEPTHS, TOY_DIMS = (1, 1, 1, 1), (8, 16, 24, 32)
+from conftest import TOY_DEPTHS, TOY_DIMS
 
 RUN_ARGS = ["--img-size", "32", "--batch-size", "4", "--decoder-dim", "16", "--workers", "0",
             "--deterministic", "--no-progress", "--device", "cpu"]

@@ -11,7 +11,7 @@ from convnextv2.segmentation.evaluate import segmentation_metrics
 from convnextv2.transfer import build_backbone
 from convnextv2.transfer.errors import DataError
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+from conftest import TOY_WIDE as TINY
 
 
 @pytest.mark.parametrize("aux,norm", [(True, "bn"), (False, "gn")])

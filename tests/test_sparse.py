@@ -13,8 +13,10 @@ from convnextv2.fcmae.sparse import SparseLayout, morton_offsets, sparse_forward
 from convnextv2.models.grn import GRN_EPS, grn_reference
 from convnextv2.models.grn_fused import grn_rows
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
-SMALL = dict(depths=(2, 1, 2, 1), dims=(8, 16, 24, 32))
+from conftest import TOY as TINY
+from conftest import TOY_DIMS
+
+SMALL = dict(depths=(2, 1, 2, 1), dims=TOY_DIMS)  # two blocks in stages 1 and 3
 
 
 def randomise_norms(module: torch.nn.Module, seed: int = 0) -> None:

@@ -16,7 +16,9 @@ from convnextv2.models.grn import GRN_EPS, grn
 from convnextv2.models.grn_fused import grn_linear
 from convnextv2.models.model import Block
 
-TINY = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5)
+from conftest import TOY, TOY_DEEP
+
+TINY = dict(TOY_DEEP, num_classes=5)
 
 
 def ref_grn(x, gamma, beta):
@@ -254,7 +256,7 @@ def test_torch_compile_matches_plain_math_forward_and_backward():
     the "aot_eager" backend skips inductor's C++ code generation, which takes minutes here.
     `convnextv2 bench --compile` exercises the inductor backend."""
     torch.manual_seed(0)
-    m = randomised(create_model("atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=5))
+    m = randomised(create_model("atto", num_classes=5, **TOY))
     x = torch.randn(2, 3, 32, 32)
     compiled = torch.compile(m, backend="aot_eager")
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()

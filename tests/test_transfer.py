@@ -12,7 +12,7 @@ from convnextv2.training.layer_decay import (default_num_layers, layer_id,
                                              param_groups_layer_decay)
 from convnextv2.training.schedule import WarmupDecaySchedule
 
-TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+from conftest import TOY_WIDE as TINY
 
 
 @pytest.fixture(scope="module")

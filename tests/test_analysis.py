@@ -16,7 +16,7 @@ from convnextv2.fcmae.fcmae import FCMAE
 
 from conftest import TOY as TINY
 from conftest import TOY_DIMS, make_tiny_fcmae
-TINY_SPEC = "depths=(1,1,1,1),dims=(8,16,24,32),stem_stride=1"
+TINY_ARGS = "depths=(1,1,1,1),dims=(8,16,24,32),stem_stride=1"
 
 
 def tiny_model(**kw):
@@ -232,8 +232,8 @@ def test_save_reconstruction_grid_keeps_train_mode(tmp_path):
 
 # -- CLIs ------------------------------------------------------------------------------------
 def test_cli_collapse_writes_json_and_one_png(tmp_path):
-    v1 = f"random:atto,{TINY_SPEC},in_chans=1,use_grn=False,layer_scale_init_value=1e-6"
-    v2 = f"random:atto,{TINY_SPEC},in_chans=1"
+    v1 = f"random:atto,{TINY_ARGS},in_chans=1,use_grn=False,layer_scale_init_value=1e-6"
+    v2 = f"random:atto,{TINY_ARGS},in_chans=1"
     rc = main(["analyze", "collapse", "--checkpoint", v1, v2, "--labels", "V1", "V2",
                "--data", "builtin", "--images", "4", "--img-size", "32",
                "--output", str(tmp_path)])
@@ -250,7 +250,7 @@ def test_cli_activations_writes_png_and_rejects_bad_layer(tmp_path, capsys):
     img = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8")).save(img)
     out = tmp_path / "act.png"
-    spec = f"random:atto,{TINY_SPEC}"
+    spec = f"random:atto,{TINY_ARGS}"
     assert main(["analyze", "activations", "--checkpoint", spec, "--image", str(img),
                  "--layer", "stages.1.blocks.0.pwconv1", "--img-size", "32",
                  "--output", str(out), "--max-channels", "16"]) == 0

@@ -9,7 +9,7 @@ from convnextv2.tools.stats import model_stats
 from conftest import TOY as TINY
 
 # the published sizes: params (M) and GMACs at 224 px, 1000 classes.
-SPEC_TABLE = {
+PAPER_TABLE = {
     "convnextv2_atto": (3.71, 0.55), "convnextv2_femto": (5.23, 0.78),
     "convnextv2_pico": (9.07, 1.37), "convnextv2_nano": (15.62, 2.45),
     "convnextv2_tiny": (28.64, 4.47), "convnextv2_base": (88.72, 15.4),
@@ -17,9 +17,9 @@ SPEC_TABLE = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_TABLE))
-def test_params_and_macs_match_spec(name):
-    params_m, gmacs = SPEC_TABLE[name]
+@pytest.mark.parametrize("name", list(PAPER_TABLE))
+def test_params_and_macs_match_the_paper(name):
+    params_m, gmacs = PAPER_TABLE[name]
     st = model_stats(name, 224)
     assert st["params"] / 1e6 == pytest.approx(params_m, rel=0.01)
     assert st["macs"] / 1e9 == pytest.approx(gmacs, rel=0.01)
@@ -105,7 +105,7 @@ def test_bf16_autocast_forward_and_backward_on_cpu():
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
 
 
-def test_init_follows_spec():
+def test_init_follows_the_official_code():
     torch.manual_seed(0)
     m = convnextv2.create_model("tiny", head_init_scale=0.001, drop_path_rate=0.3)
     w = m.stages[2].blocks[0].pwconv1.weight

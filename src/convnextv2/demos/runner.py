@@ -8,8 +8,8 @@ processes); on a GPU, tiny models are launch-bound and several processes keep it
 
 A job names its function as ``"package.module:function"`` or ``"path/to/file.py:function"``
 (a study script), with keyword arguments that JSON can carry: the children are workers
-(``python -m convnextv2.demos.runner``) that read the path of a job's spec file from stdin,
-run it and write the function's result (a dict) or its error next to the spec, then take the
+(``python -m convnextv2.demos.runner``) that read the path of a job file from stdin,
+run it and write the function's result (a dict) or its error next to the job file, then take the
 next job. The parent never unpickles anything from a child.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def run_jobs(jobs: list[Job], parallel: int = 1, deadline_s: float | None = None
     children are killed. With ``keep_going`` (a study that reports what finished) a failed job
     gets an ``error`` record instead, and so do the jobs it blocks; after ``deadline_s``
     nothing new starts, and ``GRACE_S`` later running children are killed. Children write
-    their output to ``log_dir/NAME.log`` when it is given (with their spec and result files),
+    their output to ``log_dir/NAME.log`` when it is given (with their job and result files),
     else to this process's terminal."""
     batch = _Batch(jobs, deadline_s, on_done, keep_going)
     if parallel <= 1:
@@ -188,7 +188,7 @@ class _Batch:
 
 
 class _Worker:
-    """A child process that runs jobs one after another, each given as the path of a spec file
+    """A child process that runs jobs one after another, each given as the path of a job file
     on its stdin. Importing torch and the package takes seconds, so a worker pays it once for
     all the jobs it runs."""
 
@@ -206,11 +206,11 @@ class _Worker:
         self.result = self.folder / f"{tag}.result.json"
         self.log = self.folder / f"{tag}.log" if self.keep_logs else None
         self.result.unlink(missing_ok=True)  # only this run's record may count
-        spec = self.folder / f"{tag}.json"
-        spec.write_text(json.dumps(dict(target=job.target, kwargs=job.kwargs,
-                                        threads=job.threads, result=str(self.result),
-                                        log=str(self.log) if self.log else None)))
-        self.proc.stdin.write(f"{spec}\n")
+        job_file = self.folder / f"{tag}.json"
+        job_file.write_text(json.dumps(dict(target=job.target, kwargs=job.kwargs,
+                                            threads=job.threads, result=str(self.result),
+                                            log=str(self.log) if self.log else None)))
+        self.proc.stdin.write(f"{job_file}\n")
         self.proc.stdin.flush()
         self.job = job
 
@@ -312,14 +312,14 @@ def _output_to(log: str | None):
 
 
 def _serve() -> int:
-    """A worker's life: for each spec path read from stdin, run that job and leave its record
-    next to the spec (written whole, so the parent never reads half a record)."""
+    """A worker's life: for each job-file path read from stdin, run that job and leave its
+    record next to the job file (written whole, so the parent never reads half a record)."""
     for line in sys.stdin:
-        spec = json.loads(Path(line.strip()).read_text())
-        with _output_to(spec["log"]):
-            record = call(Job(spec["target"], spec["target"], spec["kwargs"],
-                              threads=spec["threads"]))
-        result = Path(spec["result"])
+        order = json.loads(Path(line.strip()).read_text())
+        with _output_to(order["log"]):
+            record = call(Job(order["target"], order["target"], order["kwargs"],
+                              threads=order["threads"]))
+        result = Path(order["result"])
         partial = result.with_name(result.name + ".partial")
         partial.write_text(json.dumps(record, default=str))
         os.replace(partial, result)

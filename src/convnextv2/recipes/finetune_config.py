@@ -40,11 +40,9 @@ class FinetuneConfig(RunConfig):
     blr: float | None = None
     min_lr: float | None = None
     warmup_epochs: float | None = None
-    warmup_steps: int | None = None        # > 0: overrides warmup_epochs
     weight_decay: float | None = None
     layer_decay: float | None = None
     layer_decay_mode: str | None = None
-    drop_path: float | None = None
     smoothing: float | None = None
     mixup: float | None = None
     cutmix: float | None = None

@@ -19,11 +19,12 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..transfer.backbone import ConvNeXtBackbone, backbone_config, build_backbone
+from .protocol import PROPOSALS, AlignedMultiScaleRoIAlign, apply_protocol
 
 COCO_ANCHOR_SIZES = (32, 64, 128, 256, 512)
 
@@ -64,6 +65,9 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
     the image size, or small images pool every object from the shallow stride-4 level.
     ``rcnn_kwargs`` go to torchvision
     (``rpn_post_nms_top_n_train``, ``box_detections_per_img``, ``box_score_thresh`` ...).
+    The heads follow the MMDetection configs of the paper (``protocol.py``): RoI align with
+    sampling ratio 0 and ``aligned=True``, L1 box losses, 2000/1000 proposals (pre/post NMS)
+    in training and 1000/1000 at test unless ``rcnn_kwargs`` say otherwise.
     """
     if num_classes < 1:
         raise ValueError(f"a detector needs at least one object class, got {num_classes}")
@@ -73,20 +77,22 @@ def build_detector(num_classes: int, backbone: ConvNeXtBackbone | None = None, *
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
                               (tuple(float(a) for a in aspect_ratios),) * len(anchor_sizes))
     levels = ["0", "1", "2", "3"]
-    heads = dict(box_roi_pool=MultiScaleRoIAlign(levels, 7, 2,
-                                                 canonical_scale=roi_canonical_scale),
+    heads = dict(box_roi_pool=AlignedMultiScaleRoIAlign(levels, 7, 0,
+                                                        canonical_scale=roi_canonical_scale),
                  box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
                  box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1))
     if masks:
-        heads.update(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2,
-                                                      canonical_scale=roi_canonical_scale),
+        heads.update(mask_roi_pool=AlignedMultiScaleRoIAlign(levels, 14, 0,
+                                                             canonical_scale=roi_canonical_scale),
                      mask_head=MaskRCNNHeads(fpn_channels, [mask_head_dim] * 4, 1),
                      mask_predictor=MaskRCNNPredictor(mask_head_dim, mask_head_dim,
                                                       num_classes + 1))
     cls = MaskRCNN if masks else FasterRCNN
     model = cls(ConvNeXtFPN(backbone, fpn_channels), num_classes=None,
                 min_size=min_size, max_size=max_size, image_mean=list(image_mean),
-                image_std=list(image_std), rpn_anchor_generator=anchors, **heads, **rcnn_kwargs)
+                image_std=list(image_std), rpn_anchor_generator=anchors, **heads,
+                **{**PROPOSALS, **rcnn_kwargs})
+    apply_protocol(model)
     model.config = dict(task="detection", num_classes=int(num_classes), masks=bool(masks),
                         fpn_channels=int(fpn_channels), min_size=int(min_size),
                         max_size=int(max_size), anchor_sizes=[int(s) for s in anchor_sizes],

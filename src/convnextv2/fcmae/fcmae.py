@@ -89,6 +89,12 @@ class FCMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     # -- configuration -------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True, granularity: str = "block") -> None:
+        """Gradient checkpointing of the encoder (either backend; see
+        ``ConvNeXtV2.set_grad_checkpointing``). The decoder works on the patch grid (7x7 at
+        224 px) and keeps little, so it runs as before."""
+        self.encoder.set_grad_checkpointing(enable, granularity)
+
     def set_backend(self, backend: str, sparse_dwconv: str | None = None) -> "FCMAE":
         """Switch the encoder's backend (and the sparse depthwise kernel, when given)."""
         if backend not in BACKENDS:

@@ -5,8 +5,11 @@ operation that could fill them: after the stem, after every depthwise conv, befo
 (so GRN's L2 norm only sees a sample's visible sites), after each block and after each
 downsampling. At visible sites this gives exactly the numbers of sparse convolution. Each block
 is a region that may be compiled on its own (``runtime.compiled_region``, ``"masked_block"``).
+The encoder's gradient checkpointing applies, with the dense model's units (``run_stage``).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -14,7 +17,7 @@ from torch import nn
 
 from ..models.dwconv import depthwise_conv
 from ..models.grn_fused import grn_linear
-from ..models.model import Block, ConvNeXtV2
+from ..models.model import Block, ConvNeXtV2, run_stage
 from ..models.runtime import compiled_region, plain_math
 from .masking import check_input, upsample_mask
 from .sparse import LEVELS
@@ -69,8 +72,11 @@ def masked_dense_forward_features(model: ConvNeXtV2, imgs: torch.Tensor, mask: t
     keeps = stage_keep_masks(mask, grid_hw, imgs.dtype if imgs.is_floating_point() else torch.float32)
     x = model.stem(imgs.contiguous(memory_format=torch.channels_last)).mul_(keeps[0])  # as the model
     for k, stage in enumerate(model.stages):
-        if k > 0:
-            x = stage.downsample(x).mul_(keeps[k])
-        for block in stage.blocks:
-            x = block_fn(block, x, keeps[k])
+        downsample = partial(_masked_downsample, stage.downsample, keep=keeps[k]) if k > 0 else None
+        blocks = [partial(block_fn, block, keep=keeps[k]) for block in stage.blocks]
+        x = run_stage(stage.grad_checkpointing, x, downsample, blocks)
     return x
+
+
+def _masked_downsample(downsample: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return downsample(x).mul_(keep)

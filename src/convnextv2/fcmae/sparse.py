@@ -32,6 +32,7 @@ the channels (``models.dwconv.depthwise_weight_grad``, as in the dense model's b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.dwconv import depthwise_weight_grad
-from ..models.model import Block, ConvNeXtV2
+from ..models.model import Block, ConvNeXtV2, run_stage
 from ..models.runtime import autocast_dtype, autocast_off, compiled_region, compiling
 from .masking import check_input, check_mask, count_visible, mask_order
 
@@ -326,14 +327,14 @@ def sparse_downsample(downsample, x: torch.Tensor) -> torch.Tensor:
 def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
                   dwconv: str = "grid") -> torch.Tensor:
     """The encoder on the visible sites: (N, Kp, d3), one row per visible patch.
-    ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``."""
+    ``dwconv``: the depthwise kernel, see ``submanifold_dwconv``. The model's gradient
+    checkpointing (``set_grad_checkpointing``) applies: units as in the dense model."""
     block_fn = compiled_region(model, "sparse_block", sparse_block)
     kernel = resolve_dwconv(dwconv, imgs)  # decided once: the tables and every block agree
     x = sparse_stem(model, imgs, layout)
     for k, stage in enumerate(model.stages):
-        if k > 0:
-            x = sparse_downsample(stage.downsample, x)
         tables = {}  # kernel size -> neighbour table: one per stage, shared by its blocks
+        blocks = []
         for block in stage.blocks:
             neighbours = None
             if kernel == "triton":
@@ -344,7 +345,10 @@ def sparse_encode(model: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout,
                     tables[ks] = neighbour_table(layout.flat_index[k], layout.batch,
                                                  *layout.stage_hw[k], ks)
                 neighbours = tables[ks]
-            x = block_fn(block, x, layout.flat_index[k], layout.stage_hw[k], kernel, neighbours)
+            blocks.append(partial(block_fn, block, flat_index=layout.flat_index[k],
+                                  hw=layout.stage_hw[k], dwconv=kernel, neighbours=neighbours))
+        downsample = partial(sparse_downsample, stage.downsample) if k > 0 else None
+        x = run_stage(stage.grad_checkpointing, x, downsample, blocks)
     return x
 
 

@@ -13,10 +13,11 @@ float rounding (tests/test_speed_paths.py checks this against a reference writte
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from timm.layers import DropPath
 
@@ -143,16 +144,76 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x))
 
 
+GRAD_CHECKPOINTING = ("block", "stage")
+"""What one recomputed unit spans: a block (and each downsampling on its own), or a whole
+stage. Per block keeps one map per block for backward and recomputes one block at a time;
+per stage keeps four maps in all and recomputes a whole stage at once."""
+
+
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRAD_CHECKPOINTING:
+        raise ValueError(f"gradient checkpointing granularity must be one of "
+                         f"{', '.join(GRAD_CHECKPOINTING)}, got {granularity!r}")
+    return granularity
+
+
+def run_stage(mode: str | None, x, downsample: Callable | None, blocks: Sequence[Callable]):
+    """``x`` through ``downsample`` (None: none) and then each of ``blocks`` (callables
+    ``x -> x``), with gradient checkpointing ``mode`` (None, "block" or "stage").
+
+    One function for the dense model, the sparse and the masked dense FCMAE encoders, so the
+    three recompute the same units. A checkpointed unit keeps only its input for backward and
+    runs again during backward (``torch.utils.checkpoint``, non-reentrant: works under
+    torch.compile, with FSDP2 and with the custom autograd nodes of the fast paths; the RNG
+    state is replayed, so stochastic depth drops the same samples). Without autograd (eval,
+    ``torch.no_grad``) there is nothing to save and it runs plainly.
+    """
+    def run(x):
+        if downsample is not None:
+            x = downsample(x)
+        for block in blocks:
+            x = block(x)
+        return x
+
+    if mode is None or not torch.is_grad_enabled():
+        return run(x)
+    if mode == "stage":
+        return _checkpoint(run, x)
+    if downsample is not None:
+        x = _checkpoint(downsample, x)
+    for block in blocks:
+        x = _checkpoint(block, x)
+    return x
+
+
+def _checkpoint(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+
+
 class Stage(nn.Module):
+    """Optional downsampling, then blocks. ``grad_checkpointing``: None, "block" or "stage"
+    (set by ``ConvNeXtV2.set_grad_checkpointing``; read by every encoder that runs the stage)."""
+
     def __init__(self, in_dim: int, dim: int, depth: int, drop_paths: Sequence[float],
                  downsample: bool, use_grn: bool, layer_scale_init_value: float | None):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             Block(dim, drop_paths[i], use_grn, layer_scale_init_value) for i in range(depth)])
+        self.grad_checkpointing: str | None = None
 
     def forward(self, x):
-        return self.blocks(self.downsample(x))
+        if self.grad_checkpointing is None:  # module calls as always (hooks on ``blocks`` fire)
+            return self.blocks(self.downsample(x))
+        downsample = None if isinstance(self.downsample, nn.Identity) else self.downsample
+        return run_stage(self.grad_checkpointing, x, downsample, list(self.blocks))
+
+
+def set_stages_grad_checkpointing(stages, enable: bool, granularity: str) -> None:
+    """The ``set_grad_checkpointing`` of every module that runs ``stages``."""
+    mode = check_granularity(granularity) if enable else None
+    for stage in stages:
+        stage.grad_checkpointing = mode
 
 
 class Head(nn.Module):
@@ -222,6 +283,21 @@ class ConvNeXtV2(nn.Module):
         """Input pixels per cell of the final feature map (32 for the standard stem)."""
         return self.config["stem_stride"] * 8
 
+    def set_grad_checkpointing(self, enable: bool = True, granularity: str = "block") -> None:
+        """Recompute activations in backward instead of keeping them (timm's method name).
+
+        ``granularity``: "block" (each block and each downsampling is a unit; the map between
+        units is kept) or "stage" (each stage is one unit; least kept, largest recompute).
+        Same loss and gradients; one extra forward of the recomputed part per step. Applies
+        to this classifier, its ``FeatureExtractor``, and the FCMAE encoders built on it.
+        """
+        set_stages_grad_checkpointing(self.stages, enable, granularity)
+
+    @property
+    def grad_checkpointing(self) -> str | None:
+        """The granularity in use, None when off."""
+        return self.stages[0].grad_checkpointing
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(_nhwc(x))
         for stage in self.stages:
@@ -278,6 +354,10 @@ class FeatureExtractor(nn.Module):
         self.config = model.config
         self.feature_info = [model.feature_info[i] for i in self.out_indices]
 
+    def set_grad_checkpointing(self, enable: bool = True, granularity: str = "block") -> None:
+        """As ``ConvNeXtV2.set_grad_checkpointing`` (the stages are the model's own)."""
+        set_stages_grad_checkpointing(self.stages, enable, granularity)
+
     @property
     def channels(self) -> list[int]:
         return [f["num_chs"] for f in self.feature_info]
@@ -294,6 +374,17 @@ class FeatureExtractor(nn.Module):
             if i in self.out_indices:
                 out.append(x)
         return out
+
+
+def apply_grad_checkpointing(module: nn.Module, granularity: str | None) -> int:
+    """``set_grad_checkpointing`` on ``module``, or on the outermost submodules that have it
+    (a detector's or segmenter's ConvNeXt backbone): what ``--grad-checkpointing`` does to
+    whatever a recipe trains. ``granularity`` None switches it off. Returns how many modules
+    were set (0: nothing in ``module`` can checkpoint)."""
+    if hasattr(module, "set_grad_checkpointing"):
+        module.set_grad_checkpointing(granularity is not None, granularity or "block")
+        return 1
+    return sum(apply_grad_checkpointing(child, granularity) for child in module.children())
 
 
 def init_weights(module: nn.Module) -> None:

@@ -38,6 +38,11 @@ class ConvNeXtBackbone(nn.Module):
     def depths(self) -> list[int]:
         return list(self.config["depths"])
 
+    def set_grad_checkpointing(self, enable: bool = True, granularity: str = "block") -> None:
+        """Gradient checkpointing of the ConvNeXt stages (``ConvNeXtV2.set_grad_checkpointing``):
+        what lets detection at 1024 px fit an ordinary GPU. The output norms run as before."""
+        self.body.set_grad_checkpointing(enable, granularity)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [norm(f) for norm, f in zip(self.out_norms, self.body(x))]
 

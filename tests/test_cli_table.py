@@ -509,3 +509,31 @@ def test_old_option_names_still_work_and_say_their_new_name(command, old, value,
     else:
         assert getattr(args, dest) == type(getattr(args, dest))(value)
         assert f"--{dest.replace('_', '-')}" in line
+
+
+# -- --grad-checkpointing (issue 22) -------------------------------------------------------------
+@pytest.mark.parametrize("command", TRAINING_COMMANDS)
+def test_grad_checkpointing_option_in_every_training_command(command):
+    from convnextv2.cli import build_parser
+
+    parser = build_parser()
+    argv = TRAINING_COMMANDS[command]
+    assert parser.parse_args(argv).grad_checkpointing is None
+    assert parser.parse_args([*argv, "--grad-checkpointing"]).grad_checkpointing == "block"
+    assert parser.parse_args([*argv, "--grad-checkpointing", "stage"]).grad_checkpointing == "stage"
+
+
+GRAD_CHECKPOINTING_CASES = [(command, [*argv, "--grad-checkpointing", "layer"])
+                            for command, argv in TRAINING_COMMANDS.items()]
+
+
+@pytest.mark.parametrize("command,argv", GRAD_CHECKPOINTING_CASES,
+                         ids=[c[0] for c in GRAD_CHECKPOINTING_CASES])
+def test_grad_checkpointing_bad_granularity_is_one_line(command, argv, tmp_path, capsys,
+                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    _one_error_line(capsys.readouterr().err, ["--grad-checkpointing", "layer", "block", "stage"])
+    assert not any(tmp_path.iterdir())

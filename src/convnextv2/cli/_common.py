@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..models.model import GRAD_CHECKPOINTING
 from ..training.config import RunConfig
 
 
@@ -95,6 +96,12 @@ def add_run_arguments(group, defaults, *, fsdp: bool = True, strict_data: bool =
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model (on a GPU: with --amp bf16 the fastest "
                             "setting; the first steps are slow while it compiles)")
+    group.add_argument("--grad-checkpointing", nargs="?", const="block", default=None,
+                       choices=GRAD_CHECKPOINTING, metavar="block|stage",
+                       help="recompute activations in backward instead of keeping them: "
+                            "about a third more compute for several times less activation "
+                            "memory (large models, big images); 'block' (the default when "
+                            "given) or 'stage' (least memory); same loss and gradients")
     if fsdp:
         group.add_argument("--fsdp", action="store_true",
                            help="under torchrun: shard weights, gradients and optimizer state "

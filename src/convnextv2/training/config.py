@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..models.model import GRAD_CHECKPOINTING
 from ..models.variants import block_kwargs
 from .runstate import plain
 from .step import AMP_MODES
@@ -51,6 +52,7 @@ class RunConfig:
     warmup_steps: int | None = None       # linear warmup in optimizer steps; None: the recipe's
     amp: str | None = "none"              # "bf16" / "fp16" autocast; None / "none": float32
     compile: bool = False                 # torch.compile the model
+    grad_checkpointing: str | None = None  # "block" / "stage": recompute activations in backward
     # execution
     device: str | None = None             # None / "auto": this process's GPU when there is one
     seed: int = 0
@@ -102,6 +104,8 @@ def check_run_config(cfg: RunConfig) -> None:
     need(cfg.save_every_steps >= 0, "save-every-steps", ">= 0 (0: at epoch ends only)",
          cfg.save_every_steps)
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max-steps", ">= 1", cfg.max_steps)
+    need(cfg.grad_checkpointing in (None, *GRAD_CHECKPOINTING), "grad-checkpointing",
+         "one of " + ", ".join(GRAD_CHECKPOINTING), cfg.grad_checkpointing)
     need((cfg.amp or "none") in AMP_MODES, "amp", "one of " + ", ".join(AMP_MODES), cfg.amp)
     if cfg.overwrite and cfg.resume:
         raise ValueError("--overwrite with --resume: one continues the run in --output, the "

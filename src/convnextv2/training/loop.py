@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..models.model import apply_grad_checkpointing
 from . import distributed as D
 from . import fsdp
 from .config import RunConfig, check_run_config, compare_resumed_args
@@ -250,8 +251,13 @@ class Trainer:
         self._bar = None
 
     def _wrap(self, model, find_unused_parameters: bool):
-        """What the forward runs: DDP around the model (FSDP shards in place instead), then
-        ``torch.compile`` when asked; checkpoints always read ``self.model``."""
+        """What the forward runs: gradient checkpointing switched on in the model when asked,
+        DDP around the model (FSDP shards in place instead), then ``torch.compile`` when
+        asked; checkpoints always read ``self.model``."""
+        if self.cfg.grad_checkpointing and not apply_grad_checkpointing(
+                model, self.cfg.grad_checkpointing):
+            raise ValueError(f"--grad-checkpointing: {type(model).__name__} has no ConvNeXt "
+                             f"stages to checkpoint")
         ddp_options = dict(find_unused_parameters=True) if find_unused_parameters else {}
         wrapped = model if self.cfg.fsdp else D.wrap_ddp(model, self.info, **ddp_options)
         if self.cfg.compile:

@@ -10,6 +10,8 @@ EPILOG = """examples:
   convnextv2 pretrain --model atto --data builtin --in-chans 1 --img-size 32 --stem-stride 1 \\
       --epochs 10 --batch-size 64 --output runs/fmnist
   convnextv2 pretrain ... --resume auto            # continue the newest checkpoint in --output
+  convnextv2 pretrain --model tiny --init tiny_in1k.safetensors --freeze-encoder --epochs 20 \\
+      --data ./images --output runs/decoder     # a decoder for a given encoder
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
   torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...  # docs/distributed.md
   convnextv2 pretrain --model base --data /imagenet --amp bf16 --decode device --workers 4 ...
@@ -43,6 +45,10 @@ def add_arguments(p):
     g.add_argument("--init", metavar="CKPT",
                    help="start from these weights: an FCMAE file with its decoder (ours, or an "
                         "official FCMAE .pth) or any encoder checkpoint (decoder then fresh)")
+    g.add_argument("--freeze-encoder", action="store_true",
+                   help="with --init: train only the decoder and mask token on the encoder's "
+                        "features (the encoder stays bit-identical), e.g. to fit a decoder to "
+                        "timm, HF or official fine-tuned weights before `reconstruct`")
 
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=d.data, help="image folder, IDX folder or 'builtin'")

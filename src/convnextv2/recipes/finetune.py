@@ -22,7 +22,6 @@ on CPU).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from torch import nn
 
 from .. import training as T
 from ..training import fsdp
-from ..training.runstate import plain
 from .finetune_config import (RESUME_MAY_CHANGE, RESUME_MUST_MATCH, FinetuneConfig,
                               check_hyperparameters, hyperparameters, resolve, saved_args)
 from .finetune_data import FinetuneData, build_data, build_transforms, keyed_mixup
@@ -107,12 +105,11 @@ def _finetune(p: Plan, info: T.DistInfo, out: Path) -> dict:
         clip_grad=run.clip_grad, desc="finetune",
         train_mode=probe.train_mode if probe else None)
     trainer.resume(RESUME_MUST_MATCH, RESUME_MAY_CHANGE)
+    trainer.write_json("config.json", dict(
+        config=args, hyperparameters=hyperparameters(run), base_lr=base_lr,
+        effective_batch=eff, world_size=info.world_size, model_config=model.config,
+        classes=data.classes, load_report=load_report, skipped_images=data.skipped))
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(plain(dict(
-            config=args, hyperparameters=hyperparameters(run), base_lr=base_lr,
-            effective_batch=eff, world_size=info.world_size, model_config=model.config,
-            classes=data.classes, load_report=load_report, skipped_images=data.skipped)),
-            indent=2))
         if data.skipped:
             trainer.say(f"note: skipped {data.skipped} unreadable image(s) in {run.data} "
                         f"(--strict-data makes them fatal)")

@@ -18,7 +18,6 @@ from ..checkpoint import save_checkpoint
 from ..models.model import ConvNeXtV2
 from ..training import fsdp
 from ..training.dist_eval import evaluate, evaluate_distributed
-from ..training.runstate import plain
 from .linear_probe import LinearProbe
 
 # the weight files of each source: (best, last)
@@ -128,8 +127,7 @@ def summarise(progress: Progress, run, trainer: T.Trainer, data, ema, **facts) -
                    recipe=run.recipe, best=str(out / best_file),
                    last=str(out / WEIGHT_FILES["model"][1]), rank=info.rank,
                    global_step=trainer.pos.global_step, **facts)
-    if info.is_main:
-        (out / "summary.json").write_text(json.dumps(plain(summary), indent=2))
+    trainer.write_json("summary.json", summary)
     if run.fsdp and info.distributed:
         config = dict(model.config)
         model = fsdp.unsharded_copy(model, lambda: ConvNeXtV2(**config), info.device,

@@ -13,6 +13,13 @@ Written under ``output``:
   reconstruction.png           the same at the end
   encoder.safetensors          the encoder, native layout (``create_model(name, pretrained=...)``)
   fcmae.safetensors            encoder + decoder (``load_fcmae``)
+  config.json                  the options, the encoder's configuration, the learning rate
+  summary.json                 what the run ended with: steps, losses, options, files
+
+``freeze_encoder`` (with ``init``) trains the decoder and mask token alone on the features of
+a given encoder (timm, HF, official or ours): the encoder stays bit-identical, and the run's
+``fcmae.safetensors`` can then reconstruct, or start a full pretraining run with a decoder
+that already fits the encoder.
 
 Reproducibility: the sample order is a function of (seed, epoch), each image's augmentation
 and mask a function of (seed, epoch, sample index), so results do not depend on the number
@@ -51,7 +58,8 @@ RECON_EPOCH_KEY = -1  # the reconstruction mask's "epoch": fixed, unlike every t
 # options that make a resumed run another run (refused), and ones that only change its course
 RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_block",
                      "model_kwargs", "img_size", "data", "effective_batch", "seed", "mask_ratio",
-                     "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt")
+                     "decoder_depth", "decoder_dim", "norm_pix_loss", "wd_exempt",
+                     "freeze_encoder")
 RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "warmup_steps",
                      "weight_decay", "betas", "clip_grad", "amp", "backend", "sparse_dwconv",
                      "decode")
@@ -82,6 +90,7 @@ class PretrainConfig(RunConfig):
     clip_grad: float | None = None
     recon_every: int = 10
     init: str | None = None              # start from these weights (FCMAE file or an encoder)
+    freeze_encoder: bool = False         # train the decoder and mask token only (needs init)
     decode: str = "cpu"                  # "device": JPEGs decoded and augmented on the training
     #                                      device (data/device_decode.py), workers read bytes
 
@@ -115,6 +124,10 @@ def _check_config(cfg: PretrainConfig) -> None:
         raise ValueError(f"--sparse-dwconv must be one of {', '.join(DWCONV_KERNELS)}, "
                          f"got {cfg.sparse_dwconv!r}")
     _check_decode(cfg)
+    if cfg.freeze_encoder and not cfg.init:
+        raise ValueError("--freeze-encoder needs --init ENCODER: it trains the decoder on the "
+                         "features of given encoder weights, and without --init the encoder "
+                         "would stay at its random initialisation")
     if cfg.recon_every < 0:
         raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
     for name in ("blr", "min_lr", "lr", "warmup_epochs", "warmup_steps", "clip_grad"):
@@ -175,6 +188,24 @@ def load_init(fcmae, path: str) -> str:
                          f"({str(e).splitlines()[-1].strip()}); use the same --model, shape "
                          f"and --decoder-* options") from None
     return f"--init {path}: encoder and decoder weights"
+
+
+def freeze_encoder(fcmae) -> int:
+    """Stop the encoder from learning: no gradients (so the optimizer never holds, decays or
+    moves its weights) and evaluation mode in every epoch (stochastic depth off), so that the
+    decoder learns from the encoder's own features. Returns the trainable parameter count."""
+    fcmae.encoder.requires_grad_(False)
+    return sum(p.numel() for p in fcmae.parameters() if p.requires_grad)
+
+
+def train_mode(fcmae, cfg: PretrainConfig):
+    """What puts the model in training mode before each epoch: all of it, or with a frozen
+    encoder all but the encoder."""
+    def train():
+        fcmae.train()
+        if cfg.freeze_encoder:
+            fcmae.encoder.eval()
+    return train
 
 
 def pretrain_param_groups(fcmae, cfg: PretrainConfig) -> list[dict]:
@@ -285,6 +316,9 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
                          f"{info.world_size} (processes); lower --batch-size or --accum-steps")
     fcmae = build_fcmae(cfg)
     init_note = load_init(fcmae, cfg.init) if cfg.init else None
+    if cfg.freeze_encoder:
+        init_note += (f"; encoder frozen: training the decoder and mask token only "
+                      f"({freeze_encoder(fcmae) / 1e6:.3g}M parameters)")
     fcmae.to(info.device)
     if cfg.fsdp:  # before the optimizer: sharding replaces the parameters
         fsdp.shard(fcmae, info)
@@ -301,8 +335,12 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
         args=dict(dataclasses.asdict(cfg), effective_batch=eff), images_per_step=eff,
         batches_per_epoch=steps_per_epoch * cfg.accum_steps,  # a partial accumulation is dropped
         total_steps=cfg.epochs * steps_per_epoch, clip_grad=cfg.clip_grad, desc="pretrain",
-        step_fields=lambda: dict(skipped_images=getattr(base, "num_skipped", 0)))
+        step_fields=lambda: dict(skipped_images=getattr(base, "num_skipped", 0)),
+        train_mode=train_mode(fcmae, cfg))
     trainer.resume(RESUME_MUST_MATCH, RESUME_MAY_CHANGE)
+    trainer.write_json("config.json", dict(
+        config=trainer.args, model_config=fcmae.encoder.config, base_lr=base_lr,
+        effective_batch=eff, world_size=info.world_size, freeze_encoder=cfg.freeze_encoder))
     with trainer.open_log("metrics.jsonl") as log:
         return _train(cfg, trainer, base, log, dict(effective_batch=eff, lr=base_lr,
                                                     steps_per_epoch=steps_per_epoch,
@@ -394,15 +432,33 @@ def _finish(cfg: PretrainConfig, trainer: T.Trainer, figures: _Figures, facts: d
             files["reconstruction"] = recon
         meta = {"source": "convnextv2 pretrain (FCMAE)", "epochs": str(cfg.epochs),
                 "global_step": str(pos.global_step), "data": describe_source(cfg.data),
-                "img_size": str(cfg.img_size), "wd_exempt": cfg.wd_exempt}
+                "img_size": str(cfg.img_size), "wd_exempt": cfg.wd_exempt,
+                "freeze_encoder": str(cfg.freeze_encoder).lower()}
         files["encoder"] = save_encoder(fcmae.encoder, out / "encoder.safetensors", meta)
         files["fcmae"] = fcmae_io.save_fcmae(fcmae, out / "fcmae.safetensors", meta)
         files["checkpoint"] = trainer.last_checkpoint
         trainer.say(f"done: {pos.global_step} steps, last loss {trainer.last_loss:.4f}; "
                     f"wrote {out}")
+    summary = dict(global_step=pos.global_step, epoch=pos.epoch, epochs=cfg.epochs,
+                   last_loss=trainer.last_loss, **_loss_trend(out), files=files,
+                   output=str(out), model=cfg.model, img_size=cfg.img_size,
+                   data=describe_source(cfg.data), init=cfg.init,
+                   freeze_encoder=cfg.freeze_encoder, config=trainer.args, **facts)
+    trainer.write_json("summary.json", summary)
     T.barrier()
-    return dict(global_step=pos.global_step, epoch=pos.epoch, last_loss=trainer.last_loss,
-                files=files, output=str(out), **facts)
+    return summary
+
+
+def _loss_trend(out: Path) -> dict:
+    """The mean loss of the run's first and last epochs (from metrics.jsonl, so a resumed run
+    counts its earlier steps too): what a model card reports, steadier than one step's loss."""
+    records = T.read_metrics(out / "metrics.jsonl")
+    if not records:
+        return {}
+    first, last = records[0]["epoch"], records[-1]["epoch"]
+    mean = lambda e: (sum(r["loss"] for r in records if r["epoch"] == e)  # noqa: E731
+                      / sum(1 for r in records if r["epoch"] == e))
+    return dict(first_epoch_loss=mean(first), last_epoch_loss=mean(last))
 
 
 def _plot_loss(out: Path) -> Path | None:

@@ -24,6 +24,7 @@ is in the same state whether it ran through or restarted.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -40,8 +41,9 @@ from . import fsdp
 from .config import RunConfig, check_run_config, compare_resumed_args
 from .metrics import MetricsLog, Throughput
 from .output import check_output, prepare_output
+from ..checkpoint.atomic import atomic_write_bytes
 from .runstate import (apply_run_state, build_run_state, load_resume_state, load_run_state,
-                       save_run_state)
+                       plain, save_run_state)
 from .step import AccumulatingStep, check_amp
 
 
@@ -345,6 +347,15 @@ class Trainer:
             self.last_checkpoint = save_run_state(self.out, state, keep_last=self.cfg.keep_last)
         D.barrier()
         return self.last_checkpoint
+
+    def write_json(self, name: str, record: dict) -> Path | None:
+        """A JSON record in the run folder (rank 0, written atomically): ``config.json`` at the
+        start, ``summary.json`` (what the run ended with: its metrics, its options) at the end,
+        which people read and ``convnextv2 push`` turns into a model card. Returns the file
+        on rank 0."""
+        if not self.info.is_main:
+            return None
+        return atomic_write_bytes(json.dumps(plain(record), indent=2).encode(), self.out / name)
 
     # -- the loop --------------------------------------------------------------------------------
     def open_log(self, step_file: str, epoch_file: str | None = None) -> RunLog:

@@ -422,9 +422,9 @@ def test_hub_offline_error_says_what_was_tried(monkeypatch):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(CheckpointError) as err:
-        create_model("convnextv2_atto", pretrained="timm/convnextv2_atto.fcmae")
+        create_model("convnextv2_atto", pretrained="someone/convnextv2_atto.fcmae")
     text = str(err.value)
-    assert "timm/convnextv2_atto.fcmae" in text and "model.safetensors" in text
+    assert "someone/convnextv2_atto.fcmae" in text and "model.safetensors" in text
     assert "offline" in text and "local file" in text
     assert calls == ["model.safetensors"]  # no second slow attempt once the Hub is unreachable
 
@@ -443,9 +443,9 @@ def test_hub_download_success_and_fallback(monkeypatch, tmp_path):
             raise _not_in_repo_error()
         return str(bin_path)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
-    model = create_model("convnextv2_atto", pretrained="convnextv2_atto.fcmae", **shallow)
-    assert calls == [("timm/convnextv2_atto.fcmae", "model.safetensors"),
-                     ("timm/convnextv2_atto.fcmae", "pytorch_model.bin")]
+    model = create_model("convnextv2_atto", pretrained="someone/atto-fcmae", **shallow)
+    assert calls == [("someone/atto-fcmae", "model.safetensors"),
+                     ("someone/atto-fcmae", "pytorch_model.bin")]
     assert same_weights(source, model)
 
 

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Heavier parts load on first use so that `import convnextv2` stays quick.
     if name in ("load_checkpoint", "save_checkpoint", "convert_state_dict", "detect_layout",
-                "load_model", "load_pretrained", "infer_config", "read_metadata", "CheckpointError"):
+                "load_model", "load_pretrained", "infer_config", "read_metadata", "CheckpointError",
+                "list_pretrained"):
         from . import checkpoint
         return getattr(checkpoint, name)
     if name == "FCMAE":

@@ -13,6 +13,7 @@ from .io import read_state_dict
 
 HEAD_FC = ("head.fc.weight", "head.fc.bias")
 HEAD_NORM = ("head.norm.weight", "head.norm.bias")
+STEM_CONV = "stem.conv.weight"
 
 
 def _shape(t) -> tuple:
@@ -40,6 +41,45 @@ def _head_classes(native, key="head.fc.weight") -> int:
     return int(native[key].shape[0]) if key in native else 0
 
 
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A stem kernel trained on RGB, made to take ``in_chans`` channels (what timm's
+    ``adapt_input_conv`` does, so weights adapted here and there agree).
+
+    One channel: the sum of the three colour kernels, so a grey image g gives exactly what the
+    RGB image (g, g, g) gave. k channels: the colour kernels repeated (R, G, B, R, ...) up to k
+    and scaled by 3/k, so that k equal channels again respond like that RGB image and the
+    activations keep the scale the rest of the network was trained on. Computed in float32
+    and returned in the kernel's own dtype."""
+    out_chs, have = weight.shape[:2]
+    if have != 3:
+        raise CheckpointError(f"the checkpoint's stem takes {have} channels; only 3-channel "
+                              f"(RGB) stems can be adapted to {in_chans}")
+    kernel = weight.float()
+    if in_chans == 1:
+        adapted = kernel.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // have)
+        adapted = kernel.repeat(1, repeats, 1, 1)[:, :in_chans] * (have / in_chans)
+    return adapted.to(weight.dtype)
+
+
+def _adapt_stem(native: dict, expected: Mapping[str, torch.Tensor]) -> tuple[dict, str]:
+    """``native`` with an RGB stem kernel adapted to the model's input channels, and what
+    the load report says about the stem."""
+    ours, theirs = expected.get(STEM_CONV), native.get(STEM_CONV)
+    if ours is None or theirs is None or _shape(ours) == _shape(theirs):
+        return native, "loaded"
+    same_kernel = theirs.ndim == 4 and theirs.shape[0] == ours.shape[0] \
+        and theirs.shape[2:] == ours.shape[2:]
+    if not same_kernel or theirs.shape[1] != 3:
+        return native, "loaded"  # another variant or stem: reported as mis-shaped below
+    k = int(ours.shape[1])
+    how = "summed over RGB" if k == 1 else f"RGB kernels repeated and scaled by 3/{k}"
+    native = dict(native)
+    native[STEM_CONV] = adapt_input_channels(theirs, k)
+    return native, f"adapted from 3 to {k} input channels ({how})"
+
+
 def load_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                drop_head: bool | None = False, source: str = "the given state dict",
                metadata: Mapping[str, str] | None = None) -> dict:
@@ -47,6 +87,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
     layout = layouts.detect_layout(state_dict)
     native, ignored, unplaced = layouts.to_native(state_dict, layout)
     expected = model.state_dict()
+    native, stem = _adapt_stem(native, expected)
     has_head = any(k in native for k in HEAD_FC)
     encoder_only = not has_head and not any(k in native for k in HEAD_NORM)
     allow_missing_head = bool(drop_head) or (drop_head is None and encoder_only)
@@ -99,7 +140,7 @@ def load_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
     model.load_state_dict(usable, strict=False, assign=on_meta)
     return dict(source=source, layout=layout, loaded=len(usable), missing=missing,
                 unexpected=unexpected + list(unplaced), ignored=ignored, head=head,
-                metadata=dict(metadata or {}))
+                stem=stem, metadata=dict(metadata or {}))
 
 
 def load_checkpoint(model: nn.Module, source, strict: bool = True,

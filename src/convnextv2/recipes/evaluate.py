@@ -118,12 +118,17 @@ def load_classifier(checkpoint: str | Path, model_name: str | None = None, key: 
     architecture itself (native files do; other layouts are inferred from tensor shapes).
     ``key`` picks an entry of a training checkpoint: ``model_ema`` in the official ones,
     ``ema`` in the run states ``finetune`` writes."""
-    from ..checkpoint import load_model
+    from ..checkpoint import load_model, resolve_checkpoint
 
-    checkpoint = str(checkpoint)
+    from ..checkpoint.hub import catalogue_entry
+
+    released = None if Path(str(checkpoint)).exists() else catalogue_entry(str(checkpoint))
+    checkpoint = str(resolve_checkpoint(str(checkpoint)))  # a released name: fetched
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     info = checkpoint_info(checkpoint)
+    if released is not None:  # released weights were trained at their own input size
+        info.setdefault("img_size", released.input_size)
     model = load_model(checkpoint, key=key, **{k: v for k, v in overrides.items() if v is not None})
     if model_name:
         from ..models.variants import model_config

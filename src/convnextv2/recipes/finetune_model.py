@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checkpoint import infer_config, load_checkpoint
+from ..checkpoint import infer_config, load_checkpoint, resolve_checkpoint
 from ..models.model import ConvNeXtV2
 from ..models.variants import model_config
 from .finetune_config import FinetuneConfig
@@ -20,7 +20,7 @@ def finetune_architecture(model_name: str | None, checkpoint: str | None = None,
     does not match the checkpoint fails when loading, with the mis-shaped keys named."""
     config = dict(model_config(model_name)) if model_name else {}
     if checkpoint:
-        stored = dict(infer_config(checkpoint))  # stored (native files) or implied by shapes
+        stored = dict(infer_config(resolve_checkpoint(checkpoint)))  # stored (native files) or implied by shapes
         skip = {"num_classes", "drop_path_rate", "head_init_scale"}
         if model_name:
             skip |= {"depths", "dims"}
@@ -44,7 +44,8 @@ def build_finetune_model(model_name: str | None, num_classes: int, checkpoint: s
     model = ConvNeXtV2(**config)
     report: dict = {}
     if checkpoint:
-        report = load_checkpoint(model, checkpoint, strict=True, drop_head=True)
+        report = load_checkpoint(model, resolve_checkpoint(checkpoint), strict=True,
+                                 drop_head=True)
         model.reset_classifier(num_classes, init_std=head_init_std)
     return model, report
 

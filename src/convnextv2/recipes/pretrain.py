@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import training as T
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..data import (IndexedDataset, build_dataset, describe_source, eval_transform, mean_std,
                     pretrain_transform)
 from ..data import device_decode
@@ -173,21 +173,25 @@ def build_fcmae(cfg: PretrainConfig):
 def load_init(fcmae, path: str) -> str:
     """Start from pretrained weights: encoder and decoder from an FCMAE file (``fcmae.
     safetensors``, or an official FCMAE ``.pth`` with its decoder), else the encoder alone from
-    any checkpoint, the decoder left as initialised. Returns what was loaded, for the log."""
+    any checkpoint, the decoder left as initialised. ``path`` may be a released name
+    (``convnextv2_atto.fcmae``); an RGB stem is adapted to ``--in-chans``. Returns what was
+    loaded, for the log."""
+    name, path = path, resolve_checkpoint(path)
     try:
         source = fcmae_io.load_fcmae(path, backend=fcmae.backend)
     except ValueError as e:
         if "with a decoder" not in str(e):
             raise
-        load_checkpoint(fcmae.encoder, path, strict=True, drop_head=True)
-        return f"--init {path}: encoder weights (the file has no decoder; it starts fresh)"
+        report = load_checkpoint(fcmae.encoder, path, strict=True, drop_head=True)
+        stem = "" if report["stem"] == "loaded" else f"; stem {report['stem']}"
+        return f"--init {name}: encoder weights (the file has no decoder; it starts fresh){stem}"
     try:
         fcmae.load_state_dict(source.state_dict())
     except RuntimeError as e:
-        raise ValueError(f"--init {path}: its weights do not fit this model "
+        raise ValueError(f"--init {name}: its weights do not fit this model "
                          f"({str(e).splitlines()[-1].strip()}); use the same --model, shape "
                          f"and --decoder-* options") from None
-    return f"--init {path}: encoder and decoder weights"
+    return f"--init {name}: encoder and decoder weights"
 
 
 def freeze_encoder(fcmae) -> int:
@@ -303,6 +307,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """Run FCMAE pretraining; returns a summary dict (steps, last loss, written files)."""
     T.check_run_config(cfg)  # the shared options first, then the recipe's
     _check_config(cfg)
+    if cfg.init:
+        resolve_checkpoint(cfg.init)  # a released name is fetched (or refused) before --output
     with T.run_session(cfg) as (info, out):
         return _pretrain(cfg, info, out)
 

@@ -53,8 +53,9 @@ def build_backbone(model: str | None = None, pretrained: str | None = None,
     """A ``ConvNeXtBackbone`` by variant name, by checkpoint, or both.
 
     ``model``: a variant (``convnextv2_tiny``, ``atto`` ...); ``None`` with ``pretrained`` builds
-    whatever shape the checkpoint holds. ``pretrained``: a checkpoint path or hub id in any
-    layout the package reads; a classifier head in it is dropped. ``overrides``: constructor
+    whatever shape the checkpoint holds. ``pretrained``: a checkpoint path, a released name
+    (``convnextv2_tiny.fcmae``) or a hub id, in any layout the package reads; a classifier
+    head in it is dropped and an RGB stem is adapted to ``in_chans``. ``overrides``: constructor
     arguments (``depths``, ``dims``, ``in_chans``, ``stem_stride``) for custom shapes.
     ``drop_path_rate``: stochastic depth, rising linearly over the blocks as in the classifier
     (the detection recipes use 0.2-0.5, segmentation 0.1-0.4).
@@ -63,6 +64,9 @@ def build_backbone(model: str | None = None, pretrained: str | None = None,
     from ..models.variants import model_config
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if pretrained is not None:
+        from ..checkpoint import resolve_checkpoint
+        pretrained = resolve_checkpoint(pretrained)  # a released name: fetched
     if model is None and pretrained is None and not {"depths", "dims"} <= set(overrides):
         raise ValueError("give a backbone: --model NAME, --pretrained CHECKPOINT, or both")
     if model is None and pretrained is not None:

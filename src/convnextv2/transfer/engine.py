@@ -129,6 +129,9 @@ def train(task: Task, cfg: TransferConfig) -> dict:
     T.check_run_config(cfg)
     check_transfer_config(cfg)
     train_set, val_set = task.datasets(cfg)
+    if cfg.pretrained:
+        from ..checkpoint import resolve_checkpoint
+        resolve_checkpoint(cfg.pretrained)  # a released name is fetched (or refused) first
     with T.run_session(cfg) as (info, out):
         return _main(task, cfg, (train_set, val_set), info, out)
 

@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._config_file import parse_command_line  # --config FILE.yaml: the file's defaults
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -14,6 +14,7 @@ import sys
 
 from ..models.model import GRAD_CHECKPOINTING
 from ..training.config import RunConfig
+from ._config_file import add_config_argument
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -82,10 +83,12 @@ def add_shared_optimisation_arguments(group, warmup: str = "the recipe's",
 
 
 def add_run_arguments(group, defaults, *, fsdp: bool = True, strict_data: bool = True) -> None:
-    """Execution, checkpoint and logging options; ``defaults`` is the recipe's config.
+    """Execution, checkpoint and logging options, and ``--config`` (a run's config.yaml as
+    the defaults); ``defaults`` is the recipe's config.
     ``fsdp`` / ``strict_data``: whether the command offers those (detection and segmentation
     train data-parallel only, and their data readers always refuse a bad file)."""
     d = defaults
+    add_config_argument(group, type(d))
     group.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:N or auto (default: this process's GPU if any)")
     group.add_argument("--workers", type=int, default=d.workers,

@@ -73,6 +73,14 @@ class FinetuneConfig(RunConfig):
         if self.model is None and not self.finetune:
             self.model = "convnextv2_atto"
 
+    def replay_options(self) -> dict:
+        """As recorded for ``--config``: a resolved ``auto_augment`` of None means "off", which
+        read back would mean "the preset's", so it is written as "none"."""
+        values = super().replay_options()
+        if values.get("auto_augment") is None:
+            values["auto_augment"] = "none"
+        return values
+
 
 def default_img_size(data: str) -> int:
     """32 px for the built-in and IDX (28 px) images, else ImageNet's 224."""

@@ -66,6 +66,16 @@ class RunConfig:
     max_steps: int | None = None          # stop after this many optimizer steps in total
     progress: bool = True
     log_dir: str | None = None            # TensorBoard event files go here too
+    # the command's other options (a task's data files, head sizes ...), kept for config.yaml
+    command_options: dict = field(default_factory=dict)
+
+    def replay_options(self) -> dict:
+        """What ``config.yaml`` records to repeat this run: every field, the command's other
+        options among them (a recipe overrides this where a resolved ``None`` means "off",
+        which read back would mean "the recipe's")."""
+        values = dataclasses.asdict(self)
+        values.update(values.pop("command_options"))
+        return values
 
     def architecture(self) -> dict:
         """Constructor keyword arguments given by the architecture fields (None = not set)."""
@@ -134,10 +144,18 @@ def compare_resumed_args(saved: dict, now: dict, must_match: Sequence[str],
             [show(k) for k in may_change if differ(k)])
 
 
+# namespace entries that are the parser's bookkeeping, not options of the run
+_NOT_OPTIONS = ("command", "action", "analysis", "config")
+
+
 def config_from_args(cls, args, **overrides):
     """``cls(**...)`` from an argparse namespace: every field with a same-named argument, so a
-    new option needs a field and a flag, not a line here too."""
+    new option needs a field and a flag, not a line here too. The command's other options go
+    to ``command_options`` (recorded in ``config.yaml``, see ``training.replay``)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    values["command_options"] = {k: v for k, v in vars(args).items()
+                                 if k not in names and not k.startswith("_")
+                                 and k not in _NOT_OPTIONS}
     values.update(overrides)
     return cls(**values)

@@ -11,7 +11,7 @@ Everything that must behave identically in every command lives here, written onc
   gradient accumulation, the non-finite-loss stop, per-step logging (JSON lines, TensorBoard,
   progress bar), ``save_every_steps`` and ``max_steps``;
 - ``Trainer.resume``: newest intact checkpoint, refusal of a resume whose arguments would
-  change the run, model / optimizer / EMA / RNG / position restore;
+  change the run, model / optimizer / EMA / RNG / position restore; ``config.yaml``;
 - ``Trainer.save_state``: the run state (gathered from FSDP shards when sharded), keep-last-K;
 - ``Trainer.epochs``: the epochs left to train, with the progress bar, so that a recipe's main
   is a straight line: ``for epoch in trainer.epochs(n): train_one_epoch; evaluate; save_state``.
@@ -42,6 +42,7 @@ from .config import RunConfig, check_run_config, compare_resumed_args
 from .metrics import MetricsLog, Throughput
 from .output import check_output, prepare_output
 from ..checkpoint.atomic import atomic_write_bytes
+from .replay import write_run_config
 from .runstate import (apply_run_state, build_run_state, load_resume_state, load_run_state,
                        plain, save_run_state)
 from .step import AccumulatingStep, check_amp
@@ -276,7 +277,14 @@ class Trainer:
         """Continue from ``cfg.resume`` (see ``load_resume_state``); False for a fresh start.
 
         Arguments in ``must_match`` that differ from the saved run's refuse the resume (the
-        run would silently become another run); ``may_change`` ones are reported."""
+        run would silently become another run); ``may_change`` ones are reported. Then, the
+        run being on, ``config.yaml`` records its options (``training.replay``)."""
+        resumed = self._resume(must_match, may_change)
+        if self.info.is_main:  # the run is on: record the options that repeat it
+            write_run_config(self.cfg, self.out)
+        return resumed
+
+    def _resume(self, must_match: Sequence[str], may_change: Sequence[str]) -> bool:
         resume, info = self.cfg.resume, self.info
         path, state = (load_resume_state(resume, self.out, warn=self.say) if info.is_main
                        else (None, None))

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 # the files a training run leaves in its output folder; one of them means "a run lives here"
-RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "encoder.safetensors",
-             "fcmae.safetensors", "best.safetensors", "best_ema.safetensors", "last.safetensors",
-             "last_ema.safetensors", "model.pt")
+RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "config.yaml",
+             "encoder.safetensors", "fcmae.safetensors", "best.safetensors",
+             "best_ema.safetensors", "last.safetensors", "last_ema.safetensors", "model.pt")
 
 
 def existing_run(out: Path) -> list[str]:

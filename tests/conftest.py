@@ -100,3 +100,21 @@ def aot_eager_compile(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
     return compiled
+
+
+def write_png_header(path, width: int, height: int) -> None:
+    """A PNG that claims ``width`` x ``height`` (8-bit gray) but holds one row of data: what a
+    reader sees of a huge image before decoding it, in a few bytes (a real 20000x20000 file
+    takes 400 MB to write)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (width + 1))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+                + chunk(b"IEND", b""))

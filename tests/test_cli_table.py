@@ -537,3 +537,62 @@ def test_grad_checkpointing_bad_granularity_is_one_line(command, argv, tmp_path,
     assert exit_info.value.code == 2
     _one_error_line(capsys.readouterr().err, ["--grad-checkpointing", "layer", "block", "stage"])
     assert not any(tmp_path.iterdir())
+
+
+# -- segment: hostile input (issue 21) ----------------------------------------------------------
+def _seg_variant(source: Path, folder: Path, change) -> Path:
+    """A copy of the ADE20K-layout scenes at ``source`` with ``change(copy)`` applied."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    change(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def seg_data(w, transfer_runs) -> dict[str, Path]:
+    """Broken variants of the segmentation scenes, and loose images for ``predict``."""
+    from conftest import write_png_header
+
+    src, root = w["root"] / "scenes" / "segmentation", w["root"] / "seg_variants"
+    first = "scene_00000"
+
+    def huge(d: Path):
+        (d / "images" / "training" / f"{first}.jpg").unlink()
+        write_png_header(d / "images" / "training" / f"{first}.png", 20000, 20000)
+        write_png_header(d / "annotations" / "training" / f"{first}.png", 20000, 20000)
+
+    loose = root / "loose"
+    loose.mkdir(parents=True)
+    write_png_header(loose / "huge.png", 20000, 20000)
+    return {"{SEG_HUGE}": _seg_variant(src, root / "huge", huge), "{LOOSE}": loose}
+
+
+SEG_PREDICT = ["segment", "predict", "--checkpoint", "{SEG}/model.pt", "--device", "cpu"]
+SEG_HOSTILE = [
+    ("segment-train-20000px-png", [*SEG[:3], "{SEG_HUGE}", *SEG[4:], "--output", "{OUT}"], 2,
+     ["scene_00000.png", "20000x20000", "--max-image-pixels"]),
+    ("segment-predict-20000px-png", [*SEG_PREDICT, "{LOOSE}/huge.png", "--output", "{OUT}"], 2,
+     ["huge.png", "20000x20000", "--max-image-pixels"]),
+    ("segment-predict-max-image-pixels-0", [*SEG_PREDICT, "{LOOSE}/huge.png", "--output",
+                                            "{OUT}", "--max-image-pixels", "0"], 2,
+     ["--max-image-pixels", ">= 1"]),
+]
+
+
+@pytest.mark.parametrize("case", SEG_HOSTILE, ids=[c[0] for c in SEG_HOSTILE])
+def test_segment_refuses_hostile_input_in_one_line(case, w, transfer_runs, seg_data, capsys):
+    case_id, template, code, words = case
+    runs = {**transfer_runs, **seg_data}
+    before = {key: _hash_tree(run) for key, run in runs.items()}
+    out = w["root"] / "fresh" / case_id
+    try:
+        rc = main(_transfer_argv(template, w, runs, out))
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == code, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert {key: _hash_tree(run) for key, run in runs.items()} == before
+    if code == 2:  # a refused run writes nothing; a failed one keeps its logs for a look
+        assert not out.exists() or not _hash_tree(out), f"files left in {out}"

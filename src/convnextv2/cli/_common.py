@@ -143,3 +143,23 @@ def _add_checkpoint_arguments(group) -> None:
     group.add_argument("--max-steps", type=int, default=None, metavar="N",
                        help="stop after N optimizer steps in total and save (the schedule is "
                             "unchanged; --resume auto continues)")
+
+
+def add_max_image_pixels_argument(group) -> None:
+    """``--max-image-pixels N``: the header-checked size limit of ``data/image_limits.py``
+    (every command that reads user images takes it; ``apply_max_image_pixels`` sets it)."""
+    from ..data.image_limits import DEFAULT_MAX_IMAGE_PIXELS
+
+    group.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                       help=f"refuse images with more than N pixels (width x height), read "
+                            f"from their header before decoding (default "
+                            f"{DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's limit)")
+
+
+def apply_max_image_pixels(args) -> None:
+    """Set the process's image size limit from ``--max-image-pixels`` (if the command has it
+    and it was given); before any data is opened or DataLoader worker forked."""
+    value = getattr(args, "max_image_pixels", None)
+    if value is not None:
+        from ..data.image_limits import set_max_image_pixels
+        set_max_image_pixels(value)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import add_deprecated_alias, add_run_arguments, add_shared_optimisation_arguments
+from ._common import (add_deprecated_alias, add_run_arguments, add_shared_optimisation_arguments,
+                      apply_max_image_pixels)
 
 LENGTH_HELP = """Length: --epochs N, or --iters N optimizer steps (the ADE20K recipe's 160k
 iterations): the schedule then runs over N steps and the last epoch stops part-way. The
@@ -124,8 +125,10 @@ def set_threads(args) -> None:
 
 
 def run(args) -> int:
-    """Both commands' entry point: the thread count, then the chosen action."""
+    """Both commands' entry point: the thread count and image size limit, then the chosen
+    action."""
     set_threads(args)
+    apply_max_image_pixels(args)
     return args._action(args)
 
 
@@ -217,6 +220,7 @@ def predict_images(args, load, draw, describe) -> int:
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
+    from ..data.image_limits import open_image
     from ..training.distributed import pick_device
 
     images = check_images(args.images)
@@ -227,10 +231,7 @@ def predict_images(args, load, draw, describe) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for path in images:
         target = new_png(out, path)
-        try:
-            pixels = F.pil_to_tensor(Image.open(path).convert("RGB"))
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from None
+        pixels = F.pil_to_tensor(open_image(path, "RGB"))  # one-line errors naming the file
         drawn, found = draw(model, pixels, classes, device)
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
         print(f"{path} -> {target}: {describe(found)}")

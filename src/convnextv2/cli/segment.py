@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import add_max_image_pixels_argument
 from ._transfer import (LENGTH_HELP, add_backbone_options, add_eval_options,
                         add_predict_options, add_train_parser, add_training_options,
                         evaluate_run, pick, predict_images, transfer_config)
@@ -67,6 +68,7 @@ def add_arguments(p):
                        description="Colour each pixel by its predicted class, over the image.")
     add_predict_options(r)
     r.add_argument("--alpha", type=float, default=0.55, help="opacity of the colour map")
+    add_max_image_pixels_argument(r)
     r.set_defaults(_action=_predict)
 
 
@@ -78,6 +80,7 @@ def _add_data_options(p) -> None:
                    help="mask value 0 is a class (default: 0 = ignore, as in ADE20K)")
     g.add_argument("--eval-size", type=int, help="shorter edge of test images (default: the "
                                                  "crop size in training, as they are in eval)")
+    add_max_image_pixels_argument(g)
 
 
 def _root(args) -> Path:

@@ -9,8 +9,9 @@ Two details that are easy to get wrong:
   objects with the main process. The record of failed samples is therefore a one-byte-per-
   sample tensor in shared memory, written by whichever process meets the failure and read by
   the main process: ``num_skipped`` is right with ``workers > 0`` too.
-- 16-bit images (``I;16`` PNGs, ``I`` TIFFs) are scaled to 8 bits (divided by 257). Pillow's
-  own ``convert("L")`` clips them instead, which turns almost every pixel white.
+- Files are opened by ``image_limits.open_image``, the opener every reader shares: oversized
+  images are refused by their header, and 16-bit images are scaled to 8 bits (divided by 257;
+  Pillow's own ``convert("L")`` clips them, which turns almost every pixel white).
 
 Warnings go to the ``convnextv2.data`` logger as one line each (no Python source location,
 unlike ``warnings.warn``); without logging configured, Python prints them on stderr.
@@ -23,8 +24,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
+
+from .image_limits import (READ_ERRORS, ImageTooLargeError, UnreadableImageError, image_size,
+                           open_image, to_8bit)
 
 log = logging.getLogger("convnextv2.data")
 _said: set[str] = set()  # scan warnings already given in this process
@@ -39,7 +43,7 @@ def _warn_once(message: str) -> None:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
-_BAD_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+_BAD_IMAGE_ERRORS = READ_ERRORS
 
 
 class CorruptImageError(ValueError):
@@ -48,30 +52,6 @@ class CorruptImageError(ValueError):
 
 class EmptyClassError(ValueError):
     """A class folder without images, met with ``strict=True``."""
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def to_8bit(img: Image.Image) -> Image.Image:
-    """``img`` with 16-bit gray values scaled into 0..255 (mode ``L``); other modes as they are.
-
-    Mode ``I`` (32-bit integers; what some Pillow versions and TIFF files give for 16-bit data)
-    is read as 16-bit too, clipped to 0..65535 first.
-    """
-    if img.mode not in _SIXTEEN_BIT_MODES:
-        return img
-    values = np.asarray(img, dtype=np.float64)
-    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """The image at ``path``, fully decoded (the file is closed again) and 16-bit data scaled to
-    8 bits. Raises OSError / UnidentifiedImageError for a file that is no readable image."""
-    with Image.open(path) as img:
-        img.load()
-        out = to_8bit(img)
-        return out.copy() if out is img else out
 
 
 class ArrayDataset(Dataset):
@@ -118,7 +98,7 @@ class _FileDataset(Dataset):
             if problem is None:
                 good.append((path, target))
             elif strict:
-                raise CorruptImageError(f"unreadable image {path}: {problem}")
+                raise CorruptImageError(problem)
             else:
                 self._unreadable.append(str(path))
         if self._unreadable:
@@ -153,10 +133,10 @@ class _FileDataset(Dataset):
                 return open_image(path), target
             except _BAD_IMAGE_ERRORS as e:
                 if self.strict:
-                    raise CorruptImageError(f"unreadable image {path}: {e}") from None
+                    raise CorruptImageError(describe_failure(path, e)) from None
                 if not self._decode_failed[j]:
                     self._decode_failed[j] = 1
-                    log.warning("warning: skipping unreadable image %s: %s", path, e)
+                    log.warning("warning: skipping %s", describe_failure(path, e))
         raise CorruptImageError(f"{self.root}: no image could be decoded")
 
     def __getitem__(self, i: int):
@@ -229,13 +209,22 @@ def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def describe_failure(path, error: BaseException) -> str:
+    """One line naming the file and why it cannot be used (the opener's own errors already
+    name it)."""
+    if isinstance(error, (ImageTooLargeError, UnreadableImageError)):
+        return str(error)
+    return f"unreadable image {path}: {error or type(error).__name__}"
+
+
 def _check_image(path: Path) -> str | None:
-    """None if the file looks like a readable image, else the reason."""
+    """None if the file looks like a readable image, else one line naming it and why not."""
     try:
         if path.stat().st_size == 0:
-            return "empty file"
+            return f"unreadable image {path}: empty file"
+        image_size(path)  # the header, and the size limit
         with Image.open(path) as img:
             img.verify()
     except _BAD_IMAGE_ERRORS as e:
-        return str(e) or type(e).__name__
+        return describe_failure(path, e)
     return None

@@ -39,7 +39,8 @@ from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .datasets import _BAD_IMAGE_ERRORS, CorruptImageError, open_image
+from .datasets import _BAD_IMAGE_ERRORS, CorruptImageError, describe_failure, open_image
+from .image_limits import open_lazily
 from .transforms import mean_std, pretrain_transform
 
 log = logging.getLogger("convnextv2.data")
@@ -110,12 +111,12 @@ class EncodedImageDataset(Dataset):
                 return self._read(str(path), j), target
             except _BAD_IMAGE_ERRORS as e:
                 if files.strict:
-                    raise CorruptImageError(f"unreadable image {path}: {e}") from None
+                    raise CorruptImageError(describe_failure(path, e)) from None
                 mark_unreadable(files, j, path, e)
         raise CorruptImageError(f"{files.root}: no image could be read")
 
     def _read(self, path: str, j: int) -> EncodedImage:
-        with Image.open(path) as img:  # lazy: the header only
+        with open_lazily(path) as img:  # the header only (and the size limit)
             box, flipped = draw_augmentation(img, self.crop, self.flip)
             device_decodes = img.format == "JPEG" and img.mode == "RGB"
         if device_decodes:
@@ -138,7 +139,7 @@ def mark_unreadable(files: Dataset, j: int, path, error) -> None:
     record = getattr(files, "_decode_failed", None)
     if record is not None and not record[j]:
         record[j] = 1
-        log.warning("warning: skipping unreadable image %s: %s", path, error)
+        log.warning("warning: skipping %s", describe_failure(path, error))
 
 
 def collate_encoded(items) -> tuple[EncodedBatch, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ default) value 0 means "ignore" and values 1..K are the K classes: they become 2
 ``objectInfo150.txt``, or just a count.
 
 Opening the dataset checks that every image has its mask and that their sizes agree (PIL reads
-only the headers); a mask value outside the class range is reported when the mask is loaded.
+only the headers; images above the pixel limit of ``data/image_limits.py`` are refused there);
+a mask value outside the class range is reported when the mask is loaded. Images go through
+the shared opener (16-bit scaled to 8 bits); masks are read as they are (class indices).
 """
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..data.image_limits import image_size, open_image
 from ..transfer.errors import DataError
 from .model import IGNORE_INDEX
 
@@ -81,11 +83,7 @@ class SegmentationFolder(Dataset):
             mask = ann_dir / f"{image.stem}.png"
             if not mask.is_file():
                 raise DataError(f"{image}: its mask {mask} is missing")
-            try:
-                with Image.open(image) as a, Image.open(mask) as b:
-                    isize, msize = a.size, b.size
-            except OSError as e:
-                raise DataError(f"cannot read {image} or {mask}: {e}") from None
+            isize, msize = image_size(image), image_size(mask)  # headers, and the size limit
             if isize != msize:
                 raise DataError(f"{mask} is {msize[0]}x{msize[1]} but its image {image.name} is "
                                 f"{isize[0]}x{isize[1]}")
@@ -97,7 +95,7 @@ class SegmentationFolder(Dataset):
     def load_mask(self, index: int) -> np.ndarray:
         """The mask with classes 0..K-1 and 255 for ignore; raises on out-of-range values."""
         path = self.samples[index][1]
-        raw = np.asarray(Image.open(path))
+        raw = np.asarray(open_image(path, scale_16bit=False))  # class indices, not light
         if raw.ndim != 2:
             raise DataError(f"{path}: a mask PNG must have one channel of class indices "
                             f"(mode L or P), got shape {raw.shape}")
@@ -116,7 +114,7 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, _ = self.samples[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(Image.open(image_path).convert("RGB")))
+        image = tv_tensors.Image(v2.functional.pil_to_tensor(open_image(image_path, "RGB")))
         mask = tv_tensors.Mask(torch.from_numpy(self.load_mask(index)))
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)

@@ -50,7 +50,7 @@ def run(args) -> int:
     results = []
     with torch.no_grad():
         for start in range(0, len(paths), BATCH):
-            images = [_read(p, open_image) for p in paths[start:start + BATCH]]
+            images = [open_image(p) for p in paths[start:start + BATCH]]  # one-line errors
             results += predict(model, images, transform, names, args.topk, args.device)
     if args.json:
         print(json.dumps([dict(image=str(p), top=[dict(label=c, probability=pr) for c, pr in r])
@@ -61,16 +61,3 @@ def run(args) -> int:
         for label, prob in top:
             print(f"  {prob * 100:6.2f}%  {label}")
     return 0
-
-def _read(path, open_image):
-    """The decoded image, or a one-line error naming the file and what is wrong with it."""
-    from PIL import UnidentifiedImageError
-
-    try:
-        return open_image(path)
-    except UnidentifiedImageError:
-        raise ValueError(f"{path} is not an image file Pillow can read (expected an image "
-                         f"such as PNG or JPEG)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot decode the image (truncated or damaged? "
-                         f"{' '.join(str(e).split())})") from None

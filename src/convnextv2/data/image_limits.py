@@ -141,7 +141,9 @@ def open_image(path: str | Path, mode: str | None = None,
 
 
 def _reason(error: BaseException) -> str:
-    """Pillow's words without the path (the message names the file once)."""
+    """What is wrong, in words that do not repeat the path (the message names it once)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file Pillow can read (expected an image such as PNG or JPEG)"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return str(error) or type(error).__name__
+    return f"{' '.join(str(error).split()) or type(error).__name__} (truncated or damaged?)"

@@ -21,6 +21,7 @@ COMMANDS = {
     "reconstruct": "reconstruct",
     "detect": "detect",
     "segment": "segment",
+    "shards": "shards",
 }
 
 EPILOG = """examples:

@@ -1,5 +1,6 @@
-"""Datasets and transforms: the built-in Fashion-MNIST subset, IDX folders, ImageFolder trees
-and plain image folders, all behind ``build_dataset``."""
+"""Datasets and transforms: the built-in Fashion-MNIST subset, IDX folders, ImageFolder trees,
+plain image folders and CSV/TSV file lists, all behind ``build_dataset``; WebDataset tar
+shards, streamed for training, in ``shards`` (``open_shards``, ``is_shard_source``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ from typing import Callable
 
 from .datasets import (IMAGE_EXTENSIONS, ArrayDataset, CorruptImageError, EmptyClassError,
                        ImageFolderDataset, ImageListDataset, IndexedDataset, open_image, to_8bit)
+from .filelist import FileListDataset, is_file_list, val_list_for
 from .idx import find_idx_pair, is_idx_folder, read_idx, write_idx
 from .transforms import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, denormalize,
                          eval_transform, mean_std, pretrain_transform, train_transform)
@@ -22,7 +24,8 @@ __all__ = ["build_dataset", "IndexedDataset", "ArrayDataset", "ImageFolderDatase
            "eval_transform", "denormalize", "mean_std", "FASHION_MNIST_CLASSES", "BUILTIN_DIR",
            "IMAGENET_MEAN", "IMAGENET_STD", "GRAY_MEAN", "GRAY_STD", "IMAGE_EXTENSIONS",
            "read_idx", "write_idx", "find_idx_pair", "describe_source", "EmptyClassError",
-           "open_image", "to_8bit", "count_skipped", "image_files"]
+           "open_image", "to_8bit", "count_skipped", "image_files", "FileListDataset",
+           "first_items"]
 
 
 def build_dataset(source: str | Path, split: str = "train", transform: Callable | None = None,
@@ -37,7 +40,10 @@ def build_dataset(source: str | Path, split: str = "train", transform: Callable 
         picks one; a tree with ``train/`` alone serves the train split (pretraining needs no
         more) and names the missing ``val/`` when the val split is asked for;
       - an ImageFolder root (``root/<class>/<image>``), used whatever the split;
-      - a plain folder of images: unlabelled (targets 0, ``classes == []``), for pretraining.
+      - a plain folder of images: unlabelled (targets 0, ``classes == []``), for pretraining;
+      - a ``.csv`` / ``.tsv`` list of ``path,label`` rows (``data/filelist.py``); its val
+        split is the list named with ``val`` for ``train`` (``train.csv`` -> ``val.csv``).
+    Tar shards are streamed, not indexed: ``shards.open_shards`` reads them (this refuses them).
     ``split``: ``train`` or ``val`` (``test`` is a synonym). ``labelled=True`` rejects the
     unlabelled case; ``False`` treats any image folder as unlabelled. Unreadable images are
     skipped with a warning and counted in ``.num_skipped`` (``strict=True`` raises instead).
@@ -46,6 +52,15 @@ def build_dataset(source: str | Path, split: str = "train", transform: Callable 
         raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
     if str(source) == "builtin":
         return _idx_dataset(BUILTIN_DIR, split, transform, FASHION_MNIST_CLASSES)
+    if is_file_list(source):
+        path = Path(source).expanduser()
+        return FileListDataset(path if split == "train" else val_list_for(path), transform,
+                               strict, labelled=bool(labelled))
+    from .shards import is_shard_source
+    if is_shard_source(source):
+        raise ValueError(f"--data {source}: tar shards are read by pretrain and finetune only; "
+                         f"here give an image folder, a .csv/.tsv list, an IDX folder or "
+                         f"'builtin'")
     root = Path(source).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist (give a folder of images, "
@@ -92,6 +107,16 @@ def image_files(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder`` (by extension; hidden files left out), sorted."""
     from .datasets import _image_files
     return _image_files(Path(folder))
+
+
+def first_items(dataset, n: int) -> list:
+    """The first ``n`` items of a dataset, indexed (map-style) or streamed (tar shards)."""
+    from itertools import islice
+
+    from torch.utils.data import IterableDataset
+    if isinstance(dataset, IterableDataset):
+        return list(islice(iter(dataset), n))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
 
 
 def describe_source(source: str | Path) -> str:

@@ -8,7 +8,6 @@ repeats the uninterrupted run's per-step losses.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,9 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import training as T
 from ..data import build_dataset, count_skipped, eval_transform, train_transform
+from ..data.shards import ShardLoader, is_shard_source, open_shards
 from ..training import sample_key
+from ..training.data_order import keyed_rngs
 from ..training.dist_eval import sharded_loader
 from .finetune_config import FinetuneConfig
 
@@ -66,9 +67,9 @@ def _subset(ds, n: int | None, seed: int):
 
 def build_data(run: FinetuneConfig, transforms: tuple, info: T.DistInfo) -> FinetuneData:
     """The training and validation loaders and the mixup/cutmix function of the run."""
-    from timm.data import Mixup
-
     batch = run.batch_size
+    if is_shard_source(run.data):
+        return _shard_data(run, transforms, info)
     train_ds = build_dataset(run.data, "train", transforms[0], strict=run.strict_data,
                              labelled=True)
     val_ds = build_dataset(run.data, "val", transforms[1], strict=run.strict_data,
@@ -97,14 +98,49 @@ def build_data(run: FinetuneConfig, transforms: tuple, info: T.DistInfo) -> Fine
     if run.fsdp and info.distributed:
         val_loader = DataLoader(val_ds, batch_size=val_batch, shuffle=False,
                                 num_workers=run.workers)
-    mixup_fn = (Mixup(mixup_alpha=run.mixup, cutmix_alpha=run.cutmix,
-                      cutmix_minmax=run.cutmix_minmax, prob=run.mixup_prob,
-                      switch_prob=run.mixup_switch_prob, mode=run.mixup_mode,
-                      label_smoothing=run.smoothing, num_classes=len(classes))
-                if mixup_active else None)
     batches = _batches_per_epoch(run, len(loader), len(train_ds))
-    return FinetuneData(loader, val_loader, classes, skipped, batches, mixup_fn,
-                        (train_ds, val_ds))
+    return FinetuneData(loader, val_loader, classes, skipped, batches,
+                        _mixup(run, len(classes)), (train_ds, val_ds))
+
+
+def _mixup(run: FinetuneConfig, num_classes: int):
+    """timm's ``Mixup`` of the run, None when mixup and cutmix are off."""
+    from timm.data import Mixup
+
+    if not (run.mixup > 0 or run.cutmix > 0 or run.cutmix_minmax is not None):
+        return None
+    return Mixup(mixup_alpha=run.mixup, cutmix_alpha=run.cutmix,
+                 cutmix_minmax=run.cutmix_minmax, prob=run.mixup_prob,
+                 switch_prob=run.mixup_switch_prob, mode=run.mixup_mode,
+                 label_smoothing=run.smoothing, num_classes=num_classes)
+
+
+def _shard_data(run: FinetuneConfig, transforms: tuple, info: T.DistInfo) -> FinetuneData:
+    """Training and validation from tar shards (``data.shards``): a folder with ``train/``
+    and ``val/`` shard folders. Training streams every process's endless share (always whole
+    batches, so mixup needs no check); each process scores its own val shards (FSDP: rank 0
+    scores them all), every image once."""
+    if run.train_subset or run.val_subset:
+        raise ValueError(f"--train-subset / --val-subset draw images from a list; --data "
+                         f"{run.data} is streamed tar shards: write a smaller shard set instead")
+    train_ds = open_shards(run.data, "train", transforms[0], strict=run.strict_data,
+                           labelled=True, with_index=False)
+    val_ds = open_shards(run.data, "val", transforms[1], strict=run.strict_data,
+                         labelled=True, with_index=False)
+    if val_ds.classes != train_ds.classes:
+        raise ValueError(f"{run.data}: the train and val shards have different classes "
+                         f"({len(train_ds.classes)} vs {len(val_ds.classes)})")
+    train_ds.for_training(seed=run.seed, rank=info.rank, world_size=info.world_size,
+                          workers=run.workers, batch_size=run.batch_size)
+    whole = run.fsdp and info.distributed
+    val_ds.for_evaluation(rank=0 if whole else info.rank, world_size=1 if whole else
+                          info.world_size)
+    val_loader = DataLoader(val_ds, batch_size=max(2 * run.batch_size, 64),
+                            num_workers=min(run.workers, len(val_ds.shards)))
+    loader = ShardLoader(train_ds)
+    batches = _batches_per_epoch(run, len(loader), len(train_ds))
+    return FinetuneData(loader, val_loader, list(train_ds.classes), 0, batches,
+                        _mixup(run, len(train_ds.classes)), (train_ds, val_ds))
 
 
 def _batches_per_epoch(run: FinetuneConfig, batches: int, images: int) -> int:
@@ -118,30 +154,10 @@ def _batches_per_epoch(run: FinetuneConfig, batches: int, images: int) -> int:
     return batches - batches % run.accum_steps
 
 
-@contextmanager
-def keyed_rng(key: int):
-    """Run the body with the global torch (CPU), numpy and python RNGs seeded by ``key``, then
-    put the previous states back, so the caller's random streams are untouched."""
-    import random
-
-    import numpy as np
-    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), \
-        random.getstate()
-    try:
-        torch.default_generator.manual_seed(key)
-        np.random.seed(key % 2 ** 32)
-        random.seed(key)
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-
-
 def keyed_mixup(mixup_fn, x, y, seed: int, step: int, micro: int = 0):
     """timm's ``Mixup`` with its draws (lambda, mixup-or-cutmix, box) keyed by (seed,
     optimizer step, micro-batch): the global RNGs it reads are reseeded from that key for the
     call and restored afterwards. Every rank draws the same lambda for a step, as one process
     holding the whole global batch would."""
-    with keyed_rng(sample_key(seed, step, micro, salt="mixup")):
+    with keyed_rngs(sample_key(seed, step, micro, salt="mixup")):
         return mixup_fn(x, y)

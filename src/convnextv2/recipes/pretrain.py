@@ -40,7 +40,8 @@ from .. import training as T
 from ..checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from ..data import (IndexedDataset, build_dataset, describe_source, eval_transform, mean_std,
                     pretrain_transform)
-from ..data import device_decode
+from ..data import device_decode, first_items
+from ..data.shards import ShardLoader, is_shard_source, open_shards
 from ..data.idx import is_idx_folder
 from ..fcmae import io as fcmae_io
 from ..fcmae.fcmae import FCMAE
@@ -263,9 +264,11 @@ def fixed_recon_batch(cfg: PretrainConfig, patch_size: int):
     """The same first images (deterministic resize, no random crop) and the same mask for
     every reconstruction figure of a run."""
 
-    ds = build_dataset(cfg.data, "train", eval_transform(cfg.img_size, cfg.in_chans, crop_pct=1.0))
-    n = min(RECON_IMAGES, len(ds))
-    imgs = torch.stack([ds[i][0] for i in range(n)])
+    transform = eval_transform(cfg.img_size, cfg.in_chans, crop_pct=1.0)
+    ds = (open_shards(cfg.data, "train", transform) if is_shard_source(cfg.data)
+          else build_dataset(cfg.data, "train", transform))
+    imgs = torch.stack([item[0] for item in first_items(ds, RECON_IMAGES)])
+    n = len(imgs)
     grid = (cfg.img_size // patch_size,) * 2
     mask = keyed_mask(cfg.seed, RECON_EPOCH_KEY, range(n), grid, cfg.mask_ratio)
     return imgs, mask
@@ -275,7 +278,9 @@ def build_loader(cfg: PretrainConfig, info: T.DistInfo):
     """The training data: order keyed by (seed, epoch), augmentation by (seed, epoch, index).
     Returns ``(dataset, loader)``; batches are ``(images, targets, indices)``, the images an
     ``EncodedBatch`` (file bytes and crop boxes; ``batch_to_device`` decodes it) with
-    ``cfg.decode == "device"``."""
+    ``cfg.decode == "device"``. Tar shards are streamed (``data.shards``)."""
+    if is_shard_source(cfg.data):
+        return _shard_loader(cfg, info)
     if cfg.decode == "device":
         base = build_dataset(cfg.data, "train", None, strict=cfg.strict_data)
         source = device_decode.EncodedImageDataset(base, cfg.img_size)
@@ -292,6 +297,17 @@ def build_loader(cfg: PretrainConfig, info: T.DistInfo):
                         generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=False)  # workers must see each epoch's set_epoch
     return base, loader
+
+
+def _shard_loader(cfg: PretrainConfig, info: T.DistInfo):
+    if cfg.decode == "device":
+        raise ValueError(f"--decode device reads image files; --data {cfg.data} is tar shards: "
+                         f"use --decode cpu")
+    base = open_shards(cfg.data, "train", pretrain_transform(cfg.img_size, cfg.in_chans),
+                       strict=cfg.strict_data)
+    base.for_training(seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                      workers=cfg.workers, batch_size=cfg.batch_size)
+    return base, ShardLoader(base, pin_memory=info.device.type == "cuda")
 
 
 def batch_to_device(cfg: PretrainConfig, device: torch.device, base):

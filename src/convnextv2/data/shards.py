@@ -50,7 +50,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from .datasets import _BAD_IMAGE_ERRORS, IMAGE_EXTENSIONS, CorruptImageError, _warn_once, to_8bit
+from .datasets import IMAGE_EXTENSIONS, CorruptImageError, _warn_once
+from .image_limits import READ_ERRORS, ImageTooLargeError, check_size, to_8bit
 
 log = logging.getLogger("convnextv2.data")
 
@@ -382,13 +383,10 @@ class ShardDataset(IterableDataset):
         return True
 
     def _item(self, index: int, sample: dict, keyed: bool):
+        where = f"{sample.get('__url__')} sample {sample.get('__key__')}"
         try:
-            with Image.open(io.BytesIO(sample[_image_key(sample)])) as img:
-                img.load()
-                image = to_8bit(img)
-                image = image.copy() if image is img else image
-        except _BAD_IMAGE_ERRORS as e:
-            where = f"{sample.get('__url__')} sample {sample.get('__key__')}"
+            image = _decode(sample[_image_key(sample)], where)
+        except (*READ_ERRORS, ImageTooLargeError) as e:
             if self.strict:
                 raise CorruptImageError(f"unreadable image {where}: {e}") from None
             if not self._decode_failed[index]:
@@ -404,6 +402,16 @@ class ShardDataset(IterableDataset):
             else:
                 image = self.transform(image)
         return (image, target, index) if self.with_index else (image, target)
+
+
+def _decode(data: bytes, where: str) -> Image.Image:
+    """A shard member's image, decoded, under the readers' pixel limit (checked from the
+    header first), 16-bit data scaled to 8 bits."""
+    with Image.open(io.BytesIO(data)) as img:
+        check_size(img, where)
+        img.load()
+        out = to_8bit(img)
+        return out.copy() if out is img else out
 
 
 def _image_key(sample: dict) -> str | None:

@@ -118,3 +118,67 @@ def write_png_header(path, width: int, height: int) -> None:
     with open(path, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
                 + chunk(b"IEND", b""))
+
+
+# -- released weights without the network (test_pretrained.py, test_cli_table.py) --------------
+class LocalFileServer:
+    """An HTTP server on 127.0.0.1 standing in for the official download site: serves
+    ``files`` (URL path -> bytes) and records ``requests``; a path in ``truncate`` announces its
+    full length, sends half and hangs up. ``close()`` when done."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.files: dict[str, bytes] = {}
+        self.truncate: set[str] = set()
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's hook
+                outer.requests.append(self.path)
+                body = outer.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2] if self.path in outer.truncate else body)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def unreachable_weight_sources(monkeypatch, folder):
+    """Cut the Hub and the official URL off (a closed port), with empty caches under
+    ``folder``. Returns the recorder of Hub calls; set its ``answer`` to a file path to make
+    the Hub answer with it."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    class Hub:
+        calls: list = []
+        answer = None
+
+    def hf_hub_download(repo_id, filename, **kw):
+        Hub.calls.append((repo_id, filename))
+        if Hub.answer is None:
+            raise LocalEntryNotFoundError("cannot reach the Hub and the file is not cached")
+        return str(Hub.answer)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder / "hf"))
+    monkeypatch.setenv("CONVNEXTV2_CACHE", str(folder / "cache"))
+    monkeypatch.setenv("CONVNEXTV2_WEIGHTS_URL", "http://127.0.0.1:9/closed")
+    return Hub

@@ -596,3 +596,64 @@ def test_segment_refuses_hostile_input_in_one_line(case, w, transfer_runs, seg_d
     assert {key: _hash_tree(run) for key, run in runs.items()} == before
     if code == 2:  # a refused run writes nothing; a failed one keeps its logs for a look
         assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+
+
+# -- released weights by name (issue 22): unreleased tags, no network, torn downloads ----------
+# Every command that takes a checkpoint takes a released name; its failures are one line too.
+# The Hub and the official URL are cut off (a closed port); "{TORN}" rows get a local server
+# that sends half of convnextv2_femto.fcmae.
+NAMES_OFFLINE = ["timm/convnextv2_atto.fcmae", "dl.fbaipublicfiles.com", "pass the file"]
+RELEASED_NAME_CASES = [
+    ("finetune-unreleased-tag", [*FT, "--data", "{R}/data", "--output", "{OUT}", "--finetune",
+                                 "convnextv2_atto.fcmae_ft_in22k_in1k"],
+     ["fcmae_ft_in22k_in1k", "released: fcmae, fcmae_ft_in1k"]),
+    ("eval-unreleased-tag", ["eval", "--checkpoint", "convnextv2_tiny.in1k", "--data",
+                             "{R}/data"], ["'in1k'", "fcmae_ft_in22k_in1k_384"]),
+    ("predict-offline", ["predict", "--checkpoint", "convnextv2_atto.fcmae", "{R}/whole.jpg"],
+     NAMES_OFFLINE),
+    ("finetune-offline", [*FT, "--data", "{R}/data", "--output", "{OUT}", "--finetune",
+                          "convnextv2_atto.fcmae"], NAMES_OFFLINE),
+    ("pretrain-init-offline", [*PRE, "--data", "{R}/data/train", "--output", "{OUT}", "--init",
+                               "timm/convnextv2_atto.fcmae"], NAMES_OFFLINE),
+    ("detect-pretrained-offline", [*DET, "--output", "{OUT}", "--pretrained",
+                                   "convnextv2_atto.fcmae"], NAMES_OFFLINE),
+    ("segment-pretrained-unreleased", [*SEG, "--output", "{OUT}", "--pretrained",
+                                       "convnextv2_huge.fcmae_ft_in22k_in1k"],
+     ["huge", "fcmae_ft_in22k_in1k_512"]),
+    ("finetune-torn-download", [*FT, "--data", "{R}/data", "--output", "{OUT}", "--finetune",
+                                "convnextv2_femto.fcmae", "{TORN}"],
+     ["truncated", "convnextv2_femto_1k_224_fcmae.pt"]),
+    ("info-pretrained-no-match", ["info", "--pretrained", "resnet50"], ["resnet50"]),
+]
+
+
+@pytest.mark.parametrize("case", RELEASED_NAME_CASES, ids=[c[0] for c in RELEASED_NAME_CASES])
+def test_released_names_fail_in_one_line(case, w, transfer_runs, capsys, monkeypatch,
+                                         tmp_path):
+    from conftest import LocalFileServer, unreachable_weight_sources
+
+    case_id, template, words = case
+    unreachable_weight_sources(monkeypatch, tmp_path)
+    server = None
+    if "{TORN}" in template:
+        template = [a for a in template if a != "{TORN}"]
+        server = LocalFileServer()
+        server.files["/pt_only/convnextv2_femto_1k_224_fcmae.pt"] = b"PK" + bytes(4000)
+        server.truncate.update(server.files)
+        monkeypatch.setenv("CONVNEXTV2_WEIGHTS_URL", server.url)
+    before = {key: _hash_tree(run) for key, run in {**transfer_runs, "run": w["run"]}.items()}
+    out = w["root"] / "fresh" / case_id
+    try:
+        rc = main(_transfer_argv(template, w, transfer_runs, out))
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        if server:
+            server.close()
+    captured = capsys.readouterr()
+    assert rc == 2, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert {key: _hash_tree(run) for key, run in {**transfer_runs, "run": w["run"]}.items()} \
+        == before
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+    assert not list((tmp_path / "cache").glob("*")), "a torn download was cached"

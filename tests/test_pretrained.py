@@ -7,8 +7,6 @@ catalogue's file names (``$CONVNEXTV2_WEIGHTS_URL`` points the catalogue at it).
 """
 from __future__ import annotations
 
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from convnextv2.checkpoint.catalog import default_tag
 from convnextv2.checkpoint.loading import adapt_input_channels
 from convnextv2.models.registry import create_model as architecture
 
-from conftest import TOY
+from conftest import TOY, LocalFileServer, unreachable_weight_sources
 
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 
@@ -40,70 +38,15 @@ def official_bytes(model: torch.nn.Module, path: Path) -> bytes:
     return path.read_bytes()
 
 
-class _Server:
-    """Serves ``files`` (URL path -> bytes) and counts the requests; a path in ``truncate``
-    announces its full length but sends half and hangs up."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.truncate: set[str] = set()
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's hook
-                outer.requests.append(self.path)
-                body = outer.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:len(body) // 2] if self.path in outer.truncate else body)
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """An unreachable Hub with an empty cache, an empty download cache, and no official URL
-    (a closed port) unless a test serves one. ``hub.calls`` lists the Hub requests."""
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    class Hub:
-        calls: list = []
-        answer = None  # a local file to return instead of failing
-
-    def hf_hub_download(repo_id, filename, **kw):
-        Hub.calls.append((repo_id, filename))
-        if Hub.answer is None:
-            raise LocalEntryNotFoundError("cannot reach the Hub and the file is not cached")
-        return str(Hub.answer)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("CONVNEXTV2_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CONVNEXTV2_WEIGHTS_URL", "http://127.0.0.1:9/closed")
-    Hub.calls = []
-    return Hub
+    """An unreachable Hub and official URL with empty caches; ``hub.calls``: Hub requests."""
+    return unreachable_weight_sources(monkeypatch, tmp_path)
 
 
 @pytest.fixture
 def server(monkeypatch):
-    s = _Server()
+    s = LocalFileServer()
     monkeypatch.setenv("CONVNEXTV2_WEIGHTS_URL", s.url)
     yield s
     s.close()
@@ -310,3 +253,37 @@ def test_transfer_backbone_and_finetune_adapt_released_weights(hub, server, tmp_
     model, report = build_finetune_model(None, 10, name, in_chans=1)
     torch.testing.assert_close(model.stem.conv.weight, summed)
     assert report["stem"].startswith("adapted from 3 to 1") and len(server.requests) == 1
+
+
+def test_pretrain_init_takes_a_released_encoder_for_one_channel(hub, server, tmp_path):
+    """``pretrain --init convnextv2_atto.fcmae --in-chans 1``: the encoder gets the summed
+    stem, the decoder starts fresh, and the log line says both."""
+    from conftest import make_tiny_fcmae
+    from convnextv2.recipes.pretrain import load_init
+
+    name = "convnextv2_atto.fcmae"
+    source = randomised(architecture("atto", num_classes=0, stem_stride=1, **TOY))
+    server.files[_path(name)] = official_bytes(source, tmp_path / "e.pt")
+    fcmae = make_tiny_fcmae(in_chans=1)
+    note = load_init(fcmae, name)
+    assert note.startswith(f"--init {name}: encoder weights") and "adapted from 3 to 1" in note
+    torch.testing.assert_close(fcmae.encoder.stem.conv.weight,
+                               source.stem.conv.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(fcmae.encoder.stages[3].blocks[0].pwconv1.weight,
+                               source.stages[3].blocks[0].pwconv1.weight)
+
+
+def test_predict_takes_a_released_name(hub, server, tmp_path, capsys):
+    """``predict --checkpoint NAME`` classifies with the fetched weights, at the entry's size
+    unless --img-size says otherwise (ImageNet class names for a 1000-class head)."""
+    from PIL import Image
+
+    from convnextv2.cli import main
+
+    name = "convnextv2_atto.fcmae_ft_in1k"
+    source = randomised(architecture("atto", stem_stride=1, **TOY))
+    server.files[_path(name)] = official_bytes(source, tmp_path / "c.pt")
+    Image.new("RGB", (40, 40), (120, 30, 200)).save(tmp_path / "x.png")
+    assert main(["predict", "--checkpoint", name, "--img-size", "32", "--topk", "1",
+                 str(tmp_path / "x.png")]) == 0
+    assert "x.png" in capsys.readouterr().out and len(server.requests) == 1

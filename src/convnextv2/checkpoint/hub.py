@@ -64,9 +64,11 @@ def download(repo_id: str) -> str:
 
 def _reason(error: BaseException) -> str:
     """``TypeName: first line`` of an exception, for a one-line message."""
-    text = str(error).strip()
-    first = " ".join(text.splitlines()[0].split()) if text else ""
-    return f"{type(error).__name__}: {first[:160]}" if first else type(error).__name__
+    text = " ".join(str(error).split())
+    first = text.split(". ")[0].rstrip(".")  # the first sentence says it; the rest advises
+    if len(first) > 160:
+        first = first[:157].rsplit(" ", 1)[0] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _file_missing_remotely(error: Exception) -> bool:
@@ -117,8 +119,8 @@ def fetch(entry: PretrainedEntry) -> Path:
         f"could not fetch {entry.name}: the Hugging Face Hub ({entry.hub_id}: {hub_failure}) "
         f"and the official URL ({url}: {url_failure}) both failed; download "
         f"{entry.filename} from {entry.url} where the network is reachable and pass the file "
-        f"itself, e.g. create_model('{entry.variant}', pretrained='/path/to/{entry.filename}') "
-        f"or --finetune /path/to/{entry.filename}")
+        f"where the name was, e.g. create_model('{entry.variant}', "
+        f"pretrained='/path/to/{entry.filename}') or --finetune /path/to/{entry.filename}")
 
 
 def _cached(entry: PretrainedEntry) -> Path | None:

@@ -657,3 +657,55 @@ def test_released_names_fail_in_one_line(case, w, transfer_runs, capsys, monkeyp
         == before
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
     assert not list((tmp_path / "cache").glob("*")), "a torn download was cached"
+
+
+# -- replayable runs, the SLURM launcher, the pretraining monitor (issue 23) -------------------
+# (id, files written first under {T}, argv, words the one line must hold)
+REPLAY_LAUNCH_MONITOR_HOSTILE = [
+    ("config-missing", {}, ["pretrain", "--config", "{T}/none.yaml", "--output", "{T}/o"],
+     ["--config", "cannot read"]),
+    ("config-unknown-key", {"c.yaml": "epochs: 1\nlearning_rate: 0.1\n"},
+     ["pretrain", "--config", "{T}/c.yaml", "--output", "{T}/o"], ["learning_rate", "unknown"]),
+    ("config-bad-type", {"c.yaml": "batch_size: big\n"},
+     ["finetune", "--config", "{T}/c.yaml", "--data", "builtin", "--output", "{T}/o"],
+     ["batch_size", "integer"]),
+    ("config-bad-choice", {"c.yaml": "amp: fp8\n"},
+     ["detect", "train", "--config", "{T}/c.yaml", "--data", "builtin", "--output", "{T}/o"],
+     ["amp", "bf16"]),
+    ("config-not-yaml", {"c.yaml": "epochs: [1\n"},
+     ["segment", "train", "--config", "{T}/c.yaml", "--data", "builtin", "--output", "{T}/o"],
+     ["not valid YAML"]),
+    ("config-a-list", {"c.yaml": "- 1\n- 2\n"},
+     ["pretrain", "--config", "{T}/c.yaml", "--output", "{T}/o"], ["mapping"]),
+    ("launch-no-command", {}, ["launch", "slurm", "--dry-run"], ["training command", "pretrain"]),
+    ("launch-not-training", {}, ["launch", "slurm", "--dry-run", "--", "eval", "--output", "x"],
+     ["eval", "finetune"]),
+    ("launch-bad-time", {}, ["launch", "slurm", "--time", "soon", "--dry-run", "--", "pretrain",
+                             "--output", "{T}/o"], ["--time", "H:MM:SS"]),
+    ("launch-zero-nodes", {}, ["launch", "slurm", "--nodes", "0", "--dry-run", "--", "pretrain",
+                               "--output", "{T}/o"], ["--nodes", ">= 1"]),
+    ("launch-bad-mem", {}, ["launch", "slurm", "--mem", "lots", "--dry-run", "--", "pretrain",
+                            "--output", "{T}/o"], ["--mem", "64G"]),
+    ("launch-bad-training-option", {}, ["launch", "slurm", "--dry-run", "--", "pretrain",
+                                        "--epochs", "x", "--output", "{T}/o"], ["--epochs"]),
+    ("launch-no-slurm", {}, ["launch", "slurm", "--", "pretrain", "--output", "{T}/o"],
+     ["srun", "--dry-run"]),
+]
+
+
+@pytest.mark.parametrize("case", REPLAY_LAUNCH_MONITOR_HOSTILE,
+                         ids=[c[0] for c in REPLAY_LAUNCH_MONITOR_HOSTILE])
+def test_replay_launch_monitor_hostile_input(case, tmp_path, capsys):
+    if case[0].startswith("launch"):
+        pytest.importorskip("submitit")
+    case_id, files, template, words = case
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    before = _hash_tree(tmp_path)
+    try:
+        rc = main([a.replace("{T}", str(tmp_path)) for a in template])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2, capsys.readouterr().err[-2000:]
+    _one_error_line(capsys.readouterr().err, words)
+    assert _hash_tree(tmp_path) == before, "files were written or changed"

@@ -22,6 +22,7 @@ COMMANDS = {
     "detect": "detect",
     "segment": "segment",
     "shards": "shards",
+    "launch": "launch",
 }
 
 EPILOG = """examples:

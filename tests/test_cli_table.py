@@ -709,3 +709,73 @@ def test_replay_launch_monitor_hostile_input(case, tmp_path, capsys):
     assert rc == 2, capsys.readouterr().err[-2000:]
     _one_error_line(capsys.readouterr().err, words)
     assert _hash_tree(tmp_path) == before, "files were written or changed"
+
+
+# -- tar shards and file lists (convnextv2 shards, --data shards/lists) -------------------------
+@pytest.fixture(scope="module")
+def shard_world(tmp_path_factory) -> Path:
+    """{S}: a small ImageFolder tree, its shards (train/ and val/), a flat shard set without
+    val, a junk tar, a truncated one, an empty folder and a list with a bad row."""
+    from convnextv2.data.shard_writer import write_shards
+
+    root = tmp_path_factory.mktemp("shard_world")
+    for split, n in (("train", 8), ("val", 4)):
+        for i in range(n):
+            _png(root / "tree" / split / "ab"[i % 2] / f"{i}.png", seed=i)
+    write_shards(str(root / "tree"), root / "shards", 4, progress=False)
+    write_shards(str(root / "tree" / "train"), root / "flat", 4, progress=False)
+    good = (root / "shards" / "train" / "train-000000.tar").read_bytes()
+    (root / "trunc.tar").write_bytes(good[:3000])
+    (root / "junk.tar").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "empty").mkdir()
+    (root / "bad.csv").write_text(f"path,label\n{root / 'tree/train/a/0.png'},a\n"
+                                  f"{root / 'tree/train/a/0.png'},a,oops\n")
+    (root / "missing.csv").write_text("path,label\nnot-there.png,a\n")
+    (root / "lists").mkdir()
+    (root / "lists" / "train.csv").write_text(f"{root / 'tree/train/a/0.png'},a\n")
+    return root
+
+
+SHARDS_HOSTILE = [
+    ("shards-bad-brace-pattern", [*PRE, "--data", "{S}/flat/shards-{000..}.tar"],
+     ["brace pattern"]),
+    ("shards-missing-in-pattern", [*PRE, "--data", "{S}/flat/shards-{000000..000009}.tar"],
+     ["do not exist", "shards-000002.tar"]),
+    ("shards-empty-folder", [*PRE, "--data", "{S}/empty"], ["empty"]),
+    ("shards-junk-tar", [*PRE, "--data", "{S}/junk.tar"], ["junk.tar", "not a readable tar"]),
+    ("shards-truncated-tar", [*PRE, "--data", "{S}/trunc.tar"], ["trunc.tar", "not a readable tar"]),
+    ("shards-missing-list", [*PRE, "--data", "{S}/nothing.txt"], ["nothing.txt", ".tar"]),
+    ("shards-finetune-without-val", [*FT, "--data", "{S}/flat"],
+     ["train/ and val/", "shards"]),
+    ("shards-decode-device", [*PRE, "--data", "{S}/shards", "--decode", "device"],
+     ["--decode device", "--decode cpu"]),
+    ("list-bad-row", [*FT, "--data", "{S}/bad.csv"], ["bad.csv:3", "3 field(s)"]),
+    ("list-missing-image", [*PRE, "--data", "{S}/missing.csv"], ["missing.csv:2", "no file"]),
+    ("list-missing-val-list", [*FT, "--data", "{S}/lists/train.csv"],
+     ["val.csv", "does not exist"]),
+    ("shards-command-zero-size", ["shards", "{S}/tree", "{OUT}", "--shard-size", "0"],
+     ["--shard-size", ">= 1"]),
+    ("shards-command-out-not-empty", ["shards", "{S}/tree", "{S}/shards", "--shard-size", "2"],
+     ["not empty", "--overwrite"]),
+    ("shards-command-missing-src", ["shards", "{S}/nope", "{OUT}", "--shard-size", "2"],
+     ["nope", "ImageFolder"]),
+]
+
+
+@pytest.mark.parametrize("case", SHARDS_HOSTILE, ids=[c[0] for c in SHARDS_HOSTILE])
+def test_shards_and_lists_refuse_hostile_input_in_one_line(case, shard_world, capsys):
+    case_id, template, words = case
+    before = _hash_tree(shard_world)
+    out = shard_world.parent / f"fresh-{case_id}"
+    argv = [a.replace("{S}", str(shard_world)).replace("{OUT}", str(out)) for a in template]
+    if "--output" not in argv and argv[0] != "shards":
+        argv += ["--output", str(out)]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert _hash_tree(shard_world) == before, "the inputs were changed"
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}"

@@ -43,7 +43,11 @@ def val_list_for(train_list: Path) -> Path:
                                 f"like it with 'train' replaced by 'val' (train.csv -> val.csv); "
                                 f"'{name}' has no 'train' in its name")
     i = name.rindex("train")
-    return train_list.with_name(name[:i] + "val" + name[i + len("train"):])
+    val = train_list.with_name(name[:i] + "val" + name[i + len("train"):])
+    if not val.is_file():
+        raise FileNotFoundError(f"{train_list}: the val split is read from {val.name} beside "
+                                f"it ('train' replaced by 'val'), which does not exist")
+    return val
 
 
 def read_file_list(path: str | Path, labelled: bool = True) -> tuple[list[tuple[Path, str]], Path]:
@@ -55,7 +59,7 @@ def read_file_list(path: str | Path, labelled: bool = True) -> tuple[list[tuple[
                                 f"one 'path,label' row per image)")
     delimiter = LIST_SUFFIXES.get(path.suffix.lower(), "\t")
     base = path.parent
-    rows = []
+    rows, first = [], True
     with open(path, newline="", encoding="utf-8") as f:
         for line_no, fields in enumerate(csv.reader(f, delimiter=delimiter), start=1):
             where = f"{path}:{line_no}"
@@ -71,8 +75,10 @@ def read_file_list(path: str | Path, labelled: bool = True) -> tuple[list[tuple[
                 raise FileListError(f"{where}: empty path")
             file = Path(image).expanduser()
             file = file if file.is_absolute() else base / file
-            if not rows and _is_header(file, label):
+            if first and _is_header(file, label):
+                first = False
                 continue
+            first = False
             if labelled and not label:
                 raise FileListError(f"{where}: empty label for {image}")
             if not file.is_file():

@@ -166,9 +166,10 @@ def _folder_shards(folder: Path, split: str) -> list[Path]:
             return _tars_in(folder / name)
     if split == "train" and _tars_in(folder):
         return _tars_in(folder)
-    if split != "train" and _tars_in(folder / "train"):
-        raise FileNotFoundError(f"{folder} has train/ shards but no val/ shards: fine-tuning "
-                                f"needs {folder / 'val'}/*.tar")
+    if split != "train" and (_tars_in(folder) or _tars_in(folder / "train")):
+        raise FileNotFoundError(f"{folder} has shards but no val/ shards: fine-tuning from "
+                                f"shards needs train/ and val/ shard folders (convnextv2 "
+                                f"shards writes them from a tree with train/ and val/)")
     raise ShardError(f"--data {folder}: no .tar shards in the folder (nor in train/)")
 
 
@@ -186,7 +187,9 @@ def scan_shard(path: Path) -> tuple[int, dict[int, str], bool]:
     found: dict[str, dict] = {}
     try:
         with tarfile.open(path, "r:") as tar:
+            end = 0
             for member in tar:
+                end = member.offset_data + -(-member.size // 512) * 512
                 key, ext = member_key(member.name) if member.isreg() else (None, "")
                 if key is None:
                     continue
@@ -197,6 +200,8 @@ def scan_shard(path: Path) -> tuple[int, dict[int, str], bool]:
                     entry["cls"] = int(tar.extractfile(member).read().decode().strip())
                 elif ext == "class.txt":
                     entry["name"] = tar.extractfile(member).read().decode().strip()
+            if path.stat().st_size < end + 1024:  # tarfile stops quietly at a cut header
+                raise tarfile.ReadError("truncated: the end-of-archive blocks are missing")
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, ValueError) as e:
         raise ShardError(f"{path}: not a readable tar shard ({str(e) or type(e).__name__})") \
             from None

@@ -772,6 +772,43 @@ def test_shards_and_lists_refuse_hostile_input_in_one_line(case, shard_world, ca
         argv += ["--output", str(out)]
     try:
         rc = main(argv)
+
+
+# -- push (issue 22, item 4) -----------------------------------------------------------------------
+# (id, argv, words the one error line must contain); {RUN} must not change, {OUT} stays empty
+PUSH_HOSTILE = [
+    ("push-missing-run", ["push", "{R}/no-such-run", "me/x", "--dry-run", "{OUT}"],
+     ["no-such-run", "run folder"]),
+    ("push-bad-repo-id", ["push", "{R}/clf.safetensors", "bad id!", "--dry-run", "{OUT}"],
+     ["bad id!", "namespace/name"]),
+    ("push-repo-id-three-parts", ["push", "{R}/clf.safetensors", "a/b/c", "--dry-run", "{OUT}"],
+     ["a/b/c"]),
+    ("push-bad-layout", ["push", "{R}/clf.safetensors", "me/x", "--layout", "onnx"],
+     ["--layout", "onnx"]),
+    ("push-bad-license", ["push", "{R}/clf.safetensors", "me/x", "--license", "My License",
+                          "--dry-run", "{OUT}"], ["--license", "apache-2.0"]),
+    ("push-dry-run-onto-a-run", ["push", "{R}/clf.safetensors", "me/x", "--dry-run", "{RUN}"],
+     ["--dry-run", "not empty", "--overwrite"]),
+    ("push-overwrite-a-run", ["push", "{R}/clf.safetensors", "me/x", "--dry-run", "{RUN}",
+                              "--overwrite"], ["--dry-run", "metrics.jsonl", "push folder"]),
+    ("push-dry-run-is-a-file", ["push", "{R}/clf.safetensors", "me/x", "--dry-run",
+                                "{R}/a-file"], ["a-file", "folder"]),
+    ("push-overwrite-without-dry-run", ["push", "{R}/clf.safetensors", "me/x", "--overwrite"],
+     ["--overwrite", "--dry-run"]),
+    ("push-garbage", ["push", "{R}/garbage.pt", "me/x", "--dry-run", "{OUT}"], ["garbage.pt"]),
+    ("push-evil-pickle", ["push", "{R}/evil.pt", "me/x", "--dry-run", "{OUT}"], ["evil.pt"]),
+    ("push-folder-without-weights", ["push", "{R}/empty_folder", "me/x", "--dry-run", "{OUT}"],
+     ["empty_folder", "no weights"]),
+]
+
+
+@pytest.mark.parametrize("case", PUSH_HOSTILE, ids=[c[0] for c in PUSH_HOSTILE])
+def test_push_refuses_in_one_line_and_writes_nothing(case, w, capsys):
+    case_id, template, words = case
+    before, root_before = _hash_tree(w["run"]), sorted(p.name for p in w["root"].iterdir())
+    out = w["root"] / "fresh-push" / case_id
+    try:
+        rc = main(_argv(template, w, out))
     except SystemExit as e:  # argparse exits by itself
         rc = e.code
     captured = capsys.readouterr()
@@ -779,3 +816,13 @@ def test_shards_and_lists_refuse_hostile_input_in_one_line(case, shard_world, ca
     _one_error_line(captured.err, words)
     assert _hash_tree(shard_world) == before, "the inputs were changed"
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+
+
+    assert _hash_tree(w["run"]) == before, "the existing run folder was changed"
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+    leftovers = [p for p in (w["root"] / "fresh-push").glob(".*")] \
+        if (w["root"] / "fresh-push").exists() else []
+    assert not leftovers, f"temp folders left: {leftovers}"
+    assert not (w["root"] / "PWNED").exists()  # no pickled code ever ran
+    assert sorted(p.name for p in w["root"].iterdir() if p.name != "fresh-push") == \
+        [n for n in root_before if n != "fresh-push"]

@@ -14,6 +14,9 @@ def __getattr__(name):
                 "list_pretrained"):
         from . import checkpoint
         return getattr(checkpoint, name)
+    if name == "push_to_hub":
+        from .tools.hub_push import push_to_hub
+        return push_to_hub
     if name == "FCMAE":
         from .fcmae.fcmae import FCMAE
         return FCMAE

@@ -23,6 +23,7 @@ COMMANDS = {
     "segment": "segment",
     "shards": "shards",
     "launch": "launch",
+    "push": "push",
 }
 
 EPILOG = """examples:

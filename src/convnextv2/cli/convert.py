@@ -31,9 +31,8 @@ def add_arguments(p):
 
 
 def _describe(config: dict) -> str:
-    from ..models.variants import VARIANTS
-    name = next((n for n, v in VARIANTS.items() if list(v["depths"]) == list(config["depths"])
-                 and list(v["dims"]) == list(config["dims"])), "custom")
+    from ..models.variants import variant_of
+    name = variant_of(config) or "custom"
     return (f"{name}: depths {list(config['depths'])}, dims {list(config['dims'])}, "
             f"{config['num_classes']} classes, {config['in_chans']} input channels")
 

@@ -167,6 +167,11 @@ class _AtLeastOneBit:
         return (max(1, self.level_fn(level, hparams)[0]),)
 
 
+def default_crop_pct(img_size: int) -> float:
+    """The evaluation crop ratio the recipe uses at ``img_size`` (see ``eval_transform``)."""
+    return EVAL_CROP_PCT if 64 <= img_size < 384 else 1.0
+
+
 def eval_transform(img_size: int, in_chans: int = 3, crop_pct: float | None = None,
                    small_image: bool | None = None) -> Callable:
     """Resize to ``img_size / crop_pct`` (bicubic) and center-crop ``img_size``.
@@ -184,7 +189,7 @@ def eval_transform(img_size: int, in_chans: int = 3, crop_pct: float | None = No
         return T.Compose([ToMode(in_chans), FitToSize(img_size), T.ToTensor(),
                           T.Normalize(mean, std)])
     if crop_pct is None:
-        crop_pct = EVAL_CROP_PCT if 64 <= img_size < 384 else 1.0
+        crop_pct = default_crop_pct(img_size)
     ops: list = [ToMode(in_chans)]
     if crop_pct >= 1.0:
         ops.append(T.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC))

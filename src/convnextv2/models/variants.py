@@ -42,3 +42,10 @@ def model_config(name: str, **overrides) -> dict:
     cfg = dict(VARIANTS[resolve_name(name)])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return cfg
+
+
+def variant_of(config: dict) -> str | None:
+    """The name of the variant whose depths and widths ``config`` has (None: a custom shape)."""
+    return next((name for name, v in VARIANTS.items()
+                 if list(v["depths"]) == list(config["depths"])
+                 and list(v["dims"]) == list(config["dims"])), None)

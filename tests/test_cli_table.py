@@ -623,6 +623,10 @@ RELEASED_NAME_CASES = [
     ("finetune-torn-download", [*FT, "--data", "{R}/data", "--output", "{OUT}", "--finetune",
                                 "convnextv2_femto.fcmae", "{TORN}"],
      ["truncated", "convnextv2_femto_1k_224_fcmae.pt"]),
+    ("analyze-offline", ["analyze", "collapse", "--checkpoint", "convnextv2_atto.fcmae",
+                         "--data", "{R}/data", "--output", "{OUT}"], NAMES_OFFLINE),
+    ("export-unreleased-tag", ["export", "--checkpoint", "convnextv2_pico.fcmae_ft_in22k_in1k",
+                               "--format", "onnx", "{OUT}/m.onnx"], ["pico", "fcmae_ft_in1k"]),
     ("info-pretrained-no-match", ["info", "--pretrained", "resnet50"], ["resnet50"]),
 ]
 

@@ -83,7 +83,8 @@ def parse_random_source(source: str) -> tuple[str, dict]:
 
 
 def load_encoder(source: str, seed: int = 0):
-    """A ConvNeXtV2 from a checkpoint path, an FCMAE file (its encoder) or ``random:NAME``."""
+    """A ConvNeXtV2 from a checkpoint path, a released name (``convnextv2_base.fcmae``), an
+    FCMAE file (its encoder) or ``random:NAME``."""
     import torch
 
     from ..models.registry import create_model
@@ -94,7 +95,9 @@ def load_encoder(source: str, seed: int = 0):
             return create_model(name, **overrides)
         except TypeError as e:
             raise ValueError(f"{source!r}: {e}") from None
-    path = Path(source)
+    from ..checkpoint import resolve_checkpoint
+
+    path = Path(resolve_checkpoint(source))  # a released name: fetched
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (give a file, or "
                                 f"random:NAME for a randomly initialised model)")

@@ -776,6 +776,13 @@ def test_shards_and_lists_refuse_hostile_input_in_one_line(case, shard_world, ca
         argv += ["--output", str(out)]
     try:
         rc = main(argv)
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == 2, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert _hash_tree(shard_world) == before, "the inputs were changed"
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}"
 
 
 # -- push (issue 22, item 4) -----------------------------------------------------------------------
@@ -818,10 +825,6 @@ def test_push_refuses_in_one_line_and_writes_nothing(case, w, capsys):
     captured = capsys.readouterr()
     assert rc == 2, (rc, captured.err[-2000:])
     _one_error_line(captured.err, words)
-    assert _hash_tree(shard_world) == before, "the inputs were changed"
-    assert not out.exists() or not _hash_tree(out), f"files left in {out}"
-
-
     assert _hash_tree(w["run"]) == before, "the existing run folder was changed"
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
     leftovers = [p for p in (w["root"] / "fresh-push").glob(".*")] \

@@ -14,6 +14,8 @@ EPILOG = """examples:
       --linear-probe --epochs 5
   convnextv2 finetune ... --save-every-steps 500 --resume auto  # continue where it stopped
   torchrun --nproc_per_node 8 -m convnextv2 finetune ... --fsdp --no-model-ema
+  convnextv2 finetune --data lists/train.csv ...       # rows path,label; val from lists/val.csv
+  convnextv2 finetune --data /data/in1k-shards ...     # tar shards: train/*.tar and val/*.tar
 
 Every preset value (--recipe, one per model size, docs/recipes.md) can be overridden by its
 flag; lr = blr * batch * accum * processes / 256 unless --lr is given. A preset's warmup longer
@@ -35,7 +37,9 @@ def add_arguments(p):
                    help="variant name (default: the --finetune checkpoint's stored config, "
                         "else convnextv2_atto)")
     p.add_argument("--data", required=True,
-                   help="'builtin', an IDX folder, an ImageFolder tree (train/ and val/) or root")
+                   help="'builtin', an IDX folder, an ImageFolder tree (train/ and val/) or "
+                        "root, a train.csv/.tsv list (val.csv beside it), or tar shards in "
+                        "train/ and val/ folders (convnextv2 shards; docs/data_pipeline.md)")
     p.add_argument("--output", required=True,
                    help="run folder (created; one holding a run needs --resume or --overwrite)")
     p.add_argument("--finetune", metavar="CKPT", help="start from this checkpoint (any layout)")

@@ -15,9 +15,12 @@ EPILOG = """examples:
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
   torchrun --nproc_per_node 8 -m convnextv2 pretrain --model huge --fsdp ...  # docs/distributed.md
   convnextv2 pretrain --model base --data /imagenet --amp bf16 --decode device --workers 4 ...
+  torchrun --nproc_per_node 8 -m convnextv2 pretrain --data '/data/in1k-{000000..001023}.tar' ...
 
 --data: an ImageFolder tree (train/ is used), a class-folder root or a plain folder of images
-(labels are ignored), a Fashion-MNIST IDX folder, or 'builtin' (packaged Fashion-MNIST subset).
+(labels are ignored), a Fashion-MNIST IDX folder, 'builtin' (packaged Fashion-MNIST subset), a
+.csv/.tsv list of images, or WebDataset tar shards: 'shards-{000000..000099}.tar', a folder of
+.tar files, or a .txt list of them (write them with `convnextv2 shards`; docs/data_pipeline.md).
 lr = blr * batch * accum * processes / 256 unless --lr is given."""
 
 
@@ -51,7 +54,9 @@ def add_arguments(p):
                         "timm, HF or official fine-tuned weights before `reconstruct`")
 
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", default=d.data, help="image folder, IDX folder or 'builtin'")
+    g.add_argument("--data", default=d.data,
+                   help="image folder, IDX folder, 'builtin', .csv/.tsv list or tar shards "
+                        "(pattern, folder of .tar, .txt list)")
     g.add_argument("--output", required=True,
                    help="run folder (created; one holding a run needs --resume or --overwrite)")
     g.add_argument("--img-size", type=int, default=d.img_size,

@@ -157,3 +157,20 @@ def test_predict_cli_reads_the_images_of_a_folder(tmp_path, capsys):
     assert [Path(r["image"]).name for r in out] == ["a.jpg", "b.png"]  # name order
     assert all(len(r["top"]) == 2 and r["top"][0]["label"] in ("cat", "dog", "owl", "eel", "yak")
                for r in out)
+
+
+def test_export_cli_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    """As ``convert`` does: an existing OUT is refused (exit 2, file untouched) unless
+    ``--overwrite``, which then replaces it with a working export."""
+    from convnextv2.checkpoint import save_checkpoint
+    from convnextv2.cli import main
+
+    save_checkpoint(_random_model(), tmp_path / "clf.safetensors")
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"an earlier export")
+    argv = ["export", "--checkpoint", str(tmp_path / "clf.safetensors"), "--format",
+            "torchscript", "--img-size", "32", str(out)]
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier export"
+    assert main([*argv, "--overwrite"]) == 0
+    assert torch.jit.load(str(out))(torch.rand(1, 3, 32, 32)).shape == (1, 5)

@@ -151,6 +151,7 @@ def evaluate_run(args, prepare, evaluate, header, keys) -> int:
     from ..training.dist_eval import sharded_loader
     from ..training.distributed import cleanup_distributed, init_distributed
 
+    check_new_json(args.json)  # before the evaluation, not after it
     info = init_distributed(args.device)
     try:
         model, dataset, collate = prepare()
@@ -174,65 +175,84 @@ def print_metrics(metrics: dict, keys) -> None:
             print(f"  {k:<{width}}  {metrics[k]:6.2f}")
 
 
-def write_json(path, metrics: dict) -> None:
-    """``--json FILE``: the metrics as JSON, never over an existing file."""
+def check_new_json(path) -> Path | None:
+    """``--json FILE`` checked before any work: a new file in a folder that can be written."""
     if not path:
-        return
-    path = Path(path)
+        return None
+    from ._guard import writable_file
+
+    path = writable_file(path, "--json", "results.json")
     if path.exists():
         raise ValueError(f"--json {path} already exists; give a new file name")
-    path.write_text(json.dumps(metrics, indent=2))
+    return path
+
+
+def write_json(path, payload) -> None:
+    """``--json FILE``: ``payload`` as JSON, never over an existing file, written atomically."""
+    if not path:
+        return
+    from ..checkpoint.atomic import atomic_write_bytes
+
+    path = check_new_json(path)
+    atomic_write_bytes(json.dumps(payload, indent=2).encode(), path)
 
 
 # -- predict ----------------------------------------------------------------------------------
 def add_predict_options(r) -> None:
     """The options ``detect predict`` and ``segment predict`` share."""
     r.add_argument("--checkpoint", required=True, help="a run's model.pt (or the run folder)")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", help="image files, or folders (their images, in name "
+                                             "order)")
     r.add_argument("--output", required=True, help="folder for the PNGs")
     r.add_argument("--device")
     r.add_argument("--threads", type=int)
 
 
-def check_images(paths) -> list[Path]:
-    out = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        out.append(path)
-    return out
+def plan_pngs(paths, folder) -> list[tuple[Path, Path]]:
+    """``(image, PNG)`` pairs for the images and folders of ``paths``, every target checked
+    before any work: two images with one name stem, or a PNG already there, are refused."""
+    from ._guard import expand_images
+
+    images = expand_images(paths)
+    folder = Path(folder)
+    by_target: dict[Path, Path] = {}
+    for image in images:
+        target = folder / f"{Path(image).stem}.png"
+        if target in by_target:
+            raise ValueError(f"{by_target[target]} and {image} would both be written to "
+                             f"{target}; predict them into separate --output folders")
+        if target.exists():
+            raise ValueError(f"{target} already exists; predictions never overwrite files, "
+                             f"pick another --output")
+        by_target[target] = Path(image)
+    return [(image, target) for target, image in by_target.items()]
 
 
-def new_png(folder: Path, image: Path) -> Path:
-    target = folder / f"{image.stem}.png"
-    if target.exists():
-        raise ValueError(f"{target} already exists; predictions never overwrite files, pick "
-                         f"another --output")
-    return target
-
-
-def predict_images(args, load, draw, describe) -> int:
+def predict_images(args, load, draw, describe, record=None) -> int:
     """The ``predict`` loop both transfer commands share: ``load(checkpoint) -> (model,
     classes)``, ``draw(model, pixels, classes, device) -> (picture, found)``, and
-    ``describe(found) -> str`` for the line printed per image. Every target name is checked
-    before the model runs on that image, so an existing PNG is never replaced."""
+    ``describe(found) -> str`` for the line printed per image; ``record(image, found)``, if
+    given, sees each image's result too. Every target (each PNG, name clashes, the output
+    folder) is checked before the model is loaded, and each PNG is written atomically."""
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
+    from ..checkpoint.atomic import atomic_write
     from ..data.image_limits import open_image
     from ..training.distributed import pick_device
+    from ._guard import writable_folder
 
-    images = check_images(args.images)
+    plan = plan_pngs(args.images, args.output)
+    writable_folder(args.output)
     model, classes = load(args.checkpoint)
     device = pick_device(args.device)
     model.to(device)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in images:
-        target = new_png(out, path)
+    for path, target in plan:
         pixels = F.pil_to_tensor(open_image(path, "RGB"))  # one-line errors naming the file
         drawn, found = draw(model, pixels, classes, device)
-        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
+        picture = Image.fromarray(drawn.permute(1, 2, 0).numpy())
+        atomic_write(target, lambda f: picture.save(f, format="PNG"))
+        if record is not None:
+            record(path, found)
         print(f"{path} -> {target}: {describe(found)}")
     return 0

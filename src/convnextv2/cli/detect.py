@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._common import add_max_image_pixels_argument
 from ._transfer import (LENGTH_HELP, add_backbone_options, add_eval_options,
                         add_predict_options, add_train_parser, add_training_options,
-                        evaluate_run, pick, predict_images, transfer_config)
+                        check_new_json, evaluate_run, pick, plan_pngs, predict_images,
+                        transfer_config, write_json)
 from ._transfer import run  # noqa: F401  (the command's entry point, shared with segment)
 
 HELP = "Object detection and instance segmentation (Mask R-CNN) with a ConvNeXt V2 backbone."
@@ -18,6 +20,8 @@ EPILOG = """examples:
       --model convnextv2_base --pretrained base.pt --batch-size 4 --amp bf16
   convnextv2 detect eval --checkpoint runs/det/model.pt --data /data/coco
   convnextv2 detect predict --checkpoint runs/det/model.pt photo.jpg --output preds/
+  convnextv2 detect predict --checkpoint runs/det/model.pt /data/coco/val2017 --output preds/ \
+      --json preds/results.json --ann /data/coco/annotations/instances_val2017.json
 
 --data ROOT is a COCO layout: ROOT/annotations/instances_train2017.json with ROOT/train2017/
 and instances_val2017.json with val2017/ (any instances_<split>*.json works), or 'builtin':
@@ -49,6 +53,7 @@ def add_arguments(p):
                                                              "(32 64 128 256 512)")
     g.add_argument("--box-head-dim", type=int, help="box head MLP width (1024)")
     g.add_argument("--mask-head-dim", type=int, help="mask head conv width (256)")
+    add_max_image_pixels_argument(g)
     add_training_options(t, RECIPE, gpus=16)
     t.set_defaults(_action=_train)
 
@@ -58,12 +63,25 @@ def add_arguments(p):
     e.add_argument("--data", help="COCO root (its val split), or 'builtin'")
     _add_data_overrides(e, ("val",))
     add_eval_options(e, batch_size=2)
+    add_max_image_pixels_argument(e)
     e.set_defaults(_action=_eval)
 
-    r = sub.add_parser("predict", help="draw detections on images (PNG)",
-                       description="Draw boxes, class names, scores and masks on images.")
+    r = sub.add_parser("predict", help="draw detections on images (PNG), optionally as COCO "
+                                       "results JSON",
+                       description="Draw boxes, class names, scores and masks on images; "
+                                   "--json also writes every detection as COCO results.")
     add_predict_options(r)
-    r.add_argument("--score-thresh", type=float, default=0.5)
+    r.add_argument("--score-thresh", type=float, default=0.5,
+                   help="lowest score drawn (default 0.5; --json keeps every detection)")
+    r.add_argument("--json", metavar="FILE",
+                   help="also write COCO results (image_id, category_id, bbox x, y, w, h, "
+                        "score, RLE segmentation) to this new file, for any COCO scorer")
+    r.add_argument("--ann", metavar="FILE",
+                   help="with --json: the COCO instances file of the images, whose image ids "
+                        "(matched by file name) and category ids the results use (default: "
+                        "ids from numeric file names, as COCO's 000000397133.jpg, and the "
+                        "training file's category ids)")
+    add_max_image_pixels_argument(r)
     r.set_defaults(_action=_predict)
 
 
@@ -103,6 +121,27 @@ def _data(args, splits=("train", "val")):
     return DetectionData(**values)
 
 
+def check_detector_options(img_size, scale_range, detector: dict, stride: int = 32) -> None:
+    """The detector's own options, refused before any work, naming the flag and what it
+    accepts."""
+    from ._guard import check_img_size
+
+    check_img_size(img_size, dict(stem_stride=stride // 8))
+    if scale_range is not None:
+        low, high = scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"--scale-range {low:g} {high:g}: give MIN MAX with 0 < MIN <= MAX "
+                             f"(the recipe's is 0.1 2.0)")
+    anchors = detector.get("anchor_sizes")
+    if anchors is not None and min(anchors) < 1:
+        raise ValueError(f"--anchor-sizes {' '.join(map(str, anchors))}: anchor sizes are box "
+                         f"sides in pixels, each >= 1 (e.g. 32 64 128 256 512)")
+    for flag in ("fpn_channels", "box_head_dim", "mask_head_dim"):
+        value = detector.get(flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _train(args) -> int:
     from ..detection.train import DetectionTask
     from ..recipes.presets import DETECTION_BUILTIN, DETECTION_RECIPE
@@ -116,6 +155,7 @@ def _train(args) -> int:
                      if getattr(args, k) is not None})
     scale_range = None if args.no_jitter else pick(args, "scale_range", builtin,
                                                    DETECTION_RECIPE)
+    check_detector_options(cfg.img_size, scale_range, detector, 8 * (cfg.stem_stride or 4))
     task = DetectionTask(_data(args), img_size=cfg.img_size, scale_range=scale_range,
                          masks=args.masks, detector_kwargs=detector)
     train(task, cfg)
@@ -151,11 +191,75 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from ..detection.visualize import load_detector, predict_and_draw
+    from ..detection.evaluate import to_coco_results
+    from ..detection.visualize import draw, load_detector, predict
 
-    return predict_images(
-        args, load_detector,
-        lambda model, pixels, classes, device: predict_and_draw(model, pixels, classes,
-                                                                args.score_thresh, device),
-        lambda found: f"{len(found)} objects" + "".join(
-            f"\n  {n} {s:.2f}  box {[round(v) for v in b]}" for n, s, b in found))
+    records, image_id = [], None
+    if args.json:
+        check_new_json(args.json)
+        image_id = _image_ids([image for image, _ in plan_pngs(args.images, args.output)],
+                              args.ann)
+    elif args.ann:
+        raise ValueError("--ann names the ids of --json's records; give --json FILE too")
+    category_ids = []
+
+    def load(checkpoint):
+        model, classes = load_detector(checkpoint)
+        category_ids.extend(_category_ids(model, classes, args.ann))
+        return model, classes
+
+    def run(model, pixels, classes, device):
+        pred = predict(model, pixels, device)
+        drawn, kept = draw(pixels, pred, classes, args.score_thresh)
+        return drawn, dict(kept=kept, pred=pred)
+
+    def record(path, found):
+        if image_id is not None:
+            records.extend(to_coco_results([found["pred"]], [image_id[path]], category_ids))
+
+    code = predict_images(
+        args, load, run,
+        lambda found: f"{len(found['kept'])} objects" + "".join(
+            f"\n  {n} {s:.2f}  box {[round(v) for v in b]}" for n, s, b in found["kept"]),
+        record)
+    if args.json:
+        write_json(args.json, records)
+        print(f"{len(records)} detections (COCO results) -> {args.json}")
+    return code
+
+
+def _image_ids(images, ann) -> dict:
+    """The COCO ``image_id`` of each image: from ``ann``'s images by file name, else the
+    number a COCO-style file name is (``000000397133.jpg`` -> 397133)."""
+    images = [Path(p) for p in images]
+    if ann:
+        from ..detection.data import load_coco
+
+        coco = load_coco(ann, masks=False)
+        by_name = {Path(info["file_name"]).name: i for i, info in coco.imgs.items()}
+        missing = [p.name for p in images if p.name not in by_name]
+        if missing:
+            raise ValueError(f"--ann {ann}: no image named {missing[0]!r} (of {len(missing)} "
+                             f"not found); predict the images the file lists")
+        return {p: by_name[p.name] for p in images}
+    odd = [p.name for p in images if not p.stem.isdigit()]
+    if odd:
+        raise ValueError(f"--json needs COCO image ids: {odd[0]!r} is not a numeric file name "
+                         f"(as COCO's 000000397133.jpg); give --ann INSTANCES.json")
+    return {p: int(p.stem) for p in images}
+
+
+def _category_ids(model, classes, ann) -> list[int]:
+    """The COCO ``category_id`` of each class: ``ann``'s categories by name, else the ids of
+    the model's training file."""
+    if not ann:
+        return list(model.category_ids)
+    from ..detection.data import load_coco
+
+    cats = load_coco(ann, masks=False).cats
+    by_name = {c["name"]: i for i, c in cats.items()}
+    missing = [n for n in classes if n not in by_name]
+    if missing:
+        raise ValueError(f"--ann {ann} has no category named {missing[0]!r}, one of the "
+                         f"model's {len(classes)} classes")
+    return [by_name[n] for n in classes]

@@ -8,7 +8,8 @@ EPILOG = """examples:
 The export is run on two batch sizes right after writing and must match PyTorch within
 --atol (default 1e-4, times the largest logit when that exceeds 1); ONNX is checked through
 onnxruntime. The file is written under a temporary name and renamed into place only when the
-check passes, so a failed export leaves an existing OUT as it was."""
+check passes, so a failed export leaves an existing OUT as it was. An existing OUT is never
+replaced without --overwrite."""
 
 
 def add_arguments(p):
@@ -22,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--img-size", type=int, help="default: the checkpoint's, else 224")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (only once the new export has passed its "
+                        "check)")
 
 
 def run(args) -> int:
@@ -33,7 +37,10 @@ def run(args) -> int:
     if args.format == "onnx" and not 7 <= args.opset <= 20:
         raise ValueError(f"--opset {args.opset}: the ONNX exporter writes opsets 7 to 20 "
                          f"(default 17)")
-    writable_file(args.out, "OUT", "model.onnx" if args.format == "onnx" else "model.pt")
+    out = writable_file(args.out, "OUT", "model.onnx" if args.format == "onnx" else "model.pt")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"OUT {out} already exists; pass --overwrite to replace it, or give "
+                         f"a new file name")
     if not args.atol > 0:
         raise ValueError(f"--atol must be a positive tolerance, got {args.atol}")
     if args.img_size is not None and args.img_size < 1:

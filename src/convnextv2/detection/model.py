@@ -114,4 +114,5 @@ def detector_from_config(config: dict) -> nn.Module:
     cfg.pop("task", None)
     rcnn = cfg.pop("rcnn", {}) or {}
     cfg.pop("class_names", None)
+    cfg.pop("category_ids", None)
     return build_detector(cfg.pop("num_classes"), backbone, **cfg, **rcnn)

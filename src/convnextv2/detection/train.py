@@ -71,6 +71,7 @@ class DetectionTask(Task):
         if train.cat_ids != val.cat_ids:
             raise ValueError(f"{self.data.train_ann.name} and {self.data.val_ann.name} define "
                              f"different categories")
+        self.category_ids = list(train.cat_ids)
         return train, val
 
     def collate(self, train: bool):
@@ -80,7 +81,10 @@ class DetectionTask(Task):
         kwargs = dict(min_size=self.img_size, max_size=self.img_size)
         kwargs.update(self.detector_kwargs)
         kwargs.setdefault("anchor_sizes", COCO_ANCHOR_SIZES)
-        return build_detector(len(classes), backbone, masks=self.masks, **kwargs)
+        model = build_detector(len(classes), backbone, masks=self.masks, **kwargs)
+        # saved with the model: ``detect predict --json`` writes the file's own category ids
+        model.config["category_ids"] = list(getattr(self, "category_ids", []))
+        return model
 
     def losses(self, model, batch, device):
         images, targets = batch

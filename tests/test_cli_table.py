@@ -833,3 +833,158 @@ def test_push_refuses_in_one_line_and_writes_nothing(case, w, capsys):
     assert not (w["root"] / "PWNED").exists()  # no pickled code ever ran
     assert sorted(p.name for p in w["root"].iterdir() if p.name != "fresh-push") == \
         [n for n in root_before if n != "fresh-push"]
+
+
+# -- detect: hostile input (issue 21) -----------------------------------------------------------
+def _coco_variant(w, name: str, change) -> Path:
+    """A copy of the scenes' training COCO file with ``change(dict)`` applied (it may return a
+    replacement for the whole document)."""
+    source = w["root"] / "scenes" / "detection" / "annotations" / "instances_train.json"
+    data = json.loads(source.read_text())
+    data = change(data) or data
+    path = w["root"] / "det_variants" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _set(where, **values):
+    def change(data):
+        target = data[where][0] if where else data
+        target.update(values)
+    return change
+
+
+def _drop(where, key):
+    def change(data):
+        (data[where][0] if where else data).pop(key)
+    return change
+
+
+COCO_VARIANTS = {
+    "no-categories": lambda d: d.update(categories=[]),
+    "list-top-level": lambda d: d["images"],
+    "segmentation-empty": _set("annotations", segmentation=[]),
+    "image-no-width": _drop("images", "width"),
+    "no-images-key": _drop(None, "images"),
+    "no-annotations-key": _drop(None, "annotations"),
+    "file-name-dotdot": _set("images", file_name="../x.png"),
+    "file-name-absolute": _set("images", file_name="/etc/passwd"),
+    "duplicate-image-id": lambda d: d["images"][1].update(id=d["images"][0]["id"]),
+    "unknown-image-id": _set("annotations", image_id=999),
+    "box-negative": _set("annotations", bbox=[10, 10, -5, 8]),
+    "box-nan": _set("annotations", bbox=[10, 10, float("nan"), 8]),
+    "box-outside": _set("annotations", bbox=[50, 50, 40, 40]),
+}
+
+
+@pytest.fixture(scope="module")
+def det_data(w, transfer_runs) -> dict[str, Path]:
+    """Broken COCO files beside the scenes' images, loose images for ``predict``, and an
+    earlier export that must survive."""
+    from conftest import write_png_header
+
+    found = {f"{{COCO_{k}}}": _coco_variant(w, k, change) for k, change in COCO_VARIANTS.items()}
+    loose = w["root"] / "det_loose"
+    (loose / "empty").mkdir(parents=True)
+    write_png_header(loose / "huge.png", 20000, 20000)
+    for sub in ("a", "b"):
+        _png(loose / sub / "x.png", size=(64, 64))
+    (loose / "results.json").write_text("[]")
+    found["{COCO_huge}"] = _coco_variant(w, "huge", lambda d: d.update(
+        images=[dict(id=1, file_name="huge.png", width=20000, height=20000)],
+        annotations=[dict(id=1, image_id=1, category_id=d["categories"][0]["id"], iscrowd=0,
+                          bbox=[10, 10, 50, 50], area=2500,
+                          segmentation=[[10, 10, 60, 10, 60, 60, 10, 60]])]))
+    export = w["root"] / "det_export"
+    export.mkdir()
+    (export / "model.pt").write_bytes(b"an earlier export")
+    return {**found, "{LOOSE_DET}": loose, "{EXPORT}": export}
+
+
+DET_TRAIN_DATA = [a for a in DET if a not in ("--data", "{SCENES}/detection")]
+SCENE_IMAGES = "{SCENES}/detection/train"
+VAL = ["--val-images", SCENE_IMAGES, "--val-ann", "{SCENES}/detection/annotations/instances_val.json"]
+
+
+def _det_bad_coco(name: str, *words):
+    return (f"detect-coco-{name}", [*DET_TRAIN_DATA, "--data", "", "--train-images",
+                                    SCENE_IMAGES, "--train-ann", f"{{COCO_{name}}}", *VAL,
+                                    "--output", "{OUT}"], 2, [f"{name}.json", *words])
+
+
+DET_PREDICT = ["detect", "predict", "--checkpoint", "{DET}/model.pt", "--device", "cpu"]
+DET_HOSTILE = [
+    _det_bad_coco("no-categories", "'categories' is empty"),
+    _det_bad_coco("list-top-level", "top level is a list"),
+    _det_bad_coco("segmentation-empty", "'segmentation' is empty", "--no-masks"),
+    _det_bad_coco("image-no-width", "'width'"),
+    _det_bad_coco("no-images-key", "no 'images' key"),
+    _det_bad_coco("no-annotations-key", "no 'annotations' key"),
+    _det_bad_coco("file-name-dotdot", "'../x.png'", "outside the image folder"),
+    _det_bad_coco("file-name-absolute", "'/etc/passwd'", "outside the image folder"),
+    _det_bad_coco("duplicate-image-id", "appears twice"),
+    _det_bad_coco("unknown-image-id", "image id 999", "not among"),
+    _det_bad_coco("box-negative", "negative width or height"),
+    _det_bad_coco("box-nan", "four finite numbers"),
+    _det_bad_coco("box-outside", "outside its 64x64 image"),
+    ("detect-train-20000px-png", [*DET_TRAIN_DATA, "--data", "", "--train-images",
+                                  "{LOOSE_DET}", "--train-ann", "{COCO_huge}", *VAL,
+                                  "--output", "{OUT}"], 2,
+     ["huge.png", "20000x20000", "--max-image-pixels"]),
+    ("detect-img-size-7", [*DET, "--output", "{OUT}", "--img-size", "7"], 2,
+     ["--img-size 7", "at least 32"]),
+    ("detect-anchor-sizes-negative", [*DET[:-6], "--anchor-sizes", "-8", "16", "32", "64",
+                                      "128", "--output", "{OUT}"], 2, ["--anchor-sizes", ">= 1"]),
+    ("detect-layer-decay-2", [*DET, "--output", "{OUT}", "--layer-decay", "2"], 2,
+     ["--layer-decay", "(0, 1]"]),
+    ("detect-scale-range-inverted", [*DET, "--output", "{OUT}", "--scale-range", "2", "0.5"], 2,
+     ["--scale-range 2 0.5", "MIN <= MAX"]),
+    ("detect-max-steps-0", [*DET, "--output", "{OUT}", "--max-steps", "0"], 2,
+     ["--max-steps", ">= 1"]),
+    ("detect-drop-path-1.5", [*DET, "--output", "{OUT}", "--drop-path", "1.5"], 2,
+     ["--drop-path", "[0, 1)"]),
+    ("pretrain-drop-path-1.5", [*PRE, "--data", "{R}/data/train", "--output", "{OUT}",
+                                "--drop-path", "1.5"], 2, ["--drop-path", "[0, 1)"]),
+    ("finetune-drop-path-1.5", [*FT, "--data", "{R}/data", "--output", "{OUT}",
+                                "--drop-path", "1.5"], 2, ["--drop-path", "[0, 1)"]),
+    ("detect-eval-json-exists", ["detect", "eval", "--checkpoint", "{DET}/model.pt", *VAL,
+                                 "--json", "{LOOSE_DET}/results.json"], 2,
+     ["--json", "already exists"]),
+    ("detect-eval-json-unwritable", ["detect", "eval", "--checkpoint", "{DET}/model.pt", *VAL,
+                                     "--json", "{R}/a-file/m.json"], 2, ["--json", "a-file"]),
+    ("detect-predict-20000px-png", [*DET_PREDICT, "{LOOSE_DET}/huge.png", "--output", "{OUT}"],
+     2, ["huge.png", "20000x20000", "--max-image-pixels"]),
+    ("detect-predict-empty-folder", [*DET_PREDICT, "{LOOSE_DET}/empty", "--output", "{OUT}"], 2,
+     ["empty", "holds no image files"]),
+    ("detect-predict-same-stem", [*DET_PREDICT, "{LOOSE_DET}/a/x.png", "{LOOSE_DET}/b/x.png",
+                                  "--output", "{OUT}"], 2, ["x.png", "both be written"]),
+    ("detect-predict-json-exists", [*DET_PREDICT, "{LOOSE_DET}/a/x.png", "--output", "{OUT}",
+                                    "--json", "{LOOSE_DET}/results.json"], 2,
+     ["--json", "already exists"]),
+    ("detect-predict-ann-without-json", [*DET_PREDICT, "{LOOSE_DET}/a/x.png", "--output",
+                                         "{OUT}", "--ann", "{COCO_huge}"], 2, ["--ann", "--json"]),
+    ("export-existing-file", ["export", "--checkpoint", "{R}/clf.safetensors", "--format",
+                              "torchscript", "--img-size", "32", "{EXPORT}/model.pt"], 2,
+     ["model.pt", "already exists", "--overwrite"]),
+]
+
+
+@pytest.mark.parametrize("case", DET_HOSTILE, ids=[c[0] for c in DET_HOSTILE])
+def test_detect_refuses_hostile_input_in_one_line(case, w, transfer_runs, det_data, capsys):
+    case_id, template, code, words = case
+    runs = {**transfer_runs, **{k: v for k, v in det_data.items() if v.is_dir()}}
+    before = {key: _hash_tree(run) for key, run in runs.items()}
+    out = w["root"] / "fresh" / case_id
+    argv = _transfer_argv(template, w, runs, out)
+    for key, path in det_data.items():
+        argv = [a.replace(key, str(path)) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == code, (rc, captured.err[-2000:])
+    _one_error_line(captured.err, words)
+    assert {key: _hash_tree(run) for key, run in runs.items()} == before
+    assert not out.exists() or not _hash_tree(out), f"files left in {out}"

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..data.image_limits import open_image
+from ..data.image_limits import ImageTooLargeError, max_image_pixels, open_image
 from ..transfer.errors import DataError
 
 
@@ -181,8 +181,16 @@ class CocoDetection(Dataset):
         self.cat_to_label = {c: i + 1 for i, c in enumerate(cats)}
         self.classes = [self.coco.cats[c]["name"] for c in cats]
         ids = []
+        limit = max_image_pixels()
         for image_id in sorted(self.coco.getImgIds()):
             info = self.coco.imgs[image_id]
+            pixels = info["width"] * info["height"]
+            if pixels > limit:  # by the file's word; the header is checked again on loading
+                raise ImageTooLargeError(
+                    f"image {self.root / info['file_name']} is {info['width']}x"
+                    f"{info['height']} ({pixels:,} pixels) by {self.source}, above the limit "
+                    f"of {limit:,}; shrink it, or raise the limit with --max-image-pixels "
+                    f"{pixels}")
             if not (self.root / info["file_name"]).is_file():
                 raise DataError(f"{self.source}: image id {image_id} names "
                                 f"{info['file_name']!r}, which is missing from {self.root}")

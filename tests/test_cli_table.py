@@ -694,6 +694,17 @@ REPLAY_LAUNCH_MONITOR_HOSTILE = [
                                         "--epochs", "x", "--output", "{T}/o"], ["--epochs"]),
     ("launch-no-slurm", {}, ["launch", "slurm", "--", "pretrain", "--output", "{T}/o"],
      ["srun", "--dry-run"]),
+    ("monitor-missing-folder", {}, ["pretrain", "--monitor-data", "{T}/none", "--output",
+                                    "{T}/o"], ["--monitor-data", "none"]),
+    ("monitor-unlabelled", {"plain/a.txt": "not an image"},
+     ["pretrain", "--monitor-data", "{T}/plain", "--output", "{T}/o"], ["--monitor-data"]),
+    ("monitor-every-zero", {}, ["pretrain", "--monitor-data", "builtin", "--monitor-every", "0",
+                                "--output", "{T}/o"], ["--monitor-every", ">= 1"]),
+    ("monitor-images-negative", {}, ["pretrain", "--monitor-data", "builtin",
+                                     "--monitor-images", "-3", "--output", "{T}/o"],
+     ["--monitor-images", ">= 1"]),
+    ("monitor-with-fsdp", {}, ["pretrain", "--monitor-data", "builtin", "--fsdp", "--output",
+                               "{T}/o"], ["--monitor-data", "--fsdp"]),
 ]
 
 
@@ -704,6 +715,7 @@ def test_replay_launch_monitor_hostile_input(case, tmp_path, capsys):
         pytest.importorskip("submitit")
     case_id, files, template, words = case
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     before = _hash_tree(tmp_path)
     try:

@@ -118,6 +118,17 @@ def collapse_profile(model: nn.Module, images: torch.Tensor, batch_size: int = 3
     }
 
 
+def sample_images(data: str, count: int, img_size: int, in_chans: int, split: str, seed: int):
+    """``count`` images chosen with ``seed`` (the same ones for every model of a comparison)."""
+    from ..data import build_dataset, eval_transform
+    ds = build_dataset(data, split, eval_transform(img_size, in_chans))
+    if count < 1:
+        raise ValueError(f"--images must be >= 1, got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ds), generator=gen)[:count].tolist()
+    return torch.stack([ds[i][0] for i in order])
+
+
 def save_collapse_plot(profiles: Sequence[dict], labels: Sequence[str], path: str | Path,
                        title: str | None = None) -> Path:
     """One PNG: diversity vs normalised layer index, one line per profile."""

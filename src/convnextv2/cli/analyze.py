@@ -138,21 +138,8 @@ def load_image(path: str, img_size: int, in_chans: int):
 
 
 # -- collapse ----------------------------------------------------------------------------------
-def sample_images(data: str, count: int, img_size: int, in_chans: int, split: str, seed: int):
-    """``count`` images chosen with ``seed`` (the same ones for every model of a comparison)."""
-    import torch
-
-    from ..data import build_dataset, eval_transform
-    ds = build_dataset(data, split, eval_transform(img_size, in_chans))
-    if count < 1:
-        raise ValueError(f"--images must be >= 1, got {count}")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(ds), generator=gen)[:count].tolist()
-    return torch.stack([ds[i][0] for i in order])
-
-
 def run_collapse(args) -> int:
-    from ..analysis.collapse import collapse_profile, save_collapse_plot
+    from ..analysis.collapse import collapse_profile, sample_images, save_collapse_plot
 
     from ._guard import at_least, writable_folder
 

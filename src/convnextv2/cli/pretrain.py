@@ -10,6 +10,7 @@ EPILOG = """examples:
   convnextv2 pretrain --model atto --data builtin --in-chans 1 --img-size 32 --stem-stride 1 \\
       --epochs 10 --batch-size 64 --output runs/fmnist
   convnextv2 pretrain ... --resume auto            # continue the newest checkpoint in --output
+  convnextv2 pretrain ... --monitor-data ./labelled --monitor-every 5   # k-NN + collapse
   convnextv2 pretrain --model tiny --init tiny_in1k.safetensors --freeze-encoder --epochs 20 \\
       --data ./images --output runs/decoder     # a decoder for a given encoder
   torchrun --nproc_per_node 4 -m convnextv2 pretrain --model tiny --data /imagenet --amp bf16 ...
@@ -68,6 +69,18 @@ def add_arguments(p):
                         "the same crops and flips; RGB image folders only; docs/data_pipeline.md)")
     g.add_argument("--recon-every", type=int, default=d.recon_every, metavar="EPOCHS",
                    help="reconstruction figure every N epochs (default 10; 0: only at the end)")
+
+    g = p.add_argument_group("monitor: is the encoder learning? (docs/pretraining.md)")
+    g.add_argument("--monitor-data", default=None, metavar="DIR",
+                   help="a small labelled ImageFolder (train/ and val/, or class folders: 20%% "
+                        "held out), or 'builtin': k-NN accuracy (k=20, DINO's weighting) and "
+                        "feature collapse per stage of the encoder, at the start and every "
+                        "--monitor-every epochs, in metrics.jsonl, TensorBoard and monitor.png")
+    g.add_argument("--monitor-every", type=int, default=d.monitor_every, metavar="EPOCHS",
+                   help=f"epochs between the probes (default {d.monitor_every})")
+    g.add_argument("--monitor-images", type=int, default=d.monitor_images, metavar="N",
+                   help=f"at most N bank and N query images (default {d.monitor_images}); the "
+                        f"cost of a probe grows with it")
 
     g = p.add_argument_group("optimisation (the official recipe by default; docs/recipes.md)")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")

@@ -29,6 +29,7 @@ batches, masks and losses of the uninterrupted run (bit for bit with ``determini
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +53,7 @@ from ..training import fsdp
 from ..training.config import RunConfig
 from ..training.output import check_writable
 from ..training.loop import NonFiniteLossError, seed_everything, set_deterministic  # noqa: F401
+from .monitor import MonitorData, PretrainMonitor, open_monitor_data
 from .presets import PRETRAIN
 
 RECON_IMAGES = 8
@@ -63,7 +65,7 @@ RESUME_MUST_MATCH = ("model", "depths", "dims", "stem_stride", "in_chans", "v1_b
                      "freeze_encoder")
 RESUME_MAY_CHANGE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "warmup_steps",
                      "weight_decay", "betas", "clip_grad", "amp", "backend", "sparse_dwconv",
-                     "decode")
+                     "decode", "monitor_data", "monitor_every", "monitor_images")
 
 
 @dataclass
@@ -92,6 +94,9 @@ class PretrainConfig(RunConfig):
     recon_every: int = 10
     init: str | None = None              # start from these weights (FCMAE file or an encoder)
     freeze_encoder: bool = False         # train the decoder and mask token only (needs init)
+    monitor_data: str | None = None      # labelled folder: k-NN and collapse probes (monitor.py)
+    monitor_every: int = 1               # epochs between probes
+    monitor_images: int = 1000           # at most this many bank and query images each
     decode: str = "cpu"                  # "device": JPEGs decoded and augmented on the training
     #                                      device (data/device_decode.py), workers read bytes
 
@@ -131,6 +136,13 @@ def _check_config(cfg: PretrainConfig) -> None:
                          "would stay at its random initialisation")
     if cfg.recon_every < 0:
         raise ValueError(f"--recon-every must be >= 0, got {cfg.recon_every}")
+    for name in ("monitor_every", "monitor_images"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.monitor_data and cfg.fsdp:
+        raise ValueError("--monitor-data with --fsdp: the probes run the encoder on each "
+                         "process's own share of the images, which sharded weights cannot; "
+                         "drop one of them")
     for name in ("blr", "min_lr", "lr", "warmup_epochs", "warmup_steps", "clip_grad"):
         value = getattr(cfg, name)
         if value is not None and value < 0:
@@ -325,11 +337,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     _check_config(cfg)
     if cfg.init:
         resolve_checkpoint(cfg.init)  # a released name is fetched (or refused) before --output
+    probe_data = (open_monitor_data(cfg.monitor_data, cfg.img_size, cfg.in_chans,
+                                    cfg.monitor_images, cfg.seed)
+                  if cfg.monitor_data else None)  # a bad folder is refused before --output
     with T.run_session(cfg) as (info, out):
-        return _pretrain(cfg, info, out)
+        return _pretrain(cfg, info, out, probe_data)
 
 
-def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
+def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path,
+              probe_data: MonitorData | None = None) -> dict:
     base, loader = build_loader(cfg, info)
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
@@ -363,16 +379,18 @@ def _pretrain(cfg: PretrainConfig, info: T.DistInfo, out: Path) -> dict:
     trainer.write_json("config.json", dict(
         config=trainer.args, model_config=fcmae.encoder.config, base_lr=base_lr,
         effective_batch=eff, world_size=info.world_size, freeze_encoder=cfg.freeze_encoder))
+    monitor = (PretrainMonitor(probe_data, cfg.monitor_every, info, out, cfg.amp,
+                               cfg.batch_size, cfg.workers) if probe_data else None)
     with trainer.open_log("metrics.jsonl") as log:
-        return _train(cfg, trainer, base, log, dict(effective_batch=eff, lr=base_lr,
+        return _train(cfg, trainer, base, log, monitor, dict(effective_batch=eff, lr=base_lr,
                                                     steps_per_epoch=steps_per_epoch,
                                                     warmup_epochs=warmup,
                                                     warmup_steps=schedule.warmup_steps),
                       [warmup_note, init_note])
 
 
-def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: dict,
-           notes: list) -> dict:
+def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog,
+           monitor: PretrainMonitor | None, facts: dict, notes: list) -> dict:
     info, fcmae = trainer.info, trainer.model
     grid = (cfg.img_size // fcmae.patch_size,) * 2
     figures = _Figures(cfg, fcmae, info, trainer.out, log)
@@ -403,12 +421,41 @@ def _train(cfg: PretrainConfig, trainer: T.Trainer, base, log: T.RunLog, facts: 
         loss, _, _ = model(imgs, mask, return_pred=False)
         return loss, len(imgs)
 
+    watched = _Watch(monitor, trainer, log)
+    if not trainer.resumed_from:
+        watched.evaluate(0, None)  # the random initialisation: what learning is measured from
     for epoch in trainer.epochs(cfg.epochs):
+        started = time.perf_counter()
         if not trainer.train_one_epoch(forward):
             break
         figures.epoch_end(epoch, trainer.pos.global_step)
+        if monitor and monitor.due(epoch, cfg.epochs):
+            watched.evaluate(epoch, time.perf_counter() - started)
         trainer.save_state()
+    watched.final()
     return _finish(cfg, trainer, figures, facts)
+
+
+class _Watch:
+    """The monitor's calls from the loop (nothing when there is no monitor): at a position,
+    and once more at the end when ``max_steps`` stopped the run between two evaluations."""
+
+    def __init__(self, monitor: PretrainMonitor | None, trainer: T.Trainer, log: T.RunLog):
+        self.monitor, self.trainer, self.log = monitor, trainer, log
+        self.last_step: int | None = None
+
+    def evaluate(self, epoch: int, epoch_s: float | None) -> None:
+        if self.monitor is None:
+            return
+        step = self.trainer.pos.global_step
+        self.monitor.evaluate(self.trainer.model.encoder, epoch, step, self.log, epoch_s,
+                              say=self.trainer.say)
+        self.last_step = step
+
+    def final(self) -> None:
+        pos = self.trainer.pos
+        if self.monitor is not None and self.last_step != pos.global_step:
+            self.evaluate(pos.epoch + (1 if pos.batches_done else 0), None)
 
 
 class _Figures:
@@ -474,7 +521,7 @@ def _finish(cfg: PretrainConfig, trainer: T.Trainer, figures: _Figures, facts: d
 def _loss_trend(out: Path) -> dict:
     """The mean loss of the run's first and last epochs (from metrics.jsonl, so a resumed run
     counts its earlier steps too): what a model card reports, steadier than one step's loss."""
-    records = T.read_metrics(out / "metrics.jsonl")
+    records = [r for r in T.read_metrics(out / "metrics.jsonl") if "loss" in r]  # steps only
     if not records:
         return {}
     first, last = records[0]["epoch"], records[-1]["epoch"]
@@ -484,7 +531,7 @@ def _loss_trend(out: Path) -> dict:
 
 
 def _plot_loss(out: Path) -> Path | None:
-    records = T.read_metrics(out / "metrics.jsonl")
+    records = [r for r in T.read_metrics(out / "metrics.jsonl") if "loss" in r]
     smooth = 20 if len(records) >= 100 else 0
     return T.plot_curves(records, out / "loss_curve.png", keys=("loss",), x="step",
                          title="FCMAE pretraining loss", smooth=smooth)

@@ -166,6 +166,12 @@ class RunLog:
             self.epochs.log(record)
         self._scalars("epoch", record, record["step"])
 
+    def record(self, prefix: str, record: dict) -> None:
+        """Another kind of record at ``record["step"]`` (an evaluation a recipe runs now and
+        then): a line in the step file, scalars under ``prefix/`` in TensorBoard."""
+        self.steps.log(record)
+        self._scalars(prefix, record, record["step"])
+
     def image(self, tag: str, png: Path | None, step: int) -> None:
         """A figure already written as PNG (e.g. a reconstruction grid) as a TensorBoard image."""
         if self.tb is None or png is None:

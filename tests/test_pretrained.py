@@ -287,3 +287,21 @@ def test_predict_takes_a_released_name(hub, server, tmp_path, capsys):
     assert main(["predict", "--checkpoint", name, "--img-size", "32", "--topk", "1",
                  str(tmp_path / "x.png")]) == 0
     assert "x.png" in capsys.readouterr().out and len(server.requests) == 1
+
+
+def test_an_fcmae_name_builds_an_encoder_as_timm_does(hub, server, tmp_path):
+    """``convnextv2_atto.fcmae`` has no classifier: the model comes without one (timm's
+    ``num_classes=0``) whether or not the file holds the final norm; asking for classes
+    gives a fresh head."""
+    name = "convnextv2_atto.fcmae"
+    source = randomised(architecture("atto", num_classes=0, **TOY))
+    without_norm = {k: v for k, v in convert_state_dict(source.state_dict(), dst="official")
+                    .items() if not k.startswith("norm.")}  # as the official FCMAE files are
+    torch.save({"model": without_norm}, tmp_path / "enc.pt")
+    server.files[_path(name)] = (tmp_path / "enc.pt").read_bytes()
+    encoder = convnextv2.create_model(name, pretrained=True, **TOY)
+    assert encoder.config["num_classes"] == 0 and encoder.load_report["head"] == "absent"
+    torch.testing.assert_close(encoder.stages[2].blocks[0].dwconv.weight,
+                               source.stages[2].blocks[0].dwconv.weight)
+    ten = convnextv2.create_model("convnextv2_atto", pretrained=name, num_classes=10, **TOY)
+    assert ten.head.fc.out_features == 10 and len(server.requests) == 1

@@ -155,19 +155,19 @@ def download_url(url: str, dest: Path) -> Path:
             with open(part, "wb") as f, tqdm(total=expected, unit="B", unit_scale=True,
                                              desc=dest.name, leave=False,
                                              disable=None) as bar:
-                while True:
+                done = False
+                while not done:
                     try:
                         chunk = response.read(1 << 20)
-                    except http.client.IncompleteRead as e:  # the server closed early
-                        chunk = e.partial
-                        f.write(chunk)
-                        received += len(chunk)
-                        break
+                    except http.client.IncompleteRead as e:  # hung up early: keep what came
+                        chunk, done = e.partial, True
                     if not chunk:
                         break
                     f.write(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it visible
         if expected is not None and received != expected:
             raise TruncatedDownloadError(
                 f"download of {url} is truncated: got {received} of {expected} bytes; nothing "

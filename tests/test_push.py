@@ -109,11 +109,11 @@ def test_hf_folder_loads_in_transformers_and_gives_our_logits(runs, hf_folder):
     _close(pixels[0, :, 16, 16], expected)
 
 
-def test_card_names_the_run_metrics_and_the_command_that_ran_it(runs, timm_folder):
+def test_card_names_the_run_metrics_and_the_command_that_repeats_it(runs, timm_folder,
+                                                                    tmp_path):
     from convnextv2.cli import build_parser
-    from convnextv2.recipes.finetune_config import FinetuneConfig
+    from convnextv2.cli._config_file import parse_command_line
     from convnextv2.tools.stats import count_params
-    from convnextv2.training import config_from_args
 
     ours, summary = _ours(runs)
     card = (timm_folder / "README.md").read_text()
@@ -125,16 +125,18 @@ def test_card_names_the_run_metrics_and_the_command_that_ran_it(runs, timm_folde
     assert f"{count_params(ours) / 1e6:.2f}M" in card and "GMACs" in card
     assert "cat, dog, eel" in card and str(runs / "data") in card
     assert "small-image rule" in card  # 32 px: evaluated without a resize
-    # the command on the card, parsed again, gives the options the run recorded
+    # the command on the card, with the uploaded config.yaml, gives the run's options back
     command = card.split("```bash\n")[1].split("\n```")[0]
-    words = shlex.split(command)
-    assert words[:2] == ["convnextv2", "finetune"]
-    again = config_from_args(FinetuneConfig, build_parser().parse_args(words[1:]))
+    words = shlex.split(command.replace("config.yaml", str(timm_folder / "config.yaml"))
+                        .replace("NEW_RUN_FOLDER", str(tmp_path / "again")))
+    assert words[:3] == ["convnextv2", "finetune", "--config"]
+    assert (timm_folder / "config.yaml").read_bytes() == (runs / "ft" / "config.yaml").read_bytes()
+    again = vars(parse_command_line(build_parser(), words[1:]))
     recorded = json.loads((runs / "ft" / "config.json").read_text())["config"]
-    for key, value in recorded.items():
-        if hasattr(again, key):
-            got = getattr(again, key)
-            assert (list(got) if isinstance(got, tuple) else got) == value, key
+    for key in ("model", "depths", "dims", "stem_stride", "img_size", "epochs", "batch_size",
+                "mixup", "cutmix", "max_steps_per_epoch", "data"):
+        got = again[key]
+        assert (list(got) if isinstance(got, tuple) else got) == recorded[key], key
 
 
 def test_fcmae_encoder_card_has_the_losses_and_the_reconstruction_grid(runs, tmp_path):
@@ -148,7 +150,8 @@ def test_fcmae_encoder_card_has_the_losses_and_the_reconstruction_grid(runs, tmp
     assert "license: cc-by-nc-4.0" in card and "pipeline_tag: image-feature-extraction" in card
     assert (out / "reconstruction.png").read_bytes() == \
         (runs / "pre" / "reconstruction.png").read_bytes()
-    assert "convnextv2 pretrain" in card and "--decoder-dim 16" in card
+    assert "convnextv2 pretrain --config config.yaml" in card
+    assert "decoder_dim: 16" in (out / "config.yaml").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["num_classes"] == 0 and "label_names" not in config
     encoder = load_model(runs / "pre" / "encoder.safetensors").eval()
@@ -157,6 +160,19 @@ def test_fcmae_encoder_card_has_the_losses_and_the_reconstruction_grid(runs, tmp
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         _close(encoder.forward_features(x), theirs.forward_features(x))
+
+
+def test_fcmae_encoder_in_hf_layout_loads_as_convnextv2_model(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "up"
+    assert main(["push", str(runs / "pre"), "me/toy-fcmae", "--layout", "hf", "--dry-run",
+                 str(out)]) == 0
+    encoder = load_model(runs / "pre" / "encoder.safetensors").eval()
+    theirs = transformers.ConvNextV2Model.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _close(encoder.forward_features(x), theirs(pixel_values=x).last_hidden_state)
+    assert "ConvNextV2Model" in (out / "README.md").read_text()
 
 
 class _RecordingApi:
@@ -225,5 +241,6 @@ def test_push_to_hub_is_the_python_api(runs, tmp_path):
     out = convnextv2.push_to_hub(runs / "ft" / "best.safetensors", "me/file-only",
                                  layout="hf", dry_run=tmp_path / "up")
     assert sorted(p.name for p in (tmp_path / "up").iterdir()) == [
-        "README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+        "README.md", "config.json", "config.yaml", "model.safetensors",
+        "preprocessor_config.json"]  # a file inside a run folder: that run's config.yaml too
     assert out == str(tmp_path / "up")

@@ -33,8 +33,9 @@ from ..checkpoint.saving import save_checkpoint
 from ..data.transforms import default_crop_pct, is_small_image, mean_std
 from ..models.model import ConvNeXtV2
 from ..models.variants import resolve_name, variant_of
+from ..training.replay import CONFIG_FILE
 from .model_card import (RECIPE_KEYS, CardFacts, build_model_card, classifier_metrics,
-                         command_line, encoder_metrics)
+                         encoder_metrics)
 from .stats import count_macs, count_params
 
 LAYOUTS = ("timm", "hf")
@@ -42,7 +43,7 @@ DEFAULT_LICENSE = "cc-by-nc-4.0"  # the official ConvNeXt V2 weights' licence
 RECONSTRUCTION = "reconstruction.png"
 # what a push folder holds: --overwrite replaces a folder holding nothing else
 PUSH_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "README.md",
-              RECONSTRUCTION)
+              RECONSTRUCTION, CONFIG_FILE)
 _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 
 
@@ -229,15 +230,26 @@ def write_push_folder(source: PushSource, folder: Path, *, repo_id: str, layout:
         hf = json.loads((folder / "config.json").read_text())
         _write_json(folder / "config.json", dict(hf, image_size=pre["img_size"]))
         _write_json(folder / "preprocessor_config.json", preprocessor_config(pre))
-    grid = source.run / RECONSTRUCTION if source.run and kind == "encoder" else None
-    if grid is not None and grid.is_file():
-        shutil.copyfile(grid, folder / RECONSTRUCTION)
+    copied = _copy_run_files(source, kind, folder)
     facts = _card_facts(source, model, kind, pre, classes)
     facts.update(repo_id=repo_id, layout=layout, license=license,
                  variant=variant or f"custom shape based on {architecture}",
-                 reconstruction=RECONSTRUCTION if (folder / RECONSTRUCTION).is_file() else None)
+                 reconstruction=RECONSTRUCTION if RECONSTRUCTION in copied else None,
+                 replay=CONFIG_FILE if CONFIG_FILE in copied else None)
     atomic_write_bytes(build_model_card(CardFacts(**facts)).encode(), folder / "README.md")
     return folder
+
+
+def _copy_run_files(source: PushSource, kind: str, folder: Path) -> list[str]:
+    """The run's files that travel with the weights: ``config.yaml`` (what repeats the run)
+    and, for an FCMAE encoder, the reconstruction grid. Returns the names copied."""
+    if source.run is None:
+        return []
+    names = [CONFIG_FILE, RECONSTRUCTION] if kind == "encoder" else [CONFIG_FILE]
+    copied = [n for n in names if (source.run / n).is_file()]
+    for name in copied:
+        shutil.copyfile(source.run / name, folder / name)
+    return copied
 
 
 def _run_args(source: PushSource) -> dict:
@@ -267,7 +279,7 @@ def _card_facts(source: PushSource, model: ConvNeXtV2, kind: str, pre: dict,
         kind=kind, model_config=dict(model.config), img_size=pre["img_size"], preprocessing=pre,
         params=count_params(model), macs=count_macs(shape, pre["img_size"]), classes=classes,
         data=source.summary.get("data") or args.get("data"),
-        command=command_line(source.command, args) if source.command and args else None,
+        command=source.command,
         recipe=recipe, metrics=metrics, source=source.weights.name)
 
 

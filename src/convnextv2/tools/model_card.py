@@ -1,16 +1,13 @@
 """The README.md model card that ``convnextv2 push`` puts beside the weights.
 
 A card is built from what the run left behind, not from what a user types: the task and data,
-the recipe and the command that ran it (rebuilt from the options the run recorded, through the
-command's own argument parser, so the flags are the real ones), the metrics of its
-``summary.json``, the parameter and multiply-accumulate counts, and the licence in the YAML
-front matter the Hub reads. An FCMAE encoder's card shows its reconstruction grid.
+the recipe and the command that repeats the run (its ``config.yaml``, uploaded beside the
+weights, given back to the training command), the metrics of its ``summary.json``, the
+parameter and multiply-accumulate counts, and the licence in the YAML front matter the Hub
+reads. An FCMAE encoder's card shows its reconstruction grid.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import shlex
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -38,37 +35,12 @@ class CardFacts:
     macs: int
     classes: list = field(default_factory=list)
     data: str | None = None
-    command: str | None = None
+    command: str | None = None                    # "finetune" or "pretrain", when known
+    replay: str | None = None                     # the run's config.yaml, uploaded too
     recipe: dict = field(default_factory=dict)
     metrics: list = field(default_factory=list)   # (name, value as text)
     reconstruction: str | None = None             # file name of the grid in the folder
     source: str = ""                              # the weight file pushed
-
-
-def command_line(command: str, args: Mapping) -> str:
-    """``convnextv2 COMMAND ...`` with every option the run set away from its default, as
-    the command's parser spells it (``--no-norm-pix-loss`` for ``norm_pix_loss=False``)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    importlib.import_module(f"convnextv2.cli.{command}").add_arguments(parser)
-    words = ["convnextv2", command]
-    for action in parser._actions:  # argparse keeps no public list of its options
-        if not action.option_strings or action.default is argparse.SUPPRESS \
-                or action.dest not in args:
-            continue
-        value, default = _plain(args[action.dest]), _plain(action.default)
-        if value == default or value is None:
-            continue
-        flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # store_true / store_false
-            if bool(value) == bool(action.const):
-                words.append(flag)
-            continue
-        words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
-    return shlex.join(words)
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _number(value) -> str:
@@ -153,8 +125,13 @@ def build_model_card(f: CardFacts) -> str:
     if f.recipe:
         lines += ["| setting | value |", "| --- | --- |",
                   *[f"| {k} | {_number(v)} |" for k, v in f.recipe.items()]]
-    if f.command:
-        lines += ["", "The command that trained it:", "", "```bash", f.command, "```"]
+    if f.command and f.replay:
+        lines += ["", f"Every option of the run is in `{f.replay}` (uploaded with the weights); "
+                  f"this repeats it, and a flag after `--config` changes one option (e.g. "
+                  f"`--data` where your copy of the data lives):", "", "```bash",
+                  f"convnextv2 {f.command} --config {f.replay} --output NEW_RUN_FOLDER", "```"]
+    elif f.command:
+        lines += ["", f"Trained with `convnextv2 {f.command}`."]
     lines += ["", "## Metrics", "", f"From the run's `summary.json` ({f.source}):", ""]
     if f.metrics:
         lines += ["| metric | value |", "| --- | --- |",

@@ -118,6 +118,10 @@ def test_quick_demo_never_overwrites_an_earlier_one(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     first = json.loads((out / "report" / "metrics.json").read_text())
     assert first["config"]["seeds"] == 2 and len(first["runs"][0]["top1_per_seed"]) == 2
+    probes = first["pretrain"]["probes"]  # the encoder's k-NN and collapse, start and end
+    assert [p["step"] for p in probes] == [0, first["pretrain"]["steps"]]
+    assert (out / "report" / "pretrain_monitor.png").is_file()
+    assert "Encoder probes during pretraining" in (out / "report" / "table.md").read_text()
     assert main(["demo", "--quick", "--output", str(out), "--seeds", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"writing this one to {tmp_path / 'demo-2'}" in printed

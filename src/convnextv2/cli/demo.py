@@ -10,7 +10,8 @@ stride 1, 8 px mask patches), then, for each of 3 seeds, fine-tuning of that enc
 training of the same architecture from scratch with the same budget (a small-image, short
 recipe: RandomCrop with padding 4, no RandAugment/mixup/erasing). Prints mean ± std per arm
 and whether FCMAE's gain exceeds the seed spread, and writes OUTPUT/report/
-(reconstruction.png, pretrain_loss.png, finetune_curves.png, metrics.json, table.md). An
+(reconstruction.png, pretrain_loss.png, pretrain_monitor.png: the encoder's k-NN accuracy
+and feature collapse during pretraining, finetune_curves.png, metrics.json, table.md). An
 OUTPUT that already holds a run is left alone: the demo writes to OUTPUT-2, OUTPUT-3, ..."""
 
 

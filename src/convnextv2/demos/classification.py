@@ -85,6 +85,20 @@ def pretrain_kwargs(cfg: DemoConfig, data: str, output: str) -> dict:
                            if cfg.max_steps_per_epoch else None))
 
 
+def monitor_kwargs(cfg: DemoConfig) -> dict:
+    """The pretraining probes the demo shows (k-NN accuracy and feature collapse, labels of
+    the same data): at the start, half way and at the end, on at most 500 training images
+    as the bank and 500 test images as queries, a few seconds each."""
+    return dict(monitor_data=cfg.data, monitor_every=max(1, cfg.pretrain_epochs // 2),
+                monitor_images=64 if cfg.quick else 500)
+
+
+def pretrain_probes(folder: Path) -> list[dict]:
+    """The monitor records of a pretraining run (``metrics.jsonl`` lines with ``knn_top1``)."""
+    from ..training.metrics import read_metrics
+    return [r for r in read_metrics(folder / "metrics.jsonl") if "knn_top1" in r]
+
+
 def finetune_kwargs(cfg: DemoConfig, data: str, output: str, seed: int,
                     checkpoint: str | None, **overrides) -> dict:
     """``FinetuneConfig`` keyword arguments of one demo fine-tuning run (pretrained when
@@ -127,7 +141,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(f"[1/{steps}] FCMAE pretraining: depths {arch['depths']}, dims {arch['dims']}, "
         f"{cfg.img_size} px, patch 8, mask ratio {cfg.mask_ratio}, {cfg.pretrain_epochs} epochs")
     t = time.time()
-    pre = pretrain(PretrainConfig(**pretrain_kwargs(cfg, cfg.data, str(out / "pretrain"))))
+    pre = pretrain(PretrainConfig(**pretrain_kwargs(cfg, cfg.data, str(out / "pretrain")),
+                                  **monitor_kwargs(cfg)))
     pretrain_time = time.time() - t
     runs = _finetune_arms(cfg, out, str(out / "pretrain" / "encoder.safetensors"), steps)
 
@@ -223,7 +238,8 @@ def summarise(cfg: DemoConfig, pre: dict, pretrain_time: float, runs: dict,
                     finetune_images=cfg.train_subset or "all",
                     val_images=cfg.val_subset or _count_test(cfg.data), quick=cfg.quick),
         pretrain=dict(time_s=pretrain_time, last_loss=pre.get("last_loss"),
-                      steps=pre.get("global_step")),
+                      steps=pre.get("global_step"),
+                      probes=pretrain_probes(Path(pre["output"])) if "output" in pre else []),
         runs=rows, winner=max(rows, key=lambda r: r["top1"])["run"],
         top1_gain=gain, top1_gain_std=gain_std, gains_per_seed=gains, seed_spread=spread,
         gain_exceeds_spread=abs(gain) > spread,
@@ -256,6 +272,15 @@ def format_table(results: dict) -> str:
                      else ""),
               f"FCMAE pretraining: {results['pretrain']['time_s']:.0f} s; whole demo "
               f"{results['total_time_s']:.0f} s"]
+    probes = results["pretrain"].get("probes") or []
+    if len(probes) >= 2:
+        start, end = probes[0], probes[-1]
+        lines.append(f"Encoder probes during pretraining (k-NN k=20 on {end['knn_queries']} "
+                     f"test images): top-1 {start['knn_top1']:.1f}% at initialisation -> "
+                     f"{end['knn_top1']:.1f}% at epoch {end['epoch']}; feature collapse "
+                     f"(mean cosine distance) {start['collapse_mean']:.3f} -> "
+                     f"{end['collapse_mean']:.3f}; {sum(p['monitor_s'] for p in probes):.0f} s "
+                     f"for {len(probes)} probes")
     return "\n".join(lines)
 
 
@@ -268,7 +293,8 @@ def _write_report(report: Path, out: Path, results: dict, runs: dict) -> None:
 
     (report / "metrics.json").write_text(json.dumps(results, indent=2))
     for src, dst in (("pretrain/reconstruction.png", "reconstruction.png"),
-                     ("pretrain/loss_curve.png", "pretrain_loss.png")):
+                     ("pretrain/loss_curve.png", "pretrain_loss.png"),
+                     ("pretrain/monitor.png", "pretrain_monitor.png")):
         if (out / src).is_file():
             shutil.copyfile(out / src, report / dst)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

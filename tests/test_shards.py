@@ -149,6 +149,38 @@ def test_shards_command_prints_the_pattern_to_use(small_tree, tmp_path, capsys):
     assert [p.name for p in expand_shards(pattern)] == [f"shards-00000{i}.tar" for i in range(3)]
 
 
+def test_plain_folder_shards_are_unlabelled_and_refused_for_fine_tuning(tmp_path, make_images):
+    make_images(tmp_path / "plain", 10, seed=4)
+    write_shards(str(tmp_path / "plain"), tmp_path / "out", 4, progress=False)
+    members = _members(tmp_path / "out" / "shards-000000.tar")
+    assert all(set(m) == {"png"} for m in members.values())
+    ds = open_shards(tmp_path / "out")
+    assert ds.classes == [] and len(ds) == 10 and {t for _, t, _ in ds} == {0}
+    with pytest.raises(ShardError, match="no class labels"):
+        open_shards(tmp_path / "out", labelled=True)
+
+
+def test_an_undecodable_image_in_a_shard_is_skipped_and_counted_or_fatal(small_shards,
+                                                                           tmp_path):
+    import shutil
+
+    from convnextv2.data import CorruptImageError
+    folder = tmp_path / "damaged"
+    shutil.copytree(small_shards / "train", folder)
+    shard = folder / "train-000001.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())  # same size: shards.json still vouches for it
+    data[member.offset_data + 16:member.offset_data + member.size] = bytes(member.size - 16)
+    shard.write_bytes(bytes(data))
+    ds = open_shards(folder)
+    items = list(ds)
+    assert len(items) == 23 and ds.num_skipped == 1
+    assert 6 not in {i for _, _, i in items}  # shard 1 starts at sample 6; its first is gone
+    with pytest.raises(CorruptImageError, match="train-000001.tar"):
+        list(open_shards(folder, strict=True))
+
+
 # -- reading: which forms, which samples ---------------------------------------------------------
 def test_every_form_of_data_names_the_same_shards(small_shards, tmp_path):
     files = sorted((small_shards / "train").glob("*.tar"))

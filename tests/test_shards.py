@@ -194,6 +194,19 @@ def test_every_form_of_data_names_the_same_shards(small_shards, tmp_path):
     assert not is_shard_source("builtin")
 
 
+def test_without_the_index_the_tar_headers_give_the_same_counts_and_classes(small_shards,
+                                                                          tmp_path):
+    import shutil
+
+    from convnextv2.data.shards import open_shard_set
+    bare = tmp_path / "bare"
+    shutil.copytree(small_shards / "train", bare)
+    (bare / "shards.json").unlink()
+    indexed, scanned = open_shard_set(small_shards), open_shard_set(bare)
+    assert [s.samples for s in scanned.shards] == [s.samples for s in indexed.shards] == [6] * 4
+    assert scanned.classes == indexed.classes == ["a", "b"] and scanned.labelled
+
+
 def test_one_epoch_from_shards_has_the_same_samples_as_the_folder(builtin_shards):
     """World of one, no workers: an epoch is every sample once; the pixels and labels are the
     built-in arrays' (as multisets); the next epoch's order differs, the same epoch's not."""

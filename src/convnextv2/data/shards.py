@@ -210,28 +210,39 @@ def scan_shard(path: Path) -> tuple[int, dict[int, str], bool]:
     return len(images), classes, bool(images) and all("cls" in e for e in images)
 
 
-def _read_index(folder: Path, cache: dict) -> dict:
+def _indexed(file: Path, cache: dict) -> tuple[int, dict[int, str], bool] | None:
+    """What ``shards.json`` beside ``file`` says of it (as ``scan_shard`` would), or None when
+    it says nothing or its size no longer matches."""
+    folder = file.parent
     if folder not in cache:
         try:
-            cache[folder] = json.loads((folder / SHARD_INDEX).read_text())
+            index = json.loads((folder / SHARD_INDEX).read_text())
         except (OSError, ValueError):
-            cache[folder] = {}
-    return cache[folder]
+            index = {}
+        cache[folder] = (index, {e.get("name"): e for e in index.get("shards", [])})
+    index, entries = cache[folder]
+    entry = entries.get(file.name)
+    if entry is None or entry.get("bytes") != file.stat().st_size:
+        return None
+    return int(entry["samples"]), dict(enumerate(index.get("classes", []))), \
+        bool(index.get("labelled"))
 
 
 def open_shard_set(source, split: str = "train") -> ShardSet:
-    """The shards of ``source`` with their sample counts and classes (see the module doc)."""
+    """The shards of ``source`` with their sample counts and classes (see the module doc).
+    Shards ``shards.json`` does not vouch for are scanned, several at a time (on network
+    storage each header read waits on a round trip)."""
     files = expand_shards(source, split)
-    shards, class_names, labelled, offset, cache = [], {}, True, 0, {}
-    for file in files:
-        index = _read_index(file.parent, cache)
-        entry = {e["name"]: e for e in index.get("shards", [])}.get(file.name)
-        if entry is not None and entry.get("bytes") == file.stat().st_size:
-            count = int(entry["samples"])
-            names = dict(enumerate(index.get("classes", [])))
-            is_labelled = bool(index.get("labelled"))
-        else:
-            count, names, is_labelled = scan_shard(file)
+    cache: dict = {}
+    facts = [_indexed(file, cache) for file in files]
+    unknown = [i for i, f in enumerate(facts) if f is None]
+    if unknown:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(16, len(unknown))) as pool:
+            for i, found in zip(unknown, pool.map(scan_shard, [files[i] for i in unknown])):
+                facts[i] = found
+    shards, class_names, labelled, offset = [], {}, True, 0
+    for file, (count, names, is_labelled) in zip(files, facts):
         if count == 0:
             raise ShardError(f"{file}: the shard holds no images (members named KEY.jpg, "
                              f"KEY.png, ... with KEY.cls for the class)")

@@ -627,6 +627,8 @@ RELEASED_NAME_CASES = [
                          "--data", "{R}/data", "--output", "{OUT}"], NAMES_OFFLINE),
     ("export-unreleased-tag", ["export", "--checkpoint", "convnextv2_pico.fcmae_ft_in22k_in1k",
                                "--format", "onnx", "{OUT}/m.onnx"], ["pico", "fcmae_ft_in1k"]),
+    ("convert-offline", ["convert", "convnextv2_atto.fcmae", "{OUT}/atto.safetensors"],
+     NAMES_OFFLINE),
     ("info-pretrained-no-match", ["info", "--pretrained", "resnet50"], ["resnet50"]),
 ]
 

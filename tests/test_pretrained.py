@@ -305,3 +305,23 @@ def test_an_fcmae_name_builds_an_encoder_as_timm_does(hub, server, tmp_path):
                                source.stages[2].blocks[0].dwconv.weight)
     ten = convnextv2.create_model("convnextv2_atto", pretrained=name, num_classes=10, **TOY)
     assert ten.head.fc.out_features == 10 and len(server.requests) == 1
+
+
+def test_convert_writes_a_released_checkpoint_in_another_layout(hub, server, tmp_path):
+    """``convnextv2 convert NAME OUT --to timm``: fetched, converted, and timm's own model
+    gives our logits from the file."""
+    import timm
+    from safetensors.torch import load_file
+
+    from convnextv2.cli import main
+
+    name = "convnextv2_nano.fcmae_ft_in22k_in1k"
+    source = randomised(architecture("nano", **TOY))
+    server.files[_path(name)] = official_bytes(source, tmp_path / "n.pt")
+    out = tmp_path / "nano_timm.safetensors"
+    assert main(["convert", name, str(out), "--to", "timm"]) == 0
+    theirs = timm.create_model("convnextv2_nano", depths=TOY["depths"], dims=TOY["dims"],
+                               num_classes=1000).eval()
+    theirs.load_state_dict(load_file(out))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(theirs(x), source(x), rtol=1e-4, atol=1e-4)

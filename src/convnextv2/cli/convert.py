@@ -7,6 +7,7 @@ EPILOG = """examples:
   convnextv2 convert fcmae_pretrain.pt encoder.safetensors --to timm --model atto
   convnextv2 convert atto.safetensors hf_atto/ --to hf                         # a folder
   convnextv2 convert hf_atto/ atto_official.pt --to official
+  convnextv2 convert convnextv2_tiny.fcmae_ft_in1k tiny_hf/ --to hf            # a released name
 Input layouts are detected: native, official dense, official FCMAE (MinkowskiEngine names,
 decoder dropped), timm, HF transformers. Without --model the architecture is read off the
 tensor shapes (native files store it). An existing OUTPUT is never replaced without --overwrite.
@@ -17,7 +18,8 @@ TARGETS = ("native", "timm", "hf", "official")
 
 
 def add_arguments(p):
-    p.add_argument("input", help="checkpoint file (.pt .pth .bin .safetensors) or HF folder")
+    p.add_argument("input", help="checkpoint file (.pt .pth .bin .safetensors), HF folder or "
+                                 "released name (convnextv2 info --pretrained)")
     p.add_argument("output", help="file to write (a folder for --to hf)")
     p.add_argument("--to", default="native", choices=TARGETS, help="output layout (default native)")
     p.add_argument("--model", help="variant the checkpoint must match (default: inferred)")
@@ -56,7 +58,9 @@ def run(args) -> int:
         raise ValueError(f"output {out} is the input file; write the conversion elsewhere")
     if out.is_dir() and args.to != "hf":
         raise ValueError(f"output {out} is a folder; --to {args.to} writes a file")
-    state_dict, metadata, source = read_state_dict(args.input, args.key,
+    from ..checkpoint import resolve_checkpoint
+
+    state_dict, metadata, source = read_state_dict(resolve_checkpoint(args.input), args.key,
                                                    trust_pickle=args.trust_pickle)
     config = _config_of(state_dict, metadata)
     if args.model:

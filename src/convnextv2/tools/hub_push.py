@@ -122,7 +122,7 @@ def resolve_source(path: str | os.PathLike) -> PushSource:
         weights = run / "encoder.safetensors"  # the encoder is what a user can load
     else:
         weights = path
-    if not (summary or config):
+    if not (summary or (run / CONFIG_FILE).is_file()):  # what every training run leaves
         return PushSource(weights)  # a lone file: no run records, no metrics
     pretrain_run = (run / "fcmae.safetensors").is_file() or "last_epoch_loss" in summary
     return PushSource(weights, run, "pretrain" if pretrain_run else "finetune", summary, config)

@@ -401,6 +401,17 @@ def test_file_list_labels_may_be_integers_and_are_ignored_for_pretraining(small_
         FileListDataset(bare)
 
 
+def test_shards_from_a_file_list_hold_its_images_and_labels(small_tree, tmp_path):
+    listing = _write_lists(small_tree, tmp_path / "lists")
+    write_shards(str(listing), tmp_path / "out", 100, progress=False)
+    for split in ("train", "val"):
+        files = build_dataset(str(small_tree), split).samples
+        found = _members(tmp_path / "out" / split / f"{split}-000000.tar")
+        assert sorted((m["png"], int(m["cls"]), m["class.txt"].decode())
+                      for m in found.values()) == sorted(
+            (p.read_bytes(), t, p.parent.name) for p, t in files)
+
+
 @pytest.mark.parametrize("rows,where,words", [
     ("path,label\n{img},a\nmissing.png,b\n", 3, "no file"),
     ("{img},a\n{img},a,extra\n", 2, "3 field(s)"),

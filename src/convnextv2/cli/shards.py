@@ -21,7 +21,9 @@ only when all are written."""
 def add_arguments(p):
     p.add_argument("source", metavar="SRC",
                    help="ImageFolder tree (train/ and val/ give OUT/train and OUT/val), "
-                        "class-folder root, plain image folder, IDX folder or 'builtin'")
+                        "class-folder root, plain image folder, a train.csv/.tsv list of "
+                        "path,label rows (val.csv beside it gives OUT/val), IDX folder or "
+                        "'builtin'")
     p.add_argument("output", metavar="OUT", help="folder to create for the shards")
     p.add_argument("--shard-size", type=int, required=True, metavar="N",
                    help="samples per shard (the last one may hold fewer); pick N so that the "

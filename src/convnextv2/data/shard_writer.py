@@ -12,8 +12,9 @@ What ``convnextv2 shards SRC OUT --shard-size N`` does, and why:
   owner).
 - ``shards.json`` beside the shards records each shard's sample count and size, the classes
   and the source, so readers need not scan the tar headers.
-- A tree with ``train/`` and ``val/`` (or ``builtin``, or an IDX folder) gives ``OUT/train``
-  and ``OUT/val``; anything else gives the shards directly in ``OUT``.
+- A tree with ``train/`` and ``val/`` (or ``builtin``, an IDX folder, a ``train.csv`` list
+  with its ``val.csv``) gives ``OUT/train`` and ``OUT/val``; anything else gives the shards
+  directly in ``OUT``. A list's labels are kept (``labelled`` lists only).
 - Atomic: everything is written into a hidden temp folder beside ``OUT`` and renamed into
   place at the end; an error or interrupt leaves no half-written shards. An ``OUT`` that holds
   files is refused, or with ``overwrite`` moved aside to ``OUT.old-<time>`` (nothing deleted).
@@ -33,6 +34,7 @@ from PIL import Image
 
 from . import build_dataset, describe_source
 from .datasets import ArrayDataset, _FileDataset
+from .filelist import is_file_list, val_list_for
 from .shards import SHARD_INDEX
 
 INDEX_FORMAT = "convnextv2-shards/1"
@@ -43,9 +45,16 @@ def plan_splits(source: str) -> dict[str, str]:
     if str(source) == "builtin":
         return {"train": "train", "val": "val"}
     root = Path(source).expanduser()
+    if is_file_list(root) and root.is_file():
+        try:
+            val_list_for(root)
+        except FileNotFoundError:
+            return {"": "train"}
+        return {"train": "train", "val": "val"}
     if not root.is_dir():
         raise FileNotFoundError(f"SRC {source}: no such folder (give an ImageFolder tree, a "
-                                f"folder of images, an IDX folder or 'builtin')")
+                                f"folder of images, a .csv/.tsv list, an IDX folder or "
+                                f"'builtin')")
     from .idx import is_idx_folder
     if is_idx_folder(root):
         return {"train": "train", "val": "val"}
@@ -72,7 +81,8 @@ def write_shards(source: str, out: str | Path, shard_size: int, *, seed: int = 0
     out = Path(out).expanduser()
     check_destination(out, overwrite)
     splits = plan_splits(source)
-    datasets = {sub: build_dataset(source, split) for sub, split in splits.items()}
+    datasets = {sub: build_dataset(source, split, labelled=True if is_file_list(source) else None)
+                for sub, split in splits.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -119,8 +119,10 @@ def collapse_profile(model: nn.Module, images: torch.Tensor, batch_size: int = 3
 
 
 def sample_images(data: str, count: int, img_size: int, in_chans: int, split: str, seed: int):
-    """``count`` images chosen with ``seed`` (the same ones for every model of a comparison)."""
+    """``count`` images chosen with ``seed``: the same ones for every model of a comparison
+    (``analyze collapse``) and for the pretraining monitor, so that both give one number."""
     from ..data import build_dataset, eval_transform
+
     ds = build_dataset(data, split, eval_transform(img_size, in_chans))
     if count < 1:
         raise ValueError(f"--images must be >= 1, got {count}")

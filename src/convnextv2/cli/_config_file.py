@@ -168,7 +168,7 @@ def _checked_field(command, path: str, key: str, field: dataclasses.Field, value
     its default (anything plain where the default is None)."""
     default = (field.default_factory() if field.default_factory is not dataclasses.MISSING
                else field.default)
-    if default is None or default is dataclasses.MISSING or value is None and default is None:
+    if default is None or default is dataclasses.MISSING:
         return value
     kinds = {bool: bool, int: (int,), float: (int, float), str: str, dict: dict,
              list: list, tuple: list}

@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_tqdm_monitor() -> None:
+    """No tqdm monitor thread: that daemon thread writes to stderr on its own clock, and when
+    it holds stderr's lock as the interpreter shuts down (a Ctrl-C, an error exit) Python
+    aborts ("could not acquire lock ... at interpreter shutdown", exit -6). The bars still
+    refresh on every update."""
+    from tqdm import tqdm
+    tqdm.monitor_interval = 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from ._config_file import parse_command_line  # --config FILE.yaml: the file's defaults
     parser = build_parser()
@@ -65,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from ._guard import check_device, one_line, report_error
+    _no_tqdm_monitor()
     try:
         check_device(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except (CLIError, ValueError, OSError) as e:  # OSError: missing, unwritable, full disk
         return report_error(args.command, e)
-    except FloatingPointError as e:  # a training failure, not a usage error: exit 1
-        from ..training.loop import NonFiniteLossError
-        if not isinstance(e, NonFiniteLossError):
+    except (FloatingPointError, RuntimeError) as e:  # a training failure: exit 1
+        from ..training.loop import TRAINING_FAILURES  # non-finite loss, full disk
+        if not isinstance(e, TRAINING_FAILURES):
             raise
         print(f"convnextv2 {args.command}: stopped: {one_line(e)}", file=sys.stderr)
         return 1

@@ -202,6 +202,20 @@ class CocoDetection(Dataset):
             raise DataError(f"{self.source}: no images{' with objects' if train else ''}")
         self.ids = ids
 
+    def check_images(self) -> None:
+        """Every image's header against the file's ``width``/``height`` (and the size limit),
+        without decoding: run on the validation split before training, so that a bad image
+        is not found only at the first evaluation, after the training steps before it."""
+        from ..data.image_limits import image_size
+
+        for image_id in self.ids:
+            info = self.coco.imgs[image_id]
+            path = self.root / info["file_name"]
+            size = image_size(path)
+            if size != (info["width"], info["height"]):
+                raise DataError(f"{path} is {size[0]}x{size[1]} but {self.source} says "
+                                f"{info['width']}x{info['height']}; its masks would not fit it")
+
     @staticmethod
     def _usable(ann: dict) -> bool:
         return not ann.get("iscrowd", 0) and ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1

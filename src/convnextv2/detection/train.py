@@ -71,6 +71,7 @@ class DetectionTask(Task):
         if train.cat_ids != val.cat_ids:
             raise ValueError(f"{self.data.train_ann.name} and {self.data.val_ann.name} define "
                              f"different categories")
+        val.check_images()  # before training, not at the first evaluation
         self.category_ids = list(train.cat_ids)
         return train, val
 

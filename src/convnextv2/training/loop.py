@@ -43,8 +43,8 @@ from .metrics import MetricsLog, Throughput
 from .output import check_output, prepare_output
 from ..checkpoint.atomic import atomic_write_bytes
 from .replay import write_run_config
-from .runstate import (apply_run_state, build_run_state, load_resume_state, load_run_state,
-                       plain, save_run_state)
+from .runstate import (apply_run_state, build_run_state, checkpoint_path, load_resume_state,
+                       load_run_state, plain, save_run_state)
 from .step import AccumulatingStep, check_amp
 
 
@@ -59,6 +59,35 @@ class NonFiniteLossError(FloatingPointError):
                          f"stopped without applying it; {kept}. Lower the learning rate "
                          f"(--lr), lengthen the warmup (--warmup-steps), clip gradients "
                          f"(--clip-grad), or try --amp none.")
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint write ran out of space: the temp file is gone, the older checkpoints are
+    kept (they are pruned only after a write succeeds)."""
+
+    def __init__(self, target: Path, checkpoint: Path | None, reason: str):
+        kept = (f"the last good checkpoint is {checkpoint}" if checkpoint
+                else "no checkpoint had been written yet")
+        super().__init__(f"disk full while writing {target} ({reason}); nothing half-written "
+                         f"was left and {kept}. Free space in {target.parent}, then continue "
+                         f"with --resume auto.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says the disk is full: ``OSError`` ENOSPC / EDQUOT, or the
+    ``RuntimeError`` torch.save's zip writer raises for any failed write ("file write failed",
+    from inline_container.cc), which on a healthy file system means no space."""
+    import errno
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "file write failed" in text or "inline_container" in text)
+
+
+# what ends a training command with exit status 1 and one line (not a usage error)
+TRAINING_FAILURES = (NonFiniteLossError, DiskFullError)
 
 
 @dataclass
@@ -358,7 +387,14 @@ class Trainer:
                 extra=dict(world_size=self.info.world_size, epoch_loss_sum=self.loss_sum,
                            epoch_seen=self.seen, **self.extra))
             state["ema"] = self.ema.module.state_dict() if self.ema is not None else None
-            self.last_checkpoint = save_run_state(self.out, state, keep_last=self.cfg.keep_last)
+            try:
+                self.last_checkpoint = save_run_state(self.out, state,
+                                                      keep_last=self.cfg.keep_last)
+            except (OSError, RuntimeError) as e:
+                if not is_disk_full(e):
+                    raise
+                raise DiskFullError(checkpoint_path(self.out, pos.global_step),
+                                    self.last_checkpoint, _first_line(e)) from None
         D.barrier()
         return self.last_checkpoint
 
@@ -487,3 +523,8 @@ def _keyed(dataset):
     while not hasattr(dataset, "set_epoch"):
         dataset = dataset.dataset
     return dataset
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__

@@ -29,13 +29,22 @@ RUN_FILES = ("metrics.jsonl", "steps.jsonl", "summary.json", "config.json", "con
              "best_ema.safetensors", "last.safetensors", "last_ema.safetensors", "model.pt")
 
 
+# written at start-up: alone (with empty logs) they are a run that failed before its first
+# step, which holds nothing to lose and must not block a plain re-run
+START_UP_FILES = ("config.json", "config.yaml")
+
+
 def existing_run(out: Path) -> list[str]:
-    """Names of run files in ``out`` (empty when it holds no run)."""
+    """Names of run files in ``out`` (empty when it holds no run). Empty files (the logs of a
+    run that stopped during start-up) do not count, nor do the start-up configs alone."""
     if not out.is_dir():
         return []
     names = sorted(p.name for p in out.iterdir()
-                   if p.name in RUN_FILES or (p.name.startswith("checkpoint-")
-                                              and p.name.endswith(".pt")))
+                   if (p.name in RUN_FILES or (p.name.startswith("checkpoint-")
+                                               and p.name.endswith(".pt")))
+                   and p.is_file() and p.stat().st_size > 0)
+    if all(n in START_UP_FILES for n in names):
+        return []
     return names
 
 

@@ -203,6 +203,7 @@ def _main(task: Task, cfg: TransferConfig, sets, info, out: Path) -> dict:
             if not trainer.train_one_epoch(forward):
                 break
             if epoch % cfg.eval_every == 0 or epoch == epochs:
+                trainer.save_state(extra())  # kept should the evaluation fail
                 evaluation.run(log)
             trainer.save_state(extra())
         if evaluation.step != trainer.pos.global_step:  # stopped inside an epoch

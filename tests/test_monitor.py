@@ -78,7 +78,8 @@ def watched(tmp_path_factory):
 
     printed = StringIO()
     with redirect_stdout(printed):
-        assert main([*PRETRAIN, "--max-steps", "30", "--output", str(out)]) == 0
+        assert main([*PRETRAIN, "--max-steps", "30", "--output", str(out),
+                     "--log-dir", str(out.parent / "tb")]) == 0
     probes = [r for r in T.read_metrics(out / "metrics.jsonl") if "knn_top1" in r]
     return out, probes, printed.getvalue()
 
@@ -105,6 +106,18 @@ def test_logged_collapse_equals_analyze_collapse_on_the_checkpoint(watched, tmp_
     logged = [probes[-1][f"collapse_stage{i + 1}"] for i in range(len(expected))]
     assert logged == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert probes[-1]["collapse_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+
+
+def test_the_probes_reach_tensorboard(watched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, probes, _ = watched
+    events = EventAccumulator(str(out.parent / "tb"))
+    events.Reload()
+    assert {"monitor/knn_top1", "monitor/collapse_stage4"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("monitor/knn_top1")]
+    assert logged == [(p["step"], pytest.approx(p["knn_top1"], rel=1e-6)) for p in probes]
+    assert "monitor" in events.Tags()["images"]
 
 
 def test_each_probe_prints_its_overhead(watched):

@@ -325,3 +325,42 @@ def test_convert_writes_a_released_checkpoint_in_another_layout(hub, server, tmp
     theirs.load_state_dict(load_file(out))
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(theirs(x), source(x), rtol=1e-4, atol=1e-4)
+
+
+def test_finetune_cli_from_a_released_name_on_one_channel_images(hub, server, tmp_path,
+                                                                  capsys):
+    """``finetune --finetune convnextv2_atto.fcmae --in-chans 1`` on the built-in grey
+    images: one step runs, the log says the stem was adapted, config.json records it."""
+    import json
+
+    from conftest import TOY_FLAGS
+    from convnextv2.cli import main
+
+    name = "convnextv2_atto.fcmae"
+    source = randomised(architecture("atto", num_classes=0, stem_stride=1, **TOY))
+    server.files[_path(name)] = official_bytes(source, tmp_path / "e.pt")
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", "atto", *TOY_FLAGS, "--stem-stride", "1",
+                 "--in-chans", "1", "--data", "builtin", "--img-size", "32", "--finetune", name,
+                 "--output", str(out), "--epochs", "1", "--max-steps-per-epoch", "1",
+                 "--batch-size", "4", "--val-subset", "8", "--aa", "none", "--mixup", "0",
+                 "--cutmix", "0", "--reprob", "0", "--no-model-ema", "--workers", "0",
+                 "--no-progress"]) == 0
+    note = f"note: --finetune {name}: stem adapted from 3 to 1 input channels (summed over RGB)"
+    assert note in capsys.readouterr().out
+    report = json.loads((out / "config.json").read_text())["load_report"]
+    assert report["stem"].startswith("adapted from 3 to 1")
+
+
+def test_info_pretrained_lists_the_table_and_one_entry(capsys):
+    from convnextv2.cli import main
+
+    assert main(["info", "--pretrained"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    names = [r[0] for r in rows if r and r[0].startswith("convnextv2_")]
+    assert names == list(CATALOG)
+    assert ["convnextv2_huge.fcmae_ft_in22k_in1k_512", "512", "1.0", "88.9",
+            "facebook/convnextv2-huge-22k-512"] in rows
+    assert main(["info", "--pretrained", "convnextv2_tiny.fcmae_ft_in1k"]) == 0
+    text = capsys.readouterr().out
+    assert CATALOG["convnextv2_tiny.fcmae_ft_in1k"].url in text and "83.0%" in text

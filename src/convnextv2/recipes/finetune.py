@@ -113,6 +113,8 @@ def _finetune(p: Plan, info: T.DistInfo, out: Path) -> dict:
         if data.skipped:
             trainer.say(f"note: skipped {data.skipped} unreadable image(s) in {run.data} "
                         f"(--strict-data makes them fatal)")
+        if load_report.get("stem", "loaded") != "loaded":
+            trainer.say(f"note: --finetune {run.finetune}: stem {load_report['stem']}")
     meta = dict(class_names=data.classes, img_size=run.img_size,  # of every weight file
                 in_chans=p.arch.get("in_chans", 3), recipe=run.recipe, data=str(run.data),
                 linear_probe=run.linear_probe)

@@ -905,6 +905,7 @@ def det_data(w, transfer_runs) -> dict[str, Path]:
     for sub in ("a", "b"):
         _png(loose / sub / "x.png", size=(64, 64))
     (loose / "results.json").write_text("[]")
+    _png(loose / "strip.png", size=(5000, 1))
     found["{COCO_huge}"] = _coco_variant(w, "huge", lambda d: d.update(
         images=[dict(id=1, file_name="huge.png", width=20000, height=20000)],
         annotations=[dict(id=1, image_id=1, category_id=d["categories"][0]["id"], iscrowd=0,
@@ -978,6 +979,8 @@ DET_HOSTILE = [
      ["--json", "already exists"]),
     ("detect-predict-ann-without-json", [*DET_PREDICT, "{LOOSE_DET}/a/x.png", "--output",
                                          "{OUT}", "--ann", "{COCO_huge}"], 2, ["--ann", "--json"]),
+    ("detect-predict-1x5000-strip", [*DET_PREDICT, "{LOOSE_DET}/strip.png", "--output",
+                                     "{OUT}"], 2, ["strip.png", "5000x1", "less than a pixel"]),
     ("export-existing-file", ["export", "--checkpoint", "{R}/clf.safetensors", "--format",
                               "torchscript", "--img-size", "32", "{EXPORT}/model.pt"], 2,
      ["model.pt", "already exists", "--overwrite"]),

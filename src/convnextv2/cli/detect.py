@@ -206,6 +206,8 @@ def _predict(args) -> int:
     def load(checkpoint):
         model, classes = load_detector(checkpoint)
         category_ids.extend(_category_ids(model, classes, args.ann))
+        for image, _ in plan_pngs(args.images, args.output):  # before the first PNG
+            _check_shape(image, model)
         return model, classes
 
     def run(model, pixels, classes, device):
@@ -263,3 +265,20 @@ def _category_ids(model, classes, ann) -> list[int]:
         raise ValueError(f"--ann {ann} has no category named {missing[0]!r}, one of the "
                          f"model's {len(classes)} classes")
     return [by_name[n] for n in classes]
+
+
+def _check_shape(path, model) -> None:
+    """Refuse (by its header, also size-checked) an image that the detector's resize would
+    shrink to no pixel across: it scales the short side to ``min_size`` unless the long side
+    would pass ``max_size``, so a 5000x1 strip ends 0 px high."""
+    import math
+
+    from ..data.image_limits import image_size
+
+    w, h = image_size(path)
+    t = model.transform
+    scale = min(float(t.min_size[-1]) / min(w, h), float(t.max_size) / max(w, h))
+    if math.floor(min(w, h) * scale) < 1:
+        raise ValueError(f"image {path} is {w}x{h}: fitted into the detector's {t.max_size} px "
+                         f"its short side becomes less than a pixel; crop it to a less "
+                         f"elongated shape")

@@ -276,7 +276,3 @@ def load_entry(model: nn.Module, entry: PretrainedEntry, drop_head: bool | None 
     report.update(pretrained=entry.name, hub_id=entry.hub_id)
     return report
 
-
-def load_tagged(model: nn.Module, variant: str, tag, drop_head: bool | None = None) -> dict:
-    """``create_model(name, pretrained=True | TAG)``: the released weights ``variant.tag``."""
-    return load_entry(model, lookup(variant, tag), drop_head=drop_head)

@@ -356,18 +356,24 @@ def test_pretrain_and_finetune_run_from_builtin_shards(builtin_shards, tmp_path)
     assert epoch["step"] == 2 and 0 <= epoch["val_top1"] <= 100  # scored on the val shards
 
 
-def test_resume_from_shards_continues_at_the_right_epoch_and_batch(small_shards, tmp_path):
-    """2 epochs x 6 steps; stopped mid-epoch 1 and mid-epoch 2, resumed: the same losses."""
+@pytest.mark.parametrize("workers,batch", [(0, 4), (2, 3)])
+def test_resume_from_shards_continues_at_the_right_epoch_and_batch(small_shards, tmp_path,
+                                                                   workers, batch):
+    """2 epochs; stopped mid-epoch 1 and mid-epoch 2, resumed: the same losses (with loader
+    workers too, whose turns the resumed loader must take up where they were)."""
     from convnextv2.recipes.pretrain import pretrain
 
+    steps = 24 // batch
     straight = tmp_path / "straight"
-    pretrain(_pretrain_config(small_shards, straight, epochs=2))
+    pretrain(_pretrain_config(small_shards, straight, epochs=2, workers=workers,
+                              batch_size=batch))
     reference = _losses(straight)
-    assert [(s, e) for s, e, _ in reference] == [(s, 1 + (s - 1) // 6) for s in range(1, 13)]
+    assert [(s, e) for s, e, _ in reference] == [(s, 1 + (s - 1) // steps)
+                                                 for s in range(1, 2 * steps + 1)]
     resumed = tmp_path / "resumed"
-    for max_steps in (3, 8, None):
+    for max_steps in (3, steps + 3, None):
         pretrain(_pretrain_config(small_shards, resumed, epochs=2, max_steps=max_steps,
-                                  resume="auto"))
+                                  resume="auto", workers=workers, batch_size=batch))
     assert _losses(resumed) == reference
 
 

@@ -278,6 +278,11 @@ def test_uneven_shards_warn_once_in_one_line(small_shards, caplog):
                                                           workers=0, batch_size=2)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "do not divide evenly" in lines[0] and "\n" not in lines[0]
+    # val: shards of 6 and 2 samples over 2 processes: both take 2 batches of 2 (4 = 8 / 2);
+    # the process holding the 2-sample shard reads it again, reshuffled
+    for rank in (0, 1):
+        batches, n = _epoch_indices(small_shards / "val", rank, 2, 0, 2)
+        assert n == 2 and len(batches) == 2 and all(len(b) == 2 for b in batches)
     with pytest.raises(ShardError, match="at least one"):
         open_shards(small_shards, "val").for_training(seed=0, rank=0, world_size=3, workers=0,
                                                       batch_size=2)

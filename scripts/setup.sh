@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import convnextv2, torch, timm, transformers, onnxruntime, hypothesis, pycocotools, torchmetrics, tensorboard, yaml, webdataset, submitit" 2>/dev/null; then
+if ! .venv/bin/python -c "import convnextv2, torch, timm, transformers, onnxruntime, hypothesis, pycocotools, tensorboard, yaml, webdataset, submitit" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade pip
   # torch and torchvision first, pinned: these builds lie on the project's machines' disk
   # (a CUDA build that also runs on the CPU); PyPI's torchvision does not pair with other torch files.

@@ -562,21 +562,89 @@ def seg_data(w, transfer_runs) -> dict[str, Path]:
         write_png_header(d / "images" / "training" / f"{first}.png", 20000, 20000)
         write_png_header(d / "annotations" / "training" / f"{first}.png", 20000, 20000)
 
+    def cut(path: Path):
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+
+    def three_classes(d: Path):
+        (d / "classes.txt").write_text("a\nb\nc\n")
+
+    def bad_val_mask(d: Path):  # value 40 in an 11-class mask (1..11 allowed)
+        Image.fromarray(np.full((64, 64), 40, np.uint8), "L").save(
+            d / "annotations" / "validation" / f"{first}.png")
+
+    def deep_val_mask(d: Path):  # a 16-bit mask: its values are read as they are (300)
+        Image.fromarray(np.full((64, 64), 300, np.uint16)).save(
+            d / "annotations" / "validation" / f"{first}.png")
+
     loose = root / "loose"
     loose.mkdir(parents=True)
     write_png_header(loose / "huge.png", 20000, 20000)
-    return {"{SEG_HUGE}": _seg_variant(src, root / "huge", huge), "{LOOSE}": loose}
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(loose / "tiny.png")
+    Image.fromarray(np.zeros((1, 5000, 3), np.uint8)).save(loose / "strip.png")
+    return {"{SEG_HUGE}": _seg_variant(src, root / "huge", huge),
+            "{SEG_CUT_IMAGE}": _seg_variant(
+                src, root / "cut_image", lambda d: cut(d / "images/validation" / f"{first}.jpg")),
+            "{SEG_CUT_MASK}": _seg_variant(
+                src, root / "cut_mask",
+                lambda d: cut(d / "annotations/validation" / f"{first}.png")),
+            "{SEG_3_CLASSES}": _seg_variant(src, root / "three", three_classes),
+            "{SEG_BAD_VAL_MASK}": _seg_variant(src, root / "bad_val", bad_val_mask),
+            "{SEG_DEEP_VAL_MASK}": _seg_variant(src, root / "deep_val", deep_val_mask),
+            "{LOOSE}": loose}
+
+
+def _seg_train(data: str) -> list[str]:
+    return [*SEG[:3], data, *SEG[4:], "--output", "{OUT}"]
 
 
 SEG_PREDICT = ["segment", "predict", "--checkpoint", "{SEG}/model.pt", "--device", "cpu"]
+SEG_EVAL = ["segment", "eval", "--checkpoint", "{SEG}/model.pt", "--device", "cpu",
+            "--workers", "0", "--no-progress"]
 SEG_HOSTILE = [
-    ("segment-train-20000px-png", [*SEG[:3], "{SEG_HUGE}", *SEG[4:], "--output", "{OUT}"], 2,
+    ("segment-train-20000px-png", _seg_train("{SEG_HUGE}"), 2,
      ["scene_00000.png", "20000x20000", "--max-image-pixels"]),
     ("segment-predict-20000px-png", [*SEG_PREDICT, "{LOOSE}/huge.png", "--output", "{OUT}"], 2,
      ["huge.png", "20000x20000", "--max-image-pixels"]),
     ("segment-predict-max-image-pixels-0", [*SEG_PREDICT, "{LOOSE}/huge.png", "--output",
                                             "{OUT}", "--max-image-pixels", "0"], 2,
      ["--max-image-pixels", ">= 1"]),
+    ("segment-train-crop-7", [*_seg_train("{SCENES}/segmentation"), "--crop", "7"], 2,
+     ["--crop 7", "stride 32"]),
+    ("segment-train-channels-0", [*_seg_train("{SCENES}/segmentation"), "--channels", "0"], 2,
+     ["--channels", ">= 1"]),
+    ("segment-train-num-classes-0", [*_seg_train("{SCENES}/segmentation"), "--num-classes",
+                                     "0"], 2, ["--num-classes", ">= 1"]),
+    ("segment-eval-eval-size-7", [*SEG_EVAL, "--data", "{SCENES}/segmentation", "--eval-size",
+                                  "7"], 2, ["--eval-size 7", "stride 32"]),
+    ("segment-eval-stride-above-window", [*SEG_EVAL, "--data", "{SCENES}/segmentation",
+                                          "--window", "48", "--stride", "64"], 2,
+     ["--stride 64", "--window 48"]),
+    ("segment-eval-11-class-model-on-3-class-data", [*SEG_EVAL, "--data", "{SEG_3_CLASSES}"],
+     2, ["3 classes", "trained on 11"]),
+    ("segment-eval-truncated-image", [*SEG_EVAL, "--data", "{SEG_CUT_IMAGE}"], 2,
+     ["scene_00000.jpg"]),
+    ("segment-eval-truncated-mask", [*SEG_EVAL, "--data", "{SEG_CUT_MASK}"], 2,
+     ["scene_00000.png"]),
+    ("segment-train-truncated-val-mask", _seg_train("{SEG_CUT_MASK}"), 2,
+     ["scene_00000.png"]),
+    ("segment-train-bad-val-mask-before-training", _seg_train("{SEG_BAD_VAL_MASK}"), 2,
+     ["scene_00000.png", "[40]", "outside the class range"]),
+    ("segment-train-16-bit-val-mask", _seg_train("{SEG_DEEP_VAL_MASK}"), 2,
+     ["scene_00000.png", "[300]"]),
+    # (a 3x3 image is fine: the test resize takes its short side to the model's 48 px)
+    ("segment-predict-1x5000-image", [*SEG_PREDICT, "{LOOSE}/strip.png", "--output", "{OUT}"],
+     2, ["strip.png", "5000x1", "at least 32"]),
+    ("segment-predict-mode-bogus", [*SEG_PREDICT, "{LOOSE}/tiny.png", "--output", "{OUT}",
+                                    "--mode", "tiles"], 2, ["--mode", "slide", "whole"]),
+    ("segment-predict-label-png-is-a-file", [*SEG_PREDICT, "{SCENES}/segmentation/images/"
+                                             "validation", "--output", "{OUT}", "--label-png",
+                                             "{SCENES}/segmentation/classes.txt"], 2,
+     ["--label-png"]),
+    # a loss that becomes NaN/inf: exit 1, one line (the engine's own row is segment-lr-1e6)
+    ("segment-train-nonfinite-loss", [*_seg_train("{SCENES}/segmentation"), "--lr", "1e6",
+                                      "--warmup-steps", "0", "--max-steps", "4"], 1,
+     ["non-finite loss"]),
 ]
 
 

@@ -27,7 +27,9 @@ def test_upernet_shapes_loss_backward(aux, norm):
     target[:, :10] = 255
     losses = segmentation_loss(out, target)
     assert set(losses) == {"loss_seg", "loss"} | ({"loss_aux"} if aux else set())
-    ref = torch.nn.functional.cross_entropy(out["out"], target, ignore_index=255)
+    # MMSegmentation's default: summed over labelled pixels, divided by all pixels
+    ref = torch.nn.functional.cross_entropy(out["out"], target, ignore_index=255,
+                                            reduction="sum") / target.numel()
     assert losses["loss_seg"].item() == pytest.approx(ref.item(), rel=1e-5)
     losses["loss"].backward()
     assert model.backbone.body.stem.conv.weight.grad.abs().sum() > 0
@@ -90,7 +92,7 @@ def test_miou_and_pixel_accuracy_by_hand():
     # class 2: target at (0,5),(1,4); pred 2 at (0,4),(0,5),(1,4) -> TP 2, FP 1 -> 2 / 3
     m = segmentation_metrics(3)
     m.update(pred[None], target[None])
-    got = {k: float(v) for k, v in m.compute().items()}
+    got = m.compute()
     assert got["mIoU"] == pytest.approx((3 / 4 + 3 / 5 + 2 / 3) / 3)
     assert got["aAcc"] == pytest.approx(8 / 10)
     assert got["mAcc"] == pytest.approx((3 / 4 + 3 / 4 + 2 / 2) / 3)
@@ -98,7 +100,7 @@ def test_miou_and_pixel_accuracy_by_hand():
     m = segmentation_metrics(3)
     m.update(pred[None, :1], target[None, :1])
     m.update(pred[None, 1:], target[None, 1:])
-    assert float(m.compute()["mIoU"]) == pytest.approx(got["mIoU"])
+    assert m.compute()["mIoU"] == pytest.approx(got["mIoU"])
 
 
 def test_tiny_overfit_reaches_high_miou(tmp_path):
@@ -115,9 +117,11 @@ def test_tiny_overfit_reaches_high_miou(tmp_path):
         shutil.copytree(root / kind / "training", root / kind / "validation")
     task = SegmentationTask(root, crop=64, scale=(64, 64), ratio_range=(1.0, 1.0),
                             photometric=False, head_kwargs=dict(channels=32, aux_channels=16))
-    cfg = TransferConfig(output=str(tmp_path / "run"), iters=140, batch_size=4, lr=3e-3,
+    # the classifiers start at N(0, 0.01) (MMSegmentation's init): almost no gradient reaches
+    # the rest until they grow, so a short run needs a high lr (3e-3 x 140 steps: mIoU 24)
+    cfg = TransferConfig(output=str(tmp_path / "run"), iters=200, batch_size=4, lr=2e-2,
                          schedule="poly", warmup_steps=5, workers=0, eval_batch_size=4,
-                         eval_every=140, layer_decay_mode="stage_wise", progress=False,
+                         eval_every=200, layer_decay_mode="stage_wise", progress=False,
                          **TINY)
     summary = train(task, cfg)
     assert summary["metrics"]["mIoU"] > 70, summary["metrics"]

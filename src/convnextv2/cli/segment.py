@@ -18,7 +18,9 @@ EPILOG = """examples:
   torchrun --nproc_per_node 8 -m convnextv2 segment train --data /data/ADEChallengeData2016 \\
       --output runs/u --model convnextv2_base --pretrained base.pt --batch-size 2 --amp bf16
   convnextv2 segment eval --checkpoint runs/seg/model.pt --data /data/ADEChallengeData2016 --tta
+  convnextv2 segment eval --checkpoint runs/seg/model.pt --data /data/ADE --mode whole
   convnextv2 segment predict --checkpoint runs/seg/model.pt photo.jpg --output preds/
+  convnextv2 segment predict --checkpoint runs/seg/model.pt val/ --output viz/ --label-png sub/
 
 --data ROOT is ADE20K's layout: ROOT/images/{training,validation}/*.jpg and
 ROOT/annotations/{training,validation}/*.png, mask value 0 = ignore and 1..K the classes
@@ -27,6 +29,9 @@ or objectInfo150.txt; otherwise pass --num-classes. 'builtin': synthetic Fashion
 Defaults are the ConvNeXt V2 ADE20K recipe (UPerNet, 160k iterations of 16 512x512 crops,
 AdamW lr 1e-4, wd 0.05, poly schedule, 1500 warmup, stage-wise layer decay 0.9, drop path
 0.4, evaluated every 13 epochs: about mmseg's every 16k iterations); see docs/transfer.md.
+Tests as the paper's configs: short side = crop (512), sliding 512x512 windows at stride 341;
+the model keeps these settings, and eval/predict use them (--mode, --window, --stride,
+--eval-size override). 'builtin' data is tested whole, at native size.
 
 """ + LENGTH_HELP
 
@@ -61,6 +66,7 @@ def add_arguments(p):
     _add_data_options(e)
     e.add_argument("--tta", action="store_true",
                    help="multi-scale (0.75, 1.0, 1.25) + flip test, as the paper's numbers")
+    _add_test_options(e)
     add_eval_options(e, batch_size=1)
     e.set_defaults(_action=_eval)
 
@@ -68,6 +74,14 @@ def add_arguments(p):
                        description="Colour each pixel by its predicted class, over the image.")
     add_predict_options(r)
     r.add_argument("--alpha", type=float, default=0.55, help="opacity of the colour map")
+    r.add_argument("--label-png", metavar="DIR",
+                   help="also write each image's raw class-index PNG here (ADE20K submission "
+                        "format: uint8, class k stored as k + 1 as in the annotations, 0 = "
+                        "unlabelled and never predicted; the index itself for a model "
+                        "trained with --no-reduce-zero-label)")
+    r.add_argument("--eval-size", type=int,
+                   help="shorter edge the image is rescaled to (default: the model's)")
+    _add_test_options(r)
     add_max_image_pixels_argument(r)
     r.set_defaults(_action=_predict)
 
@@ -81,6 +95,36 @@ def _add_data_options(p) -> None:
     g.add_argument("--eval-size", type=int, help="shorter edge of test images (default: the "
                                                  "crop size in training, as they are in eval)")
     add_max_image_pixels_argument(g)
+
+
+NETWORK_STRIDE = 32  # a ConvNeXt's total stride (stem 4, three downsamplings of 2)
+
+
+def _add_test_options(p) -> None:
+    g = p.add_argument_group("inference (default: as saved with the model)")
+    g.add_argument("--mode", choices=("slide", "whole"),
+                   help="sliding windows (the paper's ADE20K test) or the whole image at once")
+    g.add_argument("--window", type=int, help="sliding window side in px (default: the "
+                                              "training crop)")
+    g.add_argument("--stride", type=int, help="sliding window stride in px (default: 2/3 of "
+                                              "the window, 341 for 512)")
+
+
+def _check_sizes(args, stride_px: int) -> None:
+    """One-line refusals of sizes the network cannot take (below its total stride)."""
+    from ._guard import at_least
+
+    for flag in ("crop", "eval_size", "window"):
+        value = getattr(args, flag, None)
+        if value is not None and value < stride_px:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} is smaller than the network's "
+                             f"total stride {stride_px} px; use at least {stride_px}")
+    for flag in ("channels", "aux_channels", "num_classes", "stride"):
+        at_least(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1)
+    window = getattr(args, "window", None)
+    if getattr(args, "stride", None) and window and args.stride > window:
+        raise ValueError(f"--stride {args.stride} is larger than --window {window}: the "
+                         f"windows would leave pixels unseen")
 
 
 def _root(args) -> Path:
@@ -97,6 +141,7 @@ def _train(args) -> int:
 
     builtin = SEGMENTATION_BUILTIN if args.data == "builtin" else None
     d = [builtin or {}, SEGMENTATION_RECIPE]
+    _check_sizes(args, NETWORK_STRIDE)
     cfg = transfer_config(args, SEGMENTATION_RECIPE, builtin)
     head = dict(channels=pick(args, "channels", builtin or {}, 512),
                 aux_channels=pick(args, "aux_channels", builtin or {}, 256), aux=args.aux,
@@ -107,7 +152,8 @@ def _train(args) -> int:
                             num_classes=args.num_classes,
                             reduce_zero_label=args.reduce_zero_label,
                             eval_size=args.eval_size or (None if builtin else crop),
-                            aux_weight=args.aux_weight, head_kwargs=head)
+                            aux_weight=args.aux_weight, head_kwargs=head,
+                            eval_mode="whole" if builtin else "slide")
     train(task, cfg)
     return 0
 
@@ -121,37 +167,78 @@ def _load(checkpoint):
 
 
 def _eval(args) -> int:
-    from ..segmentation.data import SegmentationFolder, collate, eval_transforms
+    from ..segmentation.data import SegmentationFolder, collate_eval, eval_transforms
+    from ..segmentation.data import read_class_names
     from ..segmentation.evaluate import evaluate_segmenter
+    from ..segmentation.inference import test_settings
+    from ..segmentation.visualize import network_stride
 
     model, classes, ckpt = _load(args.checkpoint)
+    _check_sizes(args, network_stride(model))
     trained = ckpt["config"]["num_classes"]
+    t = test_settings(model.config, args.mode, args.eval_size, args.window, args.stride)
 
     def prepare():
-        ds = SegmentationFolder(_root(args), "val", eval_transforms(args.eval_size),
-                                args.num_classes or trained, args.reduce_zero_label)
+        root = _root(args)  # the data's own class count when it names its classes
+        named = args.num_classes or (None if read_class_names(root) else trained)
+        ds = SegmentationFolder(root, "val", eval_transforms(t["size"]), named,
+                                args.reduce_zero_label)
         if ds.num_classes != trained:
-            raise ValueError(f"the data has {ds.num_classes} classes but the model was trained "
-                             f"on {trained}")
-        return model, ds, collate
+            raise ValueError(f"the data {root} has {ds.num_classes} classes but the model "
+                             f"{args.checkpoint} was trained on {trained}; evaluate it on data "
+                             f"with the same classes")
+        return model, ds, collate_eval
 
     scales = (0.75, 1.0, 1.25) if args.tta else (1.0,)
+    how = (f"{t['mode']} {t['window']}px/{t['stride']}" if t["mode"] == "slide" else "whole") \
+        + (f", short side {t['size']}" if t["size"] else ", native size")
     return evaluate_run(
         args, prepare,
         lambda model, loader, ds, info: evaluate_segmenter(
             model, loader, ds.num_classes, info.device, args.amp, info, progress=args.progress,
-            scales=scales, flip=args.tta),
-        lambda ds: (f"{len(ds)} validation images, {ds.num_classes} classes"
-                    f"{' (multi-scale + flip)' if args.tta else ''}:"),
+            scales=scales, flip=args.tta, mode=t["mode"], window=t["window"],
+            stride=t["stride"]),
+        lambda ds: (f"{len(ds)} validation images, {ds.num_classes} classes ({how}"
+                    f"{', multi-scale + flip' if args.tta else ''}):"),
         lambda metrics: ["mIoU", "aAcc", "mAcc"])
 
 
 def _predict(args) -> int:
-    from ..segmentation.visualize import load_segmenter, predict_and_draw
+    from PIL import Image
+
+    from ..checkpoint.atomic import atomic_write
+    from ..data.image_limits import image_size
+    from ..segmentation.inference import test_settings
+    from ..segmentation.visualize import (check_input_size, label_png, load_segmenter,
+                                          network_stride, predict_and_draw)
+    from ._guard import writable_folder
+    from ._transfer import plan_pngs
+
+    model, classes = load_segmenter(args.checkpoint)
+    _check_sizes(args, network_stride(model))
+    t = test_settings(model.config, args.mode, args.eval_size, args.window, args.stride)
+    plan = plan_pngs(args.images, args.output)
+    for path, _ in plan:  # every image checked before any is predicted or written
+        width, height = image_size(path)
+        check_input_size(model, height, width, t["size"], path)
+    labels = None
+    if args.label_png:
+        labels = dict(plan_pngs(args.images, args.label_png))
+        writable_folder(args.label_png, "--label-png")
+
+    def draw(model, pixels, classes, device):
+        drawn, share, pred = predict_and_draw(model, pixels, classes, args.alpha, device,
+                                              mode=t["mode"], size=t["size"],
+                                              window=t["window"], stride=t["stride"])
+        return drawn, dict(share=share, pred=pred)
+
+    def record(path, found):
+        if labels is not None:
+            picture = Image.fromarray(label_png(found["pred"], t["reduce_zero_label"]))
+            atomic_write(labels[path], lambda f: picture.save(f, format="PNG"))
 
     return predict_images(
-        args, load_segmenter,
-        lambda model, pixels, classes, device: predict_and_draw(model, pixels, classes,
-                                                                args.alpha, device),
-        lambda share: ", ".join(f"{k} {100 * v:.0f}%"
-                                for k, v in sorted(share.items(), key=lambda kv: -kv[1])))
+        args, lambda checkpoint: (model, classes), draw,
+        lambda found: ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                sorted(found["share"].items(), key=lambda kv: -kv[1])),
+        record)

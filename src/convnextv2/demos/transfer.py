@@ -194,7 +194,7 @@ def _task(cfg: TransferDemoConfig, paths: dict):
             roi_canonical_scale=48))
     from ..segmentation.train import SegmentationTask
     return SegmentationTask(paths["segmentation"], crop=cfg.size, scale=(cfg.size, cfg.size),
-                            ratio_range=(0.75, 1.25),
+                            ratio_range=(0.75, 1.25), eval_mode="whole",
                             head_kwargs=dict(channels=64, aux_channels=32))
 
 

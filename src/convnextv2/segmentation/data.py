@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from ..data.image_limits import image_size, open_image
 from ..transfer.errors import DataError
 from .model import IGNORE_INDEX
+from .transforms import eval_transforms, train_transforms  # noqa: F401  (the pipelines)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = {"train": ("training", "train"), "val": ("validation", "val")}
@@ -56,7 +56,8 @@ def split_folder(root: Path, kind: str, split: str) -> Path:
 
 class SegmentationFolder(Dataset):
     """``(image, mask)`` pairs: float image (3, H, W) in 0-1 and int64 mask (H, W) with classes
-    0..K-1 and ``IGNORE_INDEX`` (255), after ``transforms`` (torchvision v2, joint)."""
+    0..K-1 and ``IGNORE_INDEX`` (255), after ``transforms`` (``transforms.py``, joint: they take
+    a uint8 image tensor and the mask). Without transforms: the uint8 image."""
 
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
                  num_classes: int | None = None, reduce_zero_label: bool = True):
@@ -92,6 +93,16 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def check_masks(self, workers: int = 0) -> None:
+        """Read every mask now (with ``workers`` processes), so a bad one (out-of-range value,
+        truncated file) stops the run before training rather than at its first evaluation,
+        after steps that would then be lost. Meant for the validation split: it is small."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_MaskReader(self), batch_size=None, num_workers=workers)
+        for _ in loader:
+            pass
+
     def load_mask(self, index: int) -> np.ndarray:
         """The mask with classes 0..K-1 and 255 for ignore; raises on out-of-range values."""
         path = self.samples[index][1]
@@ -114,59 +125,37 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, _ = self.samples[index]
-        image = tv_tensors.Image(v2.functional.pil_to_tensor(open_image(image_path, "RGB")))
-        mask = tv_tensors.Mask(torch.from_numpy(self.load_mask(index)))
+        image = TF.pil_to_tensor(open_image(image_path, "RGB"))
+        mask = torch.from_numpy(self.load_mask(index))
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+        return image, mask.long()
 
 
-def train_transforms(crop: int, scale: tuple[int, int] | None = None,
-                     ratio_range: tuple[float, float] = (0.5, 2.0), photometric: bool = True):
-    """The ADE20K training pipeline: random rescale (``scale`` (short, long) edge targets,
-    default (crop, 4 * crop), times a factor in ``ratio_range``), random ``crop`` x ``crop``
-    crop (padded with ignore where the image is smaller), horizontal flip, colour jitter."""
-    short, long = scale or (crop, 4 * crop)
-    steps = [v2.ToImage(),
-             v2.ScaleJitter((short, long), scale_range=tuple(ratio_range), antialias=True),
-             v2.RandomCrop((crop, crop), pad_if_needed=True,
-                           fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-             v2.RandomHorizontalFlip()]
-    if photometric:
-        steps.append(v2.ColorJitter(brightness=0.125, contrast=0.5, saturation=0.5, hue=0.05))
-    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
-    return v2.Compose(steps)
+class _MaskReader(Dataset):
+    """The masks of a ``SegmentationFolder`` alone (``check_masks``)."""
 
+    def __init__(self, folder: SegmentationFolder):
+        self.folder = folder
 
-def eval_transforms(size: int | None = None):
-    """Test images scaled so their shorter edge is ``size`` (None: as they are); masks stay at
-    the original size, and predictions are resized back to it before scoring."""
-    steps = [v2.ToImage()]
-    if size:
-        steps.append(_ResizeImageOnly(size))
-    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
-    return v2.Compose(steps)
+    def __len__(self) -> int:
+        return len(self.folder)
 
-
-class _ResizeImageOnly(v2.Transform):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def transform(self, inpt, params):
-        if isinstance(inpt, tv_tensors.Image):
-            return v2.functional.resize(inpt, self.size, antialias=True)
-        return inpt
+    def __getitem__(self, index: int) -> int:
+        self.folder.load_mask(index)
+        return index
 
 
 def collate(batch):
-    """Stack same-sized samples; masks of differing sizes are padded with ignore."""
+    """Training batches: same-sized samples (crops) stacked."""
     images, masks = zip(*batch)
-    h = max(m.shape[-2] for m in masks)
-    w = max(m.shape[-1] for m in masks)
-    if any(im.shape != images[0].shape for im in images):
-        raise ValueError("evaluation images of different sizes need --eval-batch-size 1")
-    out = torch.full((len(masks), h, w), IGNORE_INDEX, dtype=torch.int64)
-    for i, m in enumerate(masks):
-        out[i, :m.shape[-2], :m.shape[-1]] = m
-    return torch.stack(images), out
+    return torch.stack(images), torch.stack(masks)
+
+
+def collate_eval(batch):
+    """Evaluation batches: images stacked where their sizes agree, else a list, and the masks
+    always a list at each image's own size, so each prediction is scored at its own size
+    (never stretched over a padded batch)."""
+    images, masks = zip(*batch)
+    same = all(im.shape == images[0].shape for im in images)
+    return (torch.stack(images) if same else list(images)), list(masks)

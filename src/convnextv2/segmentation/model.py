@@ -11,6 +11,19 @@ auxiliary head, dropout 0.1 before each classifier.
 The heads use BatchNorm (SyncBatchNorm under multi-GPU DDP, see ``SegmentationTask``) as that
 configuration does; ``norm="gn"`` switches to GroupNorm for per-process batches of 1-2. The
 backbone itself has only LayerNorm.
+
+What follows MMSegmentation's defaults (the configs the paper's numbers came from):
+
+- Inputs are 0-1 images; the model normalises them itself with ``image_mean`` / ``image_std``
+  (ImageNet's by default, what FCMAE pretraining and fine-tuning used), saved in its config,
+  so training, evaluation and predict cannot disagree (as torchvision's detectors do it). The
+  stem's LayerNorm normalises over channels per pixel, so it cannot absorb a per-channel
+  offset: a pretrained backbone fed 0-1 images starts from the wrong point.
+- Head convolutions start from Kaiming-normal (fan-out, ReLU) weights and norms from 1/0;
+  the two classifiers from N(0, 0.01) with zero bias.
+- The loss is cross-entropy summed over labelled pixels and divided by all pixels, ignored
+  ones included (MMSegmentation's ``avg_non_ignore=False``): an image with little labelled
+  area weighs less, as in the paper's training.
 """
 from __future__ import annotations
 
@@ -20,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..transfer.backbone import ConvNeXtBackbone, backbone_config, build_backbone
 
 IGNORE_INDEX = 255
+CLASSIFIER_INIT_STD = 0.01
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -106,40 +121,84 @@ class UPerNet(nn.Module):
 
     def __init__(self, backbone: ConvNeXtBackbone, num_classes: int, channels: int = 512,
                  pool_scales: Sequence[int] = (1, 2, 3, 6), aux: bool = True,
-                 aux_channels: int = 256, norm: str = "bn"):
+                 aux_channels: int = 256, norm: str = "bn",
+                 image_mean: Sequence[float] = IMAGENET_MEAN,
+                 image_std: Sequence[float] = IMAGENET_STD, test: dict | None = None):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"a segmenter needs at least one class, got {num_classes}")
+        if channels < 1 or (aux and aux_channels < 1):
+            raise ValueError(f"head widths must be >= 1, got {channels} and {aux_channels}")
         self.backbone = backbone
         self.decode_head = UPerHead(backbone.channels, num_classes, channels, pool_scales,
                                     norm=norm)
         self.aux_head = FCNHead(backbone.channels[2], num_classes, aux_channels,
                                 norm=norm) if aux else None
+        init_heads(self)
         self.num_classes = num_classes
+        # not in the state dict: the config carries them (older files have neither)
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(-1, 1, 1),
+                             persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(-1, 1, 1),
+                             persistent=False)
         self.config = dict(task="segmentation", num_classes=int(num_classes),
                            channels=int(channels), pool_scales=[int(s) for s in pool_scales],
                            aux=bool(aux), aux_channels=int(aux_channels), norm=norm,
-                           backbone=backbone_config(backbone))
+                           image_mean=[float(m) for m in image_mean],
+                           image_std=[float(s) for s in image_std],
+                           test=dict(test or {}), backbone=backbone_config(backbone))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """0-1 images as the backbone was trained to see them."""
+        return (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images``: 0-1 floats (B, 3, H, W), normalised here."""
         size = images.shape[-2:]
-        feats = self.backbone(images)
+        feats = self.backbone(self.normalize(images))
         out = {"out": _resize(self.decode_head(feats), size)}
         if self.training and self.aux_head is not None:
             out["aux"] = _resize(self.aux_head(feats[2]), size)
         return out
 
 
+def init_heads(model: nn.Module) -> None:
+    """MMSegmentation's initialisation of the heads: Kaiming-normal (fan-out, ReLU) convs with
+    norms at weight 1 / bias 0, and N(0, 0.01) classifiers with zero bias. The backbone is
+    left as it is (pretrained, or its own init)."""
+    for head in (model.decode_head, model.aux_head):
+        if head is None:
+            continue
+        for m in head.modules():
+            if isinstance(m, nn.Conv2d) and m is not head.classifier:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(head.classifier.weight, 0.0, CLASSIFIER_INIT_STD)
+        nn.init.zeros_(head.classifier.bias)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy summed over the labelled pixels, divided by the count of all pixels
+    (MMSegmentation's default, ``avg_non_ignore=False``)."""
+    per_pixel = F.cross_entropy(logits.float(), target, ignore_index=ignore_index,
+                                reduction="none")
+    return per_pixel.sum() / max(target.numel(), 1)
+
+
 def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
                       aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX
                       ) -> dict[str, torch.Tensor]:
-    """Pixel cross-entropy of the main head plus ``aux_weight`` times the auxiliary head's,
-    ignoring ``ignore_index`` pixels. Returns the parts and their sum under ``"loss"``."""
-    losses = {"loss_seg": F.cross_entropy(outputs["out"].float(), target,
-                                          ignore_index=ignore_index)}
+    """``pixel_cross_entropy`` of the main head plus ``aux_weight`` times the auxiliary
+    head's. Returns the parts and their sum under ``"loss"``."""
+    losses = {"loss_seg": pixel_cross_entropy(outputs["out"], target, ignore_index)}
     if "aux" in outputs:
-        losses["loss_aux"] = aux_weight * F.cross_entropy(outputs["aux"].float(), target,
-                                                          ignore_index=ignore_index)
+        losses["loss_aux"] = aux_weight * pixel_cross_entropy(outputs["aux"], target,
+                                                              ignore_index)
     losses["loss"] = sum(losses.values())
     return losses
 
@@ -157,4 +216,7 @@ def segmenter_from_config(config: dict) -> UPerNet:
     backbone = build_backbone(None, None, drop_path_rate=bb.pop("drop_path_rate", 0.0), **bb)
     for key in ("task", "class_names", "palette"):
         cfg.pop(key, None)
+    # files from before the model normalised its input were trained on plain 0-1 images
+    cfg.setdefault("image_mean", (0.0, 0.0, 0.0))
+    cfg.setdefault("image_std", (1.0, 1.0, 1.0))
     return UPerNet(backbone, cfg.pop("num_classes"), **cfg)

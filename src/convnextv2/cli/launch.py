@@ -107,7 +107,11 @@ class TrainingJob:
     def __call__(self) -> int:
         import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export(overwrite=True)
+        # CUDA_VISIBLE_DEVICES is left as SLURM set it: the task takes the LOCAL_RANK-th
+        # visible GPU (training/distributed.py), right also where the visible ones are not
+        # numbered from 0 (no device cgroups), which submitit's rewrite to the rank would miss
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                              overwrite=True)
         from . import main
 
         code = main(self.argv)

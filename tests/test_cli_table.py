@@ -650,20 +650,10 @@ SEG_HOSTILE = [
 
 @pytest.mark.parametrize("case", SEG_HOSTILE, ids=[c[0] for c in SEG_HOSTILE])
 def test_segment_refuses_hostile_input_in_one_line(case, w, transfer_runs, seg_data, capsys):
-    case_id, template, code, words = case
-    runs = {**transfer_runs, **seg_data}
-    before = {key: _hash_tree(run) for key, run in runs.items()}
-    out = w["root"] / "fresh" / case_id
-    try:
-        rc = main(_transfer_argv(template, w, runs, out))
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == code, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
-    assert {key: _hash_tree(run) for key, run in runs.items()} == before
-    if code == 2:  # a refused run writes nothing; a failed one keeps its logs for a look
-        assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+    # the training table's check, with the broken data folders among the folders that must
+    # not change
+    test_training_commands_refuse_and_stop_in_one_line(case, w, {**transfer_runs, **seg_data},
+                                                       capsys)
 
 
 # -- released weights by name (issue 22): unreleased tags, no network, torn downloads ----------

@@ -15,6 +15,10 @@ checkpointing off, per block and per stage (``set_grad_checkpointing``), this pr
   without the counting mode; the load average beside it.
 - on CUDA, ``torch.cuda.memory_allocated`` after the forward as a cross-check of "kept".
 
+``--compile BACKEND`` compiles the step (one graph per setting, compiling not timed): it shows
+that the compiler keeps what checkpointing asks for. Dynamo does not trace under a dispatch
+mode, so compiled steps are counted from ``torch.profiler``'s allocation events (CPU).
+
     python benchmarks/grad_checkpointing.py                      # convnextv2_base, 224 px, batch 2
     python benchmarks/grad_checkpointing.py --model convnextv2_atto --batch 8 --device cuda
 """
@@ -33,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from convnextv2.fcmae.fcmae import FCMAE
 from convnextv2.fcmae.masking import random_mask
 from convnextv2.models.registry import create_model
+from convnextv2.tools.bench import cpu_allocations
 
 MODES = (None, "block", "stage")
 
@@ -85,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", choices=("classifier", "fcmae"), default=None)
+    p.add_argument("--compile", choices=("aot_eager", "inductor"), default=None,
+                   help="torch.compile the step with this backend (memory counted on the CPU "
+                        "from the profiler's allocation events)")
     return p.parse_args(argv)
 
 
@@ -93,18 +101,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(model, forward, device) -> dict:
-    """kept / peak / grads bytes of one counted step (and CUDA's own count of "kept")."""
+def measure(model, forward, device, compiled: bool) -> dict:
+    """kept / peak / grads bytes of one step (and CUDA's own count of "kept"). Compiled code
+    is not traced under a dispatch mode (dynamo runs it eagerly), so a compiled step is
+    counted from the profiler's allocation events instead (CPU)."""
     model.zero_grad(set_to_none=True)
     cuda_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    with LiveBytes() as counter:
-        loss = forward()
-        kept = counter.now
-        cuda_kept = torch.cuda.memory_allocated(device) - cuda_before if device.type == "cuda" else None
-        loss.backward()
+    cuda_kept = None
+    if compiled:
+        if device.type != "cpu":
+            raise SystemExit("--compile counts memory on the CPU only")
+        kept, forward_peak, loss = cpu_allocations(forward)
+        _, backward_peak, _ = cpu_allocations(lambda: loss.backward())
         del loss
+        peak = max(forward_peak, kept + backward_peak)
+    else:
+        with LiveBytes() as counter:
+            loss = forward()
+            kept = counter.now
+            if device.type == "cuda":
+                cuda_kept = torch.cuda.memory_allocated(device) - cuda_before
+            loss.backward()
+            del loss
+        peak = counter.peak
     grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
-    return dict(kept=kept, peak=counter.peak, grads=grads, cuda_kept=cuda_kept)
+    return dict(kept=kept, peak=peak, grads=grads, cuda_kept=cuda_kept)
 
 
 def step_seconds(model, forward, device) -> float:
@@ -120,19 +141,24 @@ def set_mode(model, mode) -> None:
     model.set_grad_checkpointing(mode is not None, mode or "block")
 
 
-def run(name: str, model, forward, device, repeat: int) -> None:
+def run(name: str, model, forward, device, repeat: int, compile_backend: str | None) -> None:
     """Memory per mode, then ``repeat`` rounds timing each mode once in turn (after a warm-up
     round): on a shared machine the load drifts, so the modes see the same drift, and the
     fastest of a mode's steps is the one least slowed by other processes."""
     rows = {}
+    # compiled once: the stages' checkpointing flags are guarded, so each setting gets its
+    # own graph, compiled by the warm-up step before anything is counted or timed
+    step = torch.compile(forward, backend=compile_backend) if compile_backend else forward
     for mode in MODES:
         set_mode(model, mode)
-        rows[mode] = measure(model, forward, device)
+        if compile_backend:
+            step().backward()
+        rows[mode] = measure(model, step, device, compiled=bool(compile_backend))
         rows[mode]["times"] = []
     for round_ in range(repeat + 1):
         for mode in MODES:
             set_mode(model, mode)
-            seconds = step_seconds(model, forward, device)
+            seconds = step_seconds(model, step, device)
             if round_:
                 rows[mode]["times"].append(seconds)
     set_mode(model, None)
@@ -154,6 +180,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{args.model}, {args.img_size} px, batch {args.batch}, float32, {device}, "
+          f"{'compiled (' + args.compile + ')' if args.compile else 'eager'}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"load {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     torch.manual_seed(0)
@@ -162,7 +189,7 @@ def main(argv=None) -> int:
         model = create_model(args.model, num_classes=1000).to(device).train()
         labels = torch.arange(args.batch, device=device) % 1000
         run("classifier", model, lambda: torch.nn.functional.cross_entropy(model(imgs), labels),
-            device, args.repeat)
+            device, args.repeat, args.compile)
         del model
     if args.only in (None, "fcmae"):
         fcmae = FCMAE(args.model, mask_ratio=args.mask_ratio,
@@ -170,7 +197,7 @@ def main(argv=None) -> int:
         mask = random_mask(args.batch, fcmae.grid_size(imgs), args.mask_ratio,
                            generator=torch.Generator().manual_seed(1)).to(device)
         run(f"fcmae-{args.fcmae_backend[:6]}", fcmae, lambda: fcmae(imgs, mask)[0], device,
-            args.repeat)
+            args.repeat, args.compile)
     return 0
 
 

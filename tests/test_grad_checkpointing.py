@@ -199,3 +199,46 @@ def test_pretrain_command_same_losses_with_grad_checkpointing(tmp_path, make_ima
               for run in ("plain", "ckpt")]
     assert len(losses[0]) == 3
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+def _live_bytes():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from grad_checkpointing import LiveBytes
+    return LiveBytes
+
+
+def test_benchmark_counter_counts_what_the_forward_keeps():
+    """The benchmark's allocator-level counter, against hand-counted bytes and against
+    autograd's own list of saved tensors; then what checkpointing changes on the toy model."""
+    LiveBytes = _live_bytes()
+    x = torch.randn(1000, requires_grad=True)
+    with LiveBytes() as counter:
+        loss = x.exp().sum()  # exp keeps its 1000-float output; the loss is one float
+        assert counter.now == 1000 * 4 + 4
+        loss.backward()
+    assert counter.now == 4 + 1000 * 4  # the loss and x.grad; exp's output is freed
+
+    torch.manual_seed(0)
+    model = ConvNeXtV2(num_classes=5, **TOY_DEEP).train()
+    imgs = torch.randn(2, 3, 64, 64)
+    saved = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params | {imgs.untyped_storage().data_ptr()}:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    kept = {}
+    for mode in (None, "block", "stage"):
+        model.set_grad_checkpointing(mode is not None, mode or "block")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LiveBytes() as counter:
+            logits = model(imgs)
+            kept[mode] = counter.now - logits.untyped_storage().nbytes()
+        if mode is None:  # nothing checkpointed: exactly what autograd saved
+            assert kept[None] == sum(saved.values())
+    assert kept["block"] < kept[None] / 2 and kept["stage"] < kept["block"]

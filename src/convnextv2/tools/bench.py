@@ -196,8 +196,17 @@ def peak_memory(step: Callable, device: str) -> tuple[int, str]:
         return torch.cuda.max_memory_allocated() - base, "torch.cuda.max_memory_allocated"
     from torch.profiler import ProfilerActivity, profile
 
+    return cpu_allocations(step)[1], "torch.profiler allocation events (CPU)"
+
+
+def cpu_allocations(step: Callable):
+    """``(net, peak, result)``: bytes allocated and not freed by ``step()``, the most live at
+    once, and what ``step`` returned, from the allocation and free events that
+    ``torch.profiler`` records (CPU; the allocator's own view, so compiled code is counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        result = step()
     deltas = []
     for event in prof.events():
         delta = event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
@@ -207,7 +216,7 @@ def peak_memory(step: Callable, device: str) -> tuple[int, str]:
     for _, delta in sorted(deltas, key=lambda d: d[0]):
         live += delta
         peak = max(peak, live)
-    return peak, "torch.profiler allocation events (CPU)"
+    return live, peak, result
 
 
 def matmul_ceiling(device: str, dtype: torch.dtype = torch.float32, n: int = 2048,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from convnextv2.data.shard_writer import write_shards
+from convnextv2.tools.shard_writer import write_shards
 from convnextv2.recipes.pretrain import PretrainConfig, build_loader
 from convnextv2.training import DistInfo
 

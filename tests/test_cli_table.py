@@ -792,7 +792,7 @@ def test_replay_launch_monitor_hostile_input(case, tmp_path, capsys):
 def shard_world(tmp_path_factory) -> Path:
     """{S}: a small ImageFolder tree, its shards (train/ and val/), a flat shard set without
     val, a junk tar, a truncated one, an empty folder and a list with a bad row."""
-    from convnextv2.data.shard_writer import write_shards
+    from convnextv2.tools.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("shard_world")
     for split, n in (("train", 8), ("val", 4)):

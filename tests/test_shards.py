@@ -22,7 +22,7 @@ from convnextv2 import training as T
 from convnextv2.cli import main
 from convnextv2.data import build_dataset, eval_transform
 from convnextv2.data.filelist import FileListDataset, FileListError
-from convnextv2.data.shard_writer import write_shards
+from convnextv2.tools.shard_writer import write_shards
 from convnextv2.data.shards import (ShardError, ShardLoader, expand_shards, is_shard_source,
                                     open_shards)
 
@@ -112,7 +112,7 @@ def test_writer_is_deterministic_mixes_classes_and_copies_file_bytes(small_tree,
 
 def test_a_failed_write_leaves_nothing_and_out_is_never_overwritten(small_tree, tmp_path,
                                                                     monkeypatch):
-    import convnextv2.data.shard_writer as writer
+    import convnextv2.tools.shard_writer as writer
 
     out = tmp_path / "out"
     calls = []

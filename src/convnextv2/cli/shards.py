@@ -40,7 +40,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..data.shard_writer import write_shards
+    from ..tools.shard_writer import write_shards
 
     written = write_shards(args.source, args.output, args.shard_size, seed=args.seed,
                            shuffle=args.shuffle, overwrite=args.overwrite,

@@ -258,7 +258,7 @@ def open_shard_set(source, split: str = "train") -> ShardSet:
 # -- the stream ----------------------------------------------------------------------------------
 def _key(seed: int, epoch: int, *what) -> int:
     """A seed for one of the stream's draws, from (seed, epoch, what it is for)."""
-    from ..training.data_order import sample_key
+    from .keyed_random import sample_key
     return sample_key(seed, epoch, 0, salt="shards:" + ":".join(map(str, what)))
 
 
@@ -412,7 +412,7 @@ class ShardDataset(IterableDataset):
         target = int(sample["cls"]) if "cls" in sample else 0
         if self.transform is not None:
             if keyed:
-                from ..training.data_order import keyed_rngs, sample_key as keyed_seed
+                from .keyed_random import keyed_rngs, sample_key as keyed_seed
                 with keyed_rngs(keyed_seed(self.seed, self.epoch, index)):
                     image = self.transform(image)
             else:

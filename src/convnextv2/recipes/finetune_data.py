@@ -17,7 +17,7 @@ from .. import training as T
 from ..data import build_dataset, count_skipped, eval_transform, train_transform
 from ..data.shards import ShardLoader, is_shard_source, open_shards
 from ..training import sample_key
-from ..training.data_order import keyed_rngs
+from ..data.keyed_random import keyed_rngs
 from ..training.dist_eval import sharded_loader
 from .finetune_config import FinetuneConfig
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import build_dataset, describe_source
-from .datasets import ArrayDataset, _FileDataset
-from .filelist import is_file_list, val_list_for
-from .shards import SHARD_INDEX
+from ..data import build_dataset, describe_source
+from ..data.datasets import ArrayDataset, _FileDataset
+from ..data.filelist import is_file_list, val_list_for
+from ..data.shards import SHARD_INDEX
 
 INDEX_FORMAT = "convnextv2-shards/1"
 
@@ -55,7 +55,7 @@ def plan_splits(source: str) -> dict[str, str]:
         raise FileNotFoundError(f"SRC {source}: no such folder (give an ImageFolder tree, a "
                                 f"folder of images, a .csv/.tsv list, an IDX folder or "
                                 f"'builtin')")
-    from .idx import is_idx_folder
+    from ..data.idx import is_idx_folder
     if is_idx_folder(root):
         return {"train": "train", "val": "val"}
     names = {d.name for d in root.iterdir() if d.is_dir()}

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from .datasets import (IMAGE_EXTENSIONS, ArrayDataset, CorruptImageError, EmptyClassError,
-                       ImageFolderDataset, ImageListDataset, IndexedDataset, open_image, to_8bit)
+                       ImageFolderDataset, ImageListDataset, IndexedDataset)
+from .image_limits import open_image, to_8bit
 from .filelist import FileListDataset, is_file_list, val_list_for
 from .idx import find_idx_pair, is_idx_folder, read_idx, write_idx
 from .transforms import (GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, denormalize,

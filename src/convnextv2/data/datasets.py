@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .image_limits import (READ_ERRORS, ImageTooLargeError, UnreadableImageError, image_size,
-                           open_image, to_8bit)
+                           open_image)
 
 log = logging.getLogger("convnextv2.data")
 _said: set[str] = set()  # scan warnings already given in this process

@@ -32,15 +32,14 @@ import logging
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import io as tvio
 from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .datasets import _BAD_IMAGE_ERRORS, CorruptImageError, describe_failure, open_image
-from .image_limits import open_lazily
+from .datasets import _BAD_IMAGE_ERRORS, CorruptImageError, describe_failure
+from .image_limits import open_image, open_lazily
 from .transforms import mean_std, pretrain_transform
 
 log = logging.getLogger("convnextv2.data")

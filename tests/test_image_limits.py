@@ -90,3 +90,20 @@ def test_segmentation_reader_refuses_huge_image_and_reads_16_bit(tmp_path):
     write_png_header(tmp_path / "annotations/training/b.png", 20000, 20000)
     with pytest.raises(ImageTooLargeError, match=r"b\.png is 20000x20000"):
         SegmentationFolder(tmp_path, "train", num_classes=2)
+
+
+def test_classification_predict_takes_the_limit_option(tmp_path, capsys):
+    """``--max-image-pixels`` on ``predict``: the refusal names the option, and the option
+    lets the same image through the size check."""
+    from convnextv2.checkpoint import save_checkpoint
+    from convnextv2.cli import main
+    from convnextv2.models.registry import create_model
+    from conftest import TOY
+
+    save_checkpoint(create_model("atto", num_classes=2, **TOY), tmp_path / "clf.safetensors")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
+    argv = ["predict", "--checkpoint", str(tmp_path / "clf.safetensors"), str(tmp_path / "a.png"),
+            "--img-size", "32"]
+    assert main([*argv, "--max-image-pixels", "1999"]) == 2
+    assert "a.png is 50x40" in capsys.readouterr().err
+    assert main([*argv, "--max-image-pixels", "2000"]) == 0

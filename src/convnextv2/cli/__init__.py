@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     _no_tqdm_monitor()
     try:
         check_device(getattr(args, "device", None))
+        from ._common import apply_max_image_pixels
+        apply_max_image_pixels(args)  # --max-image-pixels, on the commands that read images
         return int(args._run(args) or 0)
     except (CLIError, ValueError, OSError) as e:  # OSError: missing, unwritable, full disk
         return report_error(args.command, e)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import (add_deprecated_alias, add_run_arguments, add_shared_optimisation_arguments,
-                      apply_max_image_pixels)
+from ._common import add_deprecated_alias, add_run_arguments, add_shared_optimisation_arguments
 
 LENGTH_HELP = """Length: --epochs N, or --iters N optimizer steps (the ADE20K recipe's 160k
 iterations): the schedule then runs over N steps and the last epoch stops part-way. The
@@ -125,10 +124,9 @@ def set_threads(args) -> None:
 
 
 def run(args) -> int:
-    """Both commands' entry point: the thread count and image size limit, then the chosen
-    action."""
+    """Both commands' entry point: the thread count, then the chosen action (``cli.main`` has
+    set the image size limit)."""
     set_threads(args)
-    apply_max_image_pixels(args)
     return args._action(args)
 
 

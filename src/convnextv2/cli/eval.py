@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._common import add_max_image_pixels_argument
+
 HELP = "Evaluate a classifier: top-1, top-5, per-class accuracy and a confusion matrix."
 EPILOG = """examples:
   convnextv2 eval --checkpoint runs/ft/best.safetensors --data builtin
@@ -23,6 +25,7 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None)
+    add_max_image_pixels_argument(p)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none")
     p.add_argument("--output", help="folder for confusion_matrix.png and eval.json")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from ._common import add_max_image_pixels_argument
+
 HELP = "Classify images with a checkpoint: top-k class names with probabilities."
 EPILOG = """examples:
   convnextv2 predict --checkpoint runs/ft/best.safetensors shoe.png shirt.jpg
@@ -24,6 +26,7 @@ def add_arguments(p):
     p.add_argument("--img-size", type=int, help="default: the checkpoint's, else 224")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu")
+    add_max_image_pixels_argument(p)
 
 
 def run(args) -> int:

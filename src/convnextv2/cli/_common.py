@@ -102,8 +102,9 @@ def add_run_arguments(group, defaults, *, fsdp: bool = True, strict_data: bool =
     group.add_argument("--grad-checkpointing", nargs="?", const="block", default=None,
                        choices=GRAD_CHECKPOINTING, metavar="block|stage",
                        help="recompute activations in backward instead of keeping them: "
-                            "about a third more compute for several times less activation "
-                            "memory (large models, big images); 'block' (the default when "
+                            "several times less activation memory for a slower step (base at "
+                            "224 on the CPU: 6-25x less kept, 1.2-1.5x the time; "
+                            "docs/benchmarks.md); 'block' (the default when "
                             "given) or 'stage' (least memory); same loss and gradients")
     if fsdp:
         group.add_argument("--fsdp", action="store_true",
@@ -117,6 +118,7 @@ def add_run_arguments(group, defaults, *, fsdp: bool = True, strict_data: bool =
     if strict_data:
         group.add_argument("--strict-data", action="store_true",
                            help="unreadable images are fatal (default: skipped and counted)")
+        add_max_image_pixels_argument(group)
     _add_checkpoint_arguments(group)
     group.add_argument("--log-dir", default=None, metavar="DIR",
                        help="also write TensorBoard events there (loss, lr, img/s, "
@@ -157,9 +159,11 @@ def add_max_image_pixels_argument(group) -> None:
 
 
 def apply_max_image_pixels(args) -> None:
-    """Set the process's image size limit from ``--max-image-pixels`` (if the command has it
-    and it was given); before any data is opened or DataLoader worker forked."""
+    """Set the process's image size limit from ``--max-image-pixels``, or back to the default
+    where the command was not given it (each command starts from the default, also when
+    ``main`` runs several in one process); before any data is opened or a DataLoader worker
+    forked."""
+    from ..data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+
     value = getattr(args, "max_image_pixels", None)
-    if value is not None:
-        from ..data.image_limits import set_max_image_pixels
-        set_max_image_pixels(value)
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS if value is None else value)

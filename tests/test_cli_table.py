@@ -320,18 +320,24 @@ def _one_error_line(err: str, words) -> str:
     return lines[0]
 
 
+def _refused(argv, capsys, words, code: int = 2) -> str:
+    """Run one command in-process and check it ended as a refusal should: exit ``code``, one
+    line on stderr holding every word in ``words``, no traceback. Returns that line."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse exits by itself
+        rc = e.code
+    captured = capsys.readouterr()
+    assert rc == code, (rc, captured.err[-2000:])
+    return _one_error_line(captured.err, words)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_exit_2_and_one_line(case, w, capsys):
     case_id, template, words = case
     before = _hash_tree(w["run"])
     out = w["root"] / "fresh" / case_id
-    try:
-        rc = main(_argv(template, w, out))
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == 2, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
+    _refused(_argv(template, w, out), capsys, words)
     assert _hash_tree(w["run"]) == before, "the existing run folder was changed"
     assert not out.exists() or not _hash_tree(out), f"files left in {out}: {list(_hash_tree(out))}"
     assert not (w["root"] / "PWNED").exists()  # no pickled code ever ran
@@ -451,13 +457,7 @@ def test_training_commands_refuse_and_stop_in_one_line(case, w, transfer_runs, c
     case_id, template, code, words = case
     before = {key: _hash_tree(run) for key, run in transfer_runs.items()}
     out = w["root"] / "fresh" / case_id
-    try:
-        rc = main(_transfer_argv(template, w, transfer_runs, out))
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == code, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
+    _refused(_transfer_argv(template, w, transfer_runs, out), capsys, words, code=code)
     assert {key: _hash_tree(run) for key, run in transfer_runs.items()} == before
     if code == 2:  # a refused run writes nothing; a failed one keeps its logs for a look
         assert not out.exists() or not _hash_tree(out), f"files left in {out}"
@@ -716,15 +716,10 @@ def test_released_names_fail_in_one_line(case, w, transfer_runs, capsys, monkeyp
     before = {key: _hash_tree(run) for key, run in {**transfer_runs, "run": w["run"]}.items()}
     out = w["root"] / "fresh" / case_id
     try:
-        rc = main(_transfer_argv(template, w, transfer_runs, out))
-    except SystemExit as e:
-        rc = e.code
+        _refused(_transfer_argv(template, w, transfer_runs, out), capsys, words)
     finally:
         if server:
             server.close()
-    captured = capsys.readouterr()
-    assert rc == 2, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
     assert {key: _hash_tree(run) for key, run in {**transfer_runs, "run": w["run"]}.items()} \
         == before
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
@@ -786,12 +781,7 @@ def test_replay_launch_monitor_hostile_input(case, tmp_path, capsys):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     before = _hash_tree(tmp_path)
-    try:
-        rc = main([a.replace("{T}", str(tmp_path)) for a in template])
-    except SystemExit as e:
-        rc = e.code
-    assert rc == 2, capsys.readouterr().err[-2000:]
-    _one_error_line(capsys.readouterr().err, words)
+    _refused([a.replace("{T}", str(tmp_path)) for a in template], capsys, words)
     assert _hash_tree(tmp_path) == before, "files were written or changed"
 
 
@@ -854,13 +844,7 @@ def test_shards_and_lists_refuse_hostile_input_in_one_line(case, shard_world, ca
     argv = [a.replace("{S}", str(shard_world)).replace("{OUT}", str(out)) for a in template]
     if "--output" not in argv and argv[0] != "shards":
         argv += ["--output", str(out)]
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == 2, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
+    _refused(argv, capsys, words)
     assert _hash_tree(shard_world) == before, "the inputs were changed"
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
 
@@ -898,13 +882,7 @@ def test_push_refuses_in_one_line_and_writes_nothing(case, w, capsys):
     case_id, template, words = case
     before, root_before = _hash_tree(w["run"]), sorted(p.name for p in w["root"].iterdir())
     out = w["root"] / "fresh-push" / case_id
-    try:
-        rc = main(_argv(template, w, out))
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == 2, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
+    _refused(_argv(template, w, out), capsys, words)
     assert _hash_tree(w["run"]) == before, "the existing run folder was changed"
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
     leftovers = [p for p in (w["root"] / "fresh-push").glob(".*")] \
@@ -1062,12 +1040,6 @@ def test_detect_refuses_hostile_input_in_one_line(case, w, transfer_runs, det_da
     argv = _transfer_argv(template, w, runs, out)
     for key, path in det_data.items():
         argv = [a.replace(key, str(path)) for a in argv]
-    try:
-        rc = main(argv)
-    except SystemExit as e:  # argparse exits by itself
-        rc = e.code
-    captured = capsys.readouterr()
-    assert rc == code, (rc, captured.err[-2000:])
-    _one_error_line(captured.err, words)
+    _refused(argv, capsys, words, code=code)
     assert {key: _hash_tree(run) for key, run in runs.items()} == before
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"

@@ -107,3 +107,37 @@ def test_classification_predict_takes_the_limit_option(tmp_path, capsys):
     assert main([*argv, "--max-image-pixels", "1999"]) == 2
     assert "a.png is 50x40" in capsys.readouterr().err
     assert main([*argv, "--max-image-pixels", "2000"]) == 0
+
+
+def test_detection_reader_and_both_predict_commands_read_16_bit_as_dark(tmp_path):
+    """A dark 16-bit photo (every pixel 20000 of 65535) reaches the detector and the shared
+    ``predict`` loop as 78 (20000 / 257), not as white 255."""
+    import json
+    from types import SimpleNamespace
+
+    from convnextv2.cli._transfer import predict_images
+    from convnextv2.detection.data import CocoDetection
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((40, 50), 20000, np.uint16)).save(tmp_path / "images" / "deep.png")
+    assert Image.open(tmp_path / "images" / "deep.png").mode.startswith("I")
+    coco = dict(images=[dict(id=1, file_name="deep.png", width=50, height=40)],
+                annotations=[dict(id=1, image_id=1, category_id=1, iscrowd=0, area=100,
+                                  bbox=[5, 5, 10, 10], segmentation=[[5, 5, 15, 5, 15, 15]])],
+                categories=[dict(id=1, name="thing")])
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    image = np.asarray(CocoDetection(tmp_path / "images", tmp_path / "ann.json").load_image(0))
+    assert image.shape == (40, 50, 3) and np.unique(image).tolist() == [78]
+
+    seen = []
+
+    def draw(model, pixels, classes, device):  # what detect and segment predict both receive
+        seen.append(pixels)
+        return pixels, []
+
+    model = SimpleNamespace(to=lambda device: None)
+    args = SimpleNamespace(images=[str(tmp_path / "images" / "deep.png")],
+                           output=str(tmp_path / "out"), checkpoint=None, device="cpu")
+    assert predict_images(args, lambda c: (model, []), draw, lambda found: "none") == 0
+    assert seen[0].shape == (3, 40, 50) and seen[0].unique().tolist() == [78]
+    assert np.unique(np.asarray(Image.open(tmp_path / "out" / "deep.png"))).tolist() == [78]

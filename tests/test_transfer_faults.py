@@ -1,7 +1,7 @@
-"""Faults during ``detect train`` (the transfer engine, shared with ``segment train``): a full
-disk while writing a checkpoint, an evaluation that fails, a bad validation image, a run
-that stopped during start-up, and Ctrl-C. Each ends in one line, keeps the last good
-checkpoint and leaves nothing half-written."""
+"""Faults during ``detect train`` and ``segment train`` (one transfer engine, checked through
+both commands): a full disk while writing a checkpoint, an evaluation that fails, a bad
+validation image, a run that stopped during start-up, and Ctrl-C. Each ends in one line, keeps
+the last good checkpoint and leaves nothing half-written."""
 import errno
 import os
 import signal
@@ -26,11 +26,18 @@ def scenes(tmp_path_factory) -> Path:
     return write_synthetic(root / "scenes", n_train=4, n_val=1, size=64, seed=1)["detection"]
 
 
-def _det(scenes, out, *extra):
-    return ["detect", "train", "--data", str(scenes.parent / "detection"), *TOY_FLAGS,
-            "--workers", "0", "--device", "cpu", "--batch-size", "2", "--img-size", "64",
-            "--fpn-channels", "16", "--box-head-dim", "32", "--mask-head-dim", "8",
-            "--anchor-sizes", "8", "16", "32", "64", "128", "--output", str(out), *extra]
+HEADS = {
+    "detect": ["--img-size", "64", "--fpn-channels", "16", "--box-head-dim", "32",
+               "--mask-head-dim", "8", "--anchor-sizes", "8", "16", "32", "64", "128"],
+    "segment": ["--crop", "48", "--channels", "16", "--aux-channels", "8"],
+}
+COMMANDS = list(HEADS)
+
+
+def _train(command, scenes, out, *extra):
+    data = scenes.parent / ("detection" if command == "detect" else "segmentation")
+    return [command, "train", "--data", str(data), *TOY_FLAGS, "--workers", "0", "--device",
+            "cpu", "--batch-size", "2", *HEADS[command], "--output", str(out), *extra]
 
 
 def _one_line(err: str) -> str:
@@ -43,13 +50,14 @@ def _temps(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("fault", [
     RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
                  "writing file data/12: file write failed"),
     OSError(errno.ENOSPC, "No space left on device"),
 ], ids=["inline_container", "ENOSPC"])
 def test_a_full_disk_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatch, capsys,
-                                                    fault):
+                                                    fault, command):
     real_save, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):
@@ -61,8 +69,8 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
-    assert main(_det(scenes, out, "--no-progress", "--save-every-steps", "1",
-                     "--max-steps", "3")) == 1
+    assert main(_train(command, scenes, out, "--no-progress", "--save-every-steps", "1",
+                       "--max-steps", "3")) == 1
     line = _one_line(capsys.readouterr().err)
     assert "disk full" in line and "checkpoint-00000002.pt" in line, line
     assert "the last good checkpoint is" in line and "checkpoint-00000001.pt" in line, line
@@ -72,16 +80,19 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatc
     assert _temps(out) == []
 
 
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_checkpoint_is_saved_before_an_evaluation_that_fails(scenes, tmp_path, monkeypatch,
-                                                               capsys):
+                                                               capsys, command):
     from convnextv2.detection.train import DetectionTask
+    from convnextv2.segmentation.train import SegmentationTask
 
     def broken(self, *args, **kwargs):
         raise ValueError("val mask scene_00000.png: values 7..9 are beyond the 5 classes")
 
-    monkeypatch.setattr(DetectionTask, "evaluate", broken)
+    task = DetectionTask if command == "detect" else SegmentationTask
+    monkeypatch.setattr(task, "evaluate", broken)
     out = tmp_path / "run"
-    assert main(_det(scenes, out, "--no-progress", "--epochs", "1")) == 2
+    assert main(_train(command, scenes, out, "--no-progress", "--epochs", "1")) == 2
     assert "beyond the 5 classes" in _one_line(capsys.readouterr().err)
     assert (out / "checkpoint-00000002.pt").is_file()  # the epoch's 2 steps are not lost
 
@@ -96,36 +107,39 @@ def test_a_bad_validation_image_is_found_before_training(scenes, tmp_path, capsy
     first = sorted((data / "val").iterdir())[0]
     Image.new("RGB", (30, 20)).save(first, format="JPEG")
     out = tmp_path / "run"
-    argv = _det(data, out, "--no-progress", "--epochs", "1")
+    argv = _train("detect", data, out, "--no-progress", "--epochs", "1")
     assert main(argv) == 2
     line = _one_line(capsys.readouterr().err)
     assert first.name in line and "30x20" in line
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
 
 
-def test_a_run_that_stopped_during_start_up_does_not_block_a_re_run(scenes, tmp_path, capsys):
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_run_that_stopped_during_start_up_does_not_block_a_re_run(scenes, tmp_path, capsys,
+                                                                    command):
     out = tmp_path / "run"
     out.mkdir()
     for name in ("metrics.jsonl", "steps.jsonl"):
         (out / name).write_bytes(b"")
     (out / "config.yaml").write_text("model: null\n")
-    assert main(_det(scenes, out, "--no-progress", "--max-steps", "1")) == 0
+    assert main(_train(command, scenes, out, "--no-progress", "--max-steps", "1")) == 0
     assert (out / "steps.jsonl").stat().st_size > 0
     capsys.readouterr()
     # a run with something in its logs is still protected
-    assert main(_det(scenes, out, "--no-progress", "--max-steps", "1")) == 2
+    assert main(_train(command, scenes, out, "--no-progress", "--max-steps", "1")) == 2
     assert "already holds a run" in capsys.readouterr().err
 
 
-def test_ctrl_c_keeps_the_last_good_checkpoint_and_no_temp_file(scenes, tmp_path):
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_keeps_the_last_good_checkpoint_and_no_temp_file(scenes, tmp_path, command):
     """SIGINT while training (progress bar on, a checkpoint every step): exit 130, one line,
     no abort from a writer thread, no ``.tmp`` left, the newest checkpoint loads."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "convnextv2",
-                             *_det(scenes, out, "--save-every-steps", "1", "--iters", "400",
-                                   "--keep-last", "2")],
+                             *_train(command, scenes, out, "--save-every-steps", "1",
+                                     "--iters", "400", "--keep-last", "2")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:

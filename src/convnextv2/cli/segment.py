@@ -111,7 +111,8 @@ def _add_test_options(p) -> None:
 
 
 def _check_sizes(args, stride_px: int) -> None:
-    """One-line refusals of sizes the network cannot take (below its total stride)."""
+    """One-line refusals of sizes the network cannot take (below its total stride) and of
+    rescale ranges that are empty or inverted (the transform would draw from them silently)."""
     from ._guard import at_least
 
     for flag in ("crop", "eval_size", "window"):
@@ -121,6 +122,14 @@ def _check_sizes(args, stride_px: int) -> None:
                              f"total stride {stride_px} px; use at least {stride_px}")
     for flag in ("channels", "aux_channels", "num_classes", "stride"):
         at_least(f"--{flag.replace('_', '-')}", getattr(args, flag, None), 1)
+    scale = getattr(args, "scale", None)
+    if scale is not None and not 1 <= scale[0] <= scale[1]:
+        raise ValueError(f"--scale {scale[0]} {scale[1]}: give SHORT LONG in px with "
+                         f"1 <= SHORT <= LONG (ADE20K's is 512 2048)")
+    ratios = getattr(args, "ratio_range", None)
+    if ratios is not None and not 0 < ratios[0] <= ratios[1]:
+        raise ValueError(f"--ratio-range {ratios[0]:g} {ratios[1]:g}: give MIN MAX with "
+                         f"0 < MIN <= MAX (the recipe's is 0.5 2.0)")
     window = getattr(args, "window", None)
     if getattr(args, "stride", None) and window and args.stride > window:
         raise ValueError(f"--stride {args.stride} is larger than --window {window}: the "

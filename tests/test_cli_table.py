@@ -639,6 +639,12 @@ SEG_HOSTILE = [
                                      "0", "1"], 2, ["--ratio-range 0 1", "0 < MIN"]),
     ("segment-train-scale-inverted", [*_seg_train("{SCENES}/segmentation"), "--scale", "512",
                                       "128"], 2, ["--scale 512 128", "SHORT <= LONG"]),
+    ("segment-eval-missing-checkpoint", [*SEG_EVAL[:2], "--checkpoint", "{R}/nowhere.pt",
+                                         *SEG_EVAL[4:], "--data", "{SCENES}/segmentation"], 2,
+     ["nowhere.pt", "no such file"]),
+    ("segment-eval-missing-data", [*SEG_EVAL, "--data", "{R}/nowhere"], 2, ["nowhere"]),
+    ("segment-predict-missing-image", [*SEG_PREDICT, "{LOOSE}/nope.png", "--output", "{OUT}"],
+     2, ["nope.png"]),
     ("segment-eval-eval-size-7", [*SEG_EVAL, "--data", "{SCENES}/segmentation", "--eval-size",
                                   "7"], 2, ["--eval-size 7", "stride 32"]),
     ("segment-eval-stride-above-window", [*SEG_EVAL, "--data", "{SCENES}/segmentation",
@@ -949,6 +955,10 @@ COCO_VARIANTS = {
     "box-negative": _set("annotations", bbox=[10, 10, -5, 8]),
     "box-nan": _set("annotations", bbox=[10, 10, float("nan"), 8]),
     "box-outside": _set("annotations", bbox=[50, 50, 40, 40]),
+    "two-categories": lambda d: d.update(
+        categories=d["categories"][:2],
+        annotations=[a for a in d["annotations"]
+                     if a["category_id"] in {c["id"] for c in d["categories"][:2]}]),
 }
 
 
@@ -1028,6 +1038,14 @@ DET_HOSTILE = [
      ["--json", "already exists"]),
     ("detect-eval-json-unwritable", ["detect", "eval", "--checkpoint", "{DET}/model.pt", *VAL,
                                      "--json", "{R}/a-file/m.json"], 2, ["--json", "a-file"]),
+    ("detect-eval-2-class-data-for-a-10-class-model",
+     ["detect", "eval", "--checkpoint", "{DET}/model.pt", "--val-images", SCENE_IMAGES,
+      "--val-ann", "{COCO_two-categories}", "--device", "cpu", "--workers", "0",
+      "--no-progress"], 2, ["two-categories.json", "2 categories", "trained on 10"]),
+    ("detect-eval-missing-checkpoint", ["detect", "eval", "--checkpoint", "{R}/nowhere.pt",
+                                        *VAL], 2, ["nowhere.pt", "no such file"]),
+    ("detect-predict-missing-image", [*DET_PREDICT, "{LOOSE_DET}/nope.png", "--output",
+                                      "{OUT}"], 2, ["nope.png"]),
     ("detect-predict-20000px-png", [*DET_PREDICT, "{LOOSE_DET}/huge.png", "--output", "{OUT}"],
      2, ["huge.png", "20000x20000", "--max-image-pixels"]),
     ("detect-predict-empty-folder", [*DET_PREDICT, "{LOOSE_DET}/empty", "--output", "{OUT}"], 2,
@@ -1059,3 +1077,32 @@ def test_detect_refuses_hostile_input_in_one_line(case, w, transfer_runs, det_da
     _refused(argv, capsys, words, code=code)
     assert {key: _hash_tree(run) for key, run in runs.items()} == before
     assert not out.exists() or not _hash_tree(out), f"files left in {out}"
+
+
+@pytest.mark.parametrize("command", ["detect", "segment"])
+def test_predict_takes_an_image_smaller_than_the_stride(command, w, transfer_runs, tmp_path,
+                                                        capsys):
+    """A 3x3 image (below the network's 32 px stride) is predicted, not a traceback: the
+    detector's transform and the segmenter's test resize both bring it up to size."""
+    Image.fromarray(np.full((3, 3, 3), 120, np.uint8)).save(tmp_path / "tiny.png")
+    run = transfer_runs["{DET}" if command == "detect" else "{SEG}"]
+    assert main([command, "predict", "--checkpoint", str(run / "model.pt"), "--device", "cpu",
+                 str(tmp_path / "tiny.png"), "--output", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err == ""
+    assert Image.open(tmp_path / "out" / "tiny.png").size == (3, 3)
+
+
+@pytest.mark.parametrize("command", ["detect", "segment"])
+def test_predict_max_image_pixels_refuses_above_and_lets_through_at_the_limit(
+        command, w, transfer_runs, tmp_path, capsys):
+    """The override the size refusal names really works in both transfer commands: a 50x40
+    image is refused at 1999 pixels (naming the option) and predicted at 2000."""
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    run = transfer_runs["{DET}" if command == "detect" else "{SEG}"]
+    argv = [command, "predict", "--checkpoint", str(run / "model.pt"), "--device", "cpu",
+            str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]
+    _refused([*argv, "--max-image-pixels", "1999"], capsys, ["a.png", "50x40",
+                                                             "--max-image-pixels"])
+    assert not (tmp_path / "out" / "a.png").exists()
+    assert main([*argv, "--max-image-pixels", "2000"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (50, 40)

@@ -81,6 +81,32 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_during_a_checkpoint_write_leaves_no_temp_file(scenes, tmp_path, monkeypatch,
+                                                              capsys, command):
+    """The Ctrl-C the subprocess test below cannot time: it lands while the second
+    checkpoint is half written. Exit 130, one line, the half-written file is gone and the
+    first checkpoint is intact."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 100)
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert main(_train(command, scenes, out, "--no-progress", "--save-every-steps", "1",
+                       "--max-steps", "3")) == 130
+    assert _one_line(capsys.readouterr().err).endswith("interrupted")
+    assert _temps(out) == []
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-00000001.pt"]
+    state = torch.load(out / "checkpoint-00000001.pt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 1
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_checkpoint_is_saved_before_an_evaluation_that_fails(scenes, tmp_path, monkeypatch,
                                                                capsys, command):
     from convnextv2.detection.train import DetectionTask

@@ -141,3 +141,18 @@ def test_detection_reader_and_both_predict_commands_read_16_bit_as_dark(tmp_path
     assert predict_images(args, lambda c: (model, []), draw, lambda found: "none") == 0
     assert seen[0].shape == (3, 40, 50) and seen[0].unique().tolist() == [78]
     assert np.unique(np.asarray(Image.open(tmp_path / "out" / "deep.png"))).tolist() == [78]
+
+
+def test_a_commands_limit_ends_with_it(tmp_path, capsys):
+    """``--max-image-pixels`` given to one in-process command must not stay in force for what
+    the process does next (a later dataset would silently skip every image over it)."""
+    from convnextv2.cli import main
+    from convnextv2.data.image_limits import max_image_pixels
+
+    before = max_image_pixels()
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(tmp_path / "missing.pt"), str(image),
+                 "--max-image-pixels", "50"]) == 2
+    capsys.readouterr()
+    assert max_image_pixels() == before

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ._guard import check_device, one_line, report_error
     _no_tqdm_monitor()
+    from ..data.image_limits import max_image_pixels, set_max_image_pixels
+    limit_before = max_image_pixels()  # put back at the end: a command's limit ends with it
     try:
         check_device(getattr(args, "device", None))
         from ._common import apply_max_image_pixels
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"convnextv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_max_image_pixels(limit_before)
 
 
 if __name__ == "__main__":

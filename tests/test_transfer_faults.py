@@ -50,6 +50,21 @@ def _temps(folder: Path) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
+def _second_checkpoint_fails(monkeypatch, fault: BaseException) -> None:
+    """Make the second ``torch.save`` write 100 bytes and then raise ``fault``: a checkpoint
+    half written when the disk fills or Ctrl-C lands."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 100)
+            raise fault
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("fault", [
     RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
@@ -58,16 +73,7 @@ def _temps(folder: Path) -> list[str]:
 ], ids=["inline_container", "ENOSPC"])
 def test_a_full_disk_keeps_the_last_good_checkpoint(scenes, tmp_path, monkeypatch, capsys,
                                                     fault, command):
-    real_save, calls = torch.save, []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the second checkpoint: half written, then the disk is full
-            f.write(b"x" * 100)
-            raise fault
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+    _second_checkpoint_fails(monkeypatch, fault)
     out = tmp_path / "run"
     assert main(_train(command, scenes, out, "--no-progress", "--save-every-steps", "1",
                        "--max-steps", "3")) == 1
@@ -86,16 +92,7 @@ def test_ctrl_c_during_a_checkpoint_write_leaves_no_temp_file(scenes, tmp_path, 
     """The Ctrl-C the subprocess test below cannot time: it lands while the second
     checkpoint is half written. Exit 130, one line, the half-written file is gone and the
     first checkpoint is intact."""
-    real_save, calls = torch.save, []
-
-    def save(obj, f, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            f.write(b"x" * 100)
-            raise KeyboardInterrupt
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+    _second_checkpoint_fails(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "run"
     assert main(_train(command, scenes, out, "--no-progress", "--save-every-steps", "1",
                        "--max-steps", "3")) == 130

@@ -265,9 +265,9 @@ def resolve(target: str) -> Callable:
     where, _, name = target.rpartition(":")
     if where.endswith(".py"):
         path = Path(where)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        found = importlib.util.spec_from_file_location(path.stem, path)  # how to load it
+        module = importlib.util.module_from_spec(found)
+        found.loader.exec_module(module)
     else:
         module = importlib.import_module(where)
     return getattr(module, name)
